@@ -1,0 +1,2112 @@
+#!/usr/bin/env python3
+"""gearmand.py: a Gearman job server in one file, standard library only.
+
+A drop-in replacement for the C gearmand 1.1.20: the same binary protocol, the
+same text admin protocol byte for byte, the same command line, and the same
+persistent-queue schemas, so a store written by one replays in the other.
+Background jobs are written to the store before the client hears JOB_CREATED,
+in one transaction per loop turn, by a writer thread that never stalls the loop.
+
+Run it:  python gearmand.py --queue-type=sqlite --sqlite-db=queue.db
+"""
+
+import argparse
+import collections
+import errno
+import heapq
+import importlib
+import importlib.util
+import os
+import queue
+import re
+import selectors
+import signal
+import socket
+import sqlite3
+import struct
+import sys
+import threading
+import time
+import uuid
+
+__version__ = "0.1.0"
+# The C gearmand release whose behaviour we match; `version` reports it, as C does.
+GEARMAND_VERSION = "1.1.20"
+
+
+# --- protocol: packet numbers, shapes, encoding -------------------------------
+
+REQ = b"\0REQ"
+RES = b"\0RES"
+HEADER = struct.Struct(">4sII")
+TYPE_SIZE = struct.Struct(">II")
+
+CAN_DO = 1
+CANT_DO = 2
+RESET_ABILITIES = 3
+PRE_SLEEP = 4
+UNUSED = 5
+NOOP = 6
+SUBMIT_JOB = 7
+JOB_CREATED = 8
+GRAB_JOB = 9
+NO_JOB = 10
+JOB_ASSIGN = 11
+WORK_STATUS = 12
+WORK_COMPLETE = 13
+WORK_FAIL = 14
+GET_STATUS = 15
+ECHO_REQ = 16
+ECHO_RES = 17
+SUBMIT_JOB_BG = 18
+ERROR = 19
+STATUS_RES = 20
+SUBMIT_JOB_HIGH = 21
+SET_CLIENT_ID = 22
+CAN_DO_TIMEOUT = 23
+ALL_YOURS = 24
+WORK_EXCEPTION = 25
+OPTION_REQ = 26
+OPTION_RES = 27
+WORK_DATA = 28
+WORK_WARNING = 29
+GRAB_JOB_UNIQ = 30
+JOB_ASSIGN_UNIQ = 31
+SUBMIT_JOB_HIGH_BG = 32
+SUBMIT_JOB_LOW = 33
+SUBMIT_JOB_LOW_BG = 34
+SUBMIT_JOB_SCHED = 35
+SUBMIT_JOB_EPOCH = 36
+SUBMIT_REDUCE_JOB = 37
+SUBMIT_REDUCE_JOB_BACKGROUND = 38
+GRAB_JOB_ALL = 39
+JOB_ASSIGN_ALL = 40
+GET_STATUS_UNIQUE = 41
+STATUS_RES_UNIQUE = 42
+PACKET_TYPES = 43
+
+# How many NUL-terminated arguments each request carries before its last part
+# (the last part is opaque data, or the final argument running to the end).
+# The numbers are those of libgearman's command table, which C gearmand parses by.
+ARGUMENT_NULS = {
+    CAN_DO: 0, CANT_DO: 0, RESET_ABILITIES: 0, PRE_SLEEP: 0, UNUSED: 0, NOOP: 0,
+    SUBMIT_JOB: 2, JOB_CREATED: 0, GRAB_JOB: 0, NO_JOB: 0, JOB_ASSIGN: 2,
+    WORK_STATUS: 2, WORK_COMPLETE: 1, WORK_FAIL: 0, GET_STATUS: 0, ECHO_REQ: 0,
+    ECHO_RES: 0, SUBMIT_JOB_BG: 2, ERROR: 1, STATUS_RES: 4, SUBMIT_JOB_HIGH: 2,
+    SET_CLIENT_ID: 0, CAN_DO_TIMEOUT: 1, ALL_YOURS: 0, WORK_EXCEPTION: 1,
+    OPTION_REQ: 0, OPTION_RES: 0, WORK_DATA: 1, WORK_WARNING: 1, GRAB_JOB_UNIQ: 0,
+    JOB_ASSIGN_UNIQ: 3, SUBMIT_JOB_HIGH_BG: 2, SUBMIT_JOB_LOW: 2, SUBMIT_JOB_LOW_BG: 2,
+    SUBMIT_JOB_SCHED: 7, SUBMIT_JOB_EPOCH: 3, SUBMIT_REDUCE_JOB: 4,
+    SUBMIT_REDUCE_JOB_BACKGROUND: 4, GRAB_JOB_ALL: 0, JOB_ASSIGN_ALL: 4,
+    GET_STATUS_UNIQUE: 0, STATUS_RES_UNIQUE: 5,
+}
+# Types whose last part is opaque data; for the others it is a plain argument.
+DATA_TYPES = frozenset({
+    SUBMIT_JOB, JOB_ASSIGN, WORK_COMPLETE, ECHO_REQ, ECHO_RES, SUBMIT_JOB_BG,
+    SUBMIT_JOB_HIGH, WORK_EXCEPTION, WORK_DATA, WORK_WARNING, JOB_ASSIGN_UNIQ,
+    SUBMIT_JOB_HIGH_BG, SUBMIT_JOB_LOW, SUBMIT_JOB_LOW_BG, SUBMIT_JOB_SCHED,
+    SUBMIT_JOB_EPOCH, SUBMIT_REDUCE_JOB, SUBMIT_REDUCE_JOB_BACKGROUND, JOB_ASSIGN_ALL,
+})
+
+# C keeps arguments in an 8 KiB buffer and drops connections whose arguments
+# do not fit; we do the same so a peer cannot make us hold unbounded names.
+ARGUMENT_MAX = 8192
+TEXT_LINE_MAX = 8192
+TEXT_TOKENS_MAX = 5
+HANDLE_MAX = 63      # C's 64-byte handle buffer
+UNIQUE_MAX = 64      # longer uniques are refused; 64 exactly works (C truncates it)
+CLIENT_ID_MAX = 127
+OPTION_NAME_MAX = 63
+TIMEOUT_DIGITS_MAX = 20
+
+HIGH, NORMAL, LOW = 0, 1, 2
+PRIORITY_NAMES = ("high", "normal", "low")
+
+
+def packet(ptype, payload=b""):
+    """One server-to-client packet."""
+    return RES + TYPE_SIZE.pack(ptype, len(payload)) + payload
+
+
+def error_packet(code, text):
+    return packet(ERROR, code + b"\0" + text)
+
+
+NOOP_PACKET = packet(NOOP)
+NO_JOB_PACKET = packet(NO_JOB)
+ERROR_INVALID_MAGIC = error_packet(b"INVALID_MAGIC", b"Request magic expected")
+ERROR_INVALID_COMMAND = error_packet(b"INVALID_COMMAND", b"Command not expected")
+ERROR_UNIQUE_TOO_LARGE = error_packet(b"ARGUMENT_TOO_LARGE", b"Unique value too large")
+ERROR_QUEUE_FULL = error_packet(b"QUEUE_ERROR", b"Job queue is full")
+ERROR_STORE_FAILED = error_packet(b"QUEUE_ERROR", b"QUEUE_ERROR")
+ERROR_UNKNOWN_OPTION = error_packet(b"UNKNOWN_OPTION", b"Server does not recognize given option")
+ERROR_NO_SUCH_JOB = error_packet(b"JOB_NOT_FOUND", b"Job does not exist on server")
+ERROR_NO_SUCH_RESULT_JOB = error_packet(b"JOB_NOT_FOUND", b"Job given in work result not found")
+ERROR_NO_SUCH_EXCEPTION_JOB = error_packet(
+    b"JOB_NOT_FOUND", b"An exception was received for a job that does not exist")
+ERROR_HANDLE_TOO_LARGE = error_packet(
+    b"ARGUMENT_TOO_LARGE",
+    b"Error occurred due to GEARMAND_JOB_HANDLE_SIZE being too small from snprintf")
+
+_LEADING_INTEGER = re.compile(rb"\s*([+-]?\d+)")
+
+
+def c_integer(text, bits=64):
+    """Parse like strtol/strtoll: leading integer or 0; None if out of range."""
+    match = _LEADING_INTEGER.match(text)
+    if not match:
+        return 0
+    value = int(match.group(1))
+    limit = 1 << (bits - 1)
+    return value if -limit <= value < limit else None
+
+
+def atoi(text):
+    value = c_integer(text, 32)
+    return 0 if value is None else value
+
+
+def gm_hash(data):
+    """C gearmand's Jenkins one-at-a-time hash (signed 32-bit arithmetic over signed
+    bytes). It orders `status`, `show jobs` and `show unique jobs` rows as C does."""
+    value = 0
+    for byte in data:
+        value = (value + (byte - 256 if byte >= 128 else byte)) & 0xFFFFFFFF
+        value = (value + (value << 10)) & 0xFFFFFFFF
+        signed = value - 0x100000000 if value & 0x80000000 else value
+        value = (signed ^ (signed >> 6)) & 0xFFFFFFFF
+    value = (value + (value << 3)) & 0xFFFFFFFF
+    signed = value - 0x100000000 if value & 0x80000000 else value
+    value = (signed ^ (signed >> 11)) & 0xFFFFFFFF
+    value = (value + (value << 15)) & 0xFFFFFFFF
+    return value or 1
+
+
+# --- jobs, function queues and worker registrations ---------------------------
+
+# Where a job stands with the persistent store.
+NOT_STORED, WRITING, STORED = 0, 1, 2
+
+
+class Job:
+    """One job, queued or running. Foreground submitters are its `clients`."""
+
+    __slots__ = ("handle", "function", "unique", "data", "priority", "when", "reducer",
+                 "status", "retries", "worker", "clients", "ignore", "background",
+                 "store_state", "store_unique", "waiting", "failed", "timer")
+
+    def __init__(self, handle, function, unique, data, priority, when, reducer, background):
+        self.handle = handle
+        self.function = function          # its FunctionQueue
+        self.unique = unique
+        self.data = data
+        self.priority = priority
+        self.when = when                  # epoch seconds; 0 = now
+        self.reducer = reducer
+        self.status = None                # (numerator, denominator) after WORK_STATUS
+        self.retries = 0
+        self.worker = None                # the Connection running it
+        self.clients = None               # Connections waiting for its result
+        self.ignore = False               # abandoned or cancelled: discarded at the next grab
+        self.background = background      # a background submission owns it
+        self.store_state = NOT_STORED
+        self.store_unique = None          # the key's unique in the store, if not `unique`
+        self.waiting = False              # new, and not runnable until its store write is done
+        self.failed = False               # its last store write failed
+        self.timer = None                 # CAN_DO_TIMEOUT timer of the current assignment
+
+    def store_record(self):
+        """(unique, function, priority, data, when) as the store keeps it."""
+        unique = self.unique if self.store_unique is None else self.store_unique
+        return (unique, self.function.name, self.priority, self.data, self.when)
+
+    def store_key(self):
+        return (self.unique if self.store_unique is None else self.store_unique,
+                self.function.name)
+
+
+class Registration:
+    """One CAN_DO (or CAN_DO_TIMEOUT) of one connection; duplicates are allowed."""
+
+    __slots__ = ("connection", "function", "timeout")
+
+    def __init__(self, connection, function, timeout):
+        self.connection = connection
+        self.function = function
+        self.timeout = timeout            # milliseconds; 0 = none
+
+
+class FunctionQueue:
+    """A function's queued jobs, one FIFO per priority, and the workers that can run it."""
+
+    __slots__ = ("name", "queues", "scheduled", "total", "running", "registrations",
+                 "wake_next", "wakeable", "max_queue", "by_unique", "by_payload", "bucket")
+
+    def __init__(self, name):
+        self.name = name
+        self.queues = (collections.deque(), collections.deque(), collections.deque())
+        self.scheduled = 0                # epoch jobs waiting for their time
+        self.total = 0                    # jobs in memory: queued, scheduled and running
+        self.running = 0
+        self.registrations = []           # the worker ring that wake-ups walk
+        self.wake_next = 0                # where the next wake-up walk starts
+        self.wakeable = 0                 # registrations whose connection waits for a NOOP
+        self.max_queue = [0, 0, 0]        # per priority; 0 = unlimited
+        self.by_unique = {}               # unique -> job, for coalescing
+        self.by_payload = {}              # data -> job, for unique "-"
+        self.bucket = gm_hash(name) % 991  # C lists functions in a 991-bucket table
+
+    def queued(self, priority):
+        count = len(self.queues[priority])
+        return count + self.scheduled if priority == NORMAL else count
+
+
+# --- stores: the interface, the builtin store and SQLite ----------------------
+
+class StoreError(Exception):
+    """A store could not do what was asked; the message is one clear line."""
+
+
+class Store:
+    """Keeps background jobs across restarts.
+
+    A store is used by one thread at a time: replay() runs before serving, then
+    the writer thread calls write() with the work of one or more loop turns.
+    A record is (unique, function, priority, data, when_to_run), bytes for the
+    first two and the data; a key is (unique, function).
+    """
+
+    durable = False   # the builtin store keeps nothing, so nothing waits for it
+
+    @classmethod
+    def open(cls, options):
+        """Connect and create what is missing; raise StoreError with one clear line."""
+        return cls()
+
+    def replay(self):
+        """Yield every stored record, in insertion order where the backend knows it."""
+        return iter(())
+
+    def write(self, adds, dones):
+        """Delete the `dones` keys, then store the `adds` records, all or nothing."""
+
+    def close(self):
+        pass
+
+
+class SqlStore(Store):
+    """What the SQL stores share; a dialect overrides the statements and connect()."""
+
+    durable = True
+    default_table = "gearman_queue"
+    # C gearmand's table; {table} is interpolated unquoted, as C does.
+    create_sql = ("CREATE TABLE {table} ( unique_key TEXT, function_name TEXT, priority INTEGER,"
+                  " data BLOB, when_to_run INTEGER, PRIMARY KEY (unique_key, function_name))")
+    insert_sql = None
+    delete_sql = None
+    select_sql = "SELECT unique_key, function_name, priority, data, when_to_run FROM {table}"
+
+    def __init__(self, table):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$.]*", table):
+            raise StoreError(f"invalid table name {table!r}")
+        self.table = table
+        self.connection = None
+
+    def connect(self):
+        """Return a DB-API connection with autocommit off."""
+        raise NotImplementedError
+
+    def table_exists(self, cursor):
+        raise NotImplementedError
+
+    def sql(self, statement):
+        return statement.format(table=self.table)
+
+    def setup(self):
+        self.connection = self.connect()
+        cursor = self.connection.cursor()
+        if not self.table_exists(cursor):
+            cursor.execute(self.sql(self.create_sql))
+        self.connection.commit()
+
+    def replay(self):
+        cursor = self.connection.cursor()
+        cursor.execute(self.sql(self.select_sql))
+        for unique, function, priority, data, when in cursor:
+            yield (bytes(unique or b""), bytes(function or b""), priority or 0,
+                   bytes(data or b""), when or 0)
+
+    def write(self, adds, dones):
+        cursor = self.connection.cursor()
+        try:
+            if dones:
+                cursor.executemany(self.sql(self.delete_sql), dones)
+            if adds:
+                cursor.executemany(self.sql(self.insert_sql), adds)
+            self.connection.commit()
+        except Exception as error:
+            self.rollback()
+            raise StoreError(f"{type(error).__name__}: {error}") from error
+
+    def rollback(self):
+        try:
+            self.connection.rollback()
+        except Exception:
+            pass
+
+    def close(self):
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+class SqliteStore(SqlStore):
+    """SQLite in WAL mode, durable against power loss unless --sqlite-sync=normal."""
+
+    # Unique and function are bound as TEXT, as C binds them; C refuses BLOBs there on replay.
+    insert_sql = ("INSERT OR REPLACE INTO {table} (unique_key, function_name, priority, data,"
+                  " when_to_run) VALUES (CAST(? AS TEXT), CAST(? AS TEXT), ?, ?, ?)")
+    delete_sql = "DELETE FROM {table} WHERE unique_key=CAST(? AS TEXT) and function_name=CAST(? AS TEXT)"
+    select_sql = ("SELECT unique_key, function_name, priority, data, when_to_run FROM {table}"
+                  " ORDER BY rowid")
+
+    def __init__(self, path, table, synchronous="full"):
+        super().__init__(table)
+        self.path = path
+        self.synchronous = synchronous
+
+    @classmethod
+    def open(cls, options):
+        path = options.sqlite_db
+        if not path:
+            raise StoreError("missing required --libsqlite3-db=<dbfile> argument")
+        store = cls(path, options.sqlite_table, options.sqlite_sync)
+        try:
+            store.setup()
+        except (sqlite3.Error, OSError) as error:
+            raise StoreError(f"cannot open SQLite database {path}: {error}") from error
+        return store
+
+    def connect(self):
+        # The loop thread replays, then only the writer thread uses the connection.
+        connection = sqlite3.connect(self.path, timeout=6.0, isolation_level=None,
+                                     check_same_thread=False)
+        connection.text_factory = bytes
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+        self.ensure_when_to_run(connection)
+        return connection
+
+    def ensure_when_to_run(self, connection):
+        """Tables of gearmand before 0.22 lack when_to_run; C adds it the same way."""
+        try:
+            connection.execute(self.sql("SELECT when_to_run FROM {table} LIMIT 0"))
+        except sqlite3.OperationalError as error:
+            if "no such column" in str(error):
+                connection.execute(self.sql("ALTER TABLE {table} ADD COLUMN when_to_run INTEGER"))
+
+    def table_exists(self, cursor):
+        cursor.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (self.table,))
+        return cursor.fetchone() is not None
+
+    def write(self, adds, dones):
+        cursor = self.connection.cursor()
+        try:
+            cursor.execute("BEGIN")
+            if dones:
+                cursor.executemany(self.sql(self.delete_sql), dones)
+            if adds:
+                cursor.executemany(self.sql(self.insert_sql), adds)
+            cursor.execute("COMMIT")
+        except sqlite3.Error as error:
+            if self.connection.in_transaction:
+                self.rollback()
+            raise StoreError(f"SQLite {self.path}: {error}") from error
+
+
+class StoreWriter(threading.Thread):
+    """Owns the store after replay. Takes the batches of many loop turns, writes
+    them in one transaction (group commit) and hands the outcome back to the loop.
+
+    Deletes that fail are kept and retried with backoff; adds that fail are
+    reported, so their clients get ERROR instead of JOB_CREATED.
+    """
+
+    RETRY_DELAY_MAX = 5.0
+
+    def __init__(self, store, on_done, log):
+        super().__init__(name="store-writer", daemon=True)
+        self.store = store
+        self.on_done = on_done            # called from this thread with (batch, failed)
+        self.log = log
+        self.batches = queue.Queue()
+        self.unfinished_dones = []
+
+    def submit(self, batch):
+        """batch = (jobs to add, keys to delete); None stops the thread."""
+        self.batches.put(batch)
+
+    def run(self):
+        delay = 0.05
+        while True:
+            try:
+                first = self.batches.get(timeout=delay if self.unfinished_dones else None)
+            except queue.Empty:
+                first = ([], [])
+            batches = [first]
+            while True:
+                try:
+                    batches.append(self.batches.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in batches
+            batches = [batch for batch in batches if batch is not None]
+            adds = [job.store_record() for jobs, _ in batches for job in jobs]
+            dones = self.unfinished_dones + [key for _, keys in batches for key in keys]
+            failed = self.write(adds, dones, batches)
+            if failed is None:
+                self.unfinished_dones = []
+                delay = 0.05
+            else:
+                self.unfinished_dones = dones
+                delay = min(delay * 2, self.RETRY_DELAY_MAX)
+            for batch in batches:
+                if batch[0]:
+                    self.on_done(batch, failed or ())
+            if stop:
+                return
+
+    def write(self, adds, dones, batches):
+        """Write everything at once; on failure, find the adds that cannot be
+        written one by one. Returns None if all was written, else the failed jobs."""
+        try:
+            self.store.write(adds, dones)
+            return None
+        except StoreError as error:
+            self.log.error(f"persistent queue write failed: {error}")
+        failed = set()
+        for jobs, _ in batches:
+            for job in jobs:
+                try:
+                    self.store.write([job.store_record()], [])
+                except StoreError:
+                    failed.add(job)
+        return failed
+
+
+# Uniques that the store's (unique, function) key cannot hold apart. C lets such
+# jobs overwrite or refuse each other; we give each a row under a generated
+# unique that C replays as an ordinary one, and that we read back as it was.
+STORE_NO_UNIQUE = b"gearmand.py:no-unique:"
+STORE_PAYLOAD_UNIQUE = b"gearmand.py:payload-unique:"
+
+# Queue types: name -> (module or None for this file, class, driver module, pip extra, title).
+QUEUE_TYPES = {
+    "builtin": (None, "Store", None, None, "builtin"),
+    "libsqlite3": (None, "SqliteStore", None, None, "libsqlite3"),
+    "sqlite": (None, "SqliteStore", None, None, "libsqlite3"),
+    "mysql": ("mysql", "MySQLStore", "mysql.connector", "mysql", "MySQL"),
+    "libdrizzle": ("mysql", "MySQLStore", "mysql.connector", "mysql", "MySQL"),
+    "postgres": ("postgres", "PostgresStore", "psycopg2", "postgres", "Postgres"),
+    "postgresql": ("postgres", "PostgresStore", "psycopg2", "postgres", "Postgres"),
+    "libpq": ("postgres", "PostgresStore", "psycopg2", "postgres", "Postgres"),
+    "libmemcached": ("memcached", "MemcachedStore", "pymemcache", "memcached", "libmemcached"),
+    "memcached": ("memcached", "MemcachedStore", "pymemcache", "memcached", "libmemcached"),
+    "redis": ("redis", "RedisStore", "redis", "redis", "redis"),
+    "libtokyocabinet": ("tokyocabinet", "TokyoCabinetStore", None, None, "libtokyocabinet"),
+    "tokyocabinet": ("tokyocabinet", "TokyoCabinetStore", None, None, "libtokyocabinet"),
+}
+DRIVER_PACKAGES = {"mysql.connector": "mysql-connector-python", "psycopg2": "psycopg2-binary",
+                   "pymemcache": "pymemcache", "redis": "redis"}
+
+
+def store_class(queue_type):
+    """The Store class for a queue type name, importing its backend only now."""
+    entry = QUEUE_TYPES.get(queue_type.lower())
+    if entry is None:
+        raise StoreError(f"Error while initializing the queue : {queue_type}")
+    module_name, class_name, driver, extra, title = entry
+    if module_name is None:
+        return globals()[class_name]
+    if driver and importlib.util.find_spec(driver.split(".")[0]) is None:
+        raise StoreError(f"queue type {title} needs {DRIVER_PACKAGES[driver]}: "
+                         f"pip install 'gearmand-py[{extra}]'")
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isdir(os.path.join(here, "extras")):
+        if here not in sys.path:
+            sys.path.insert(0, here)
+        module = importlib.import_module("extras." + module_name)
+    else:
+        module = importlib.import_module("gearmand_extras." + module_name)
+    return getattr(module, class_name)
+
+
+# --- logging ------------------------------------------------------------------
+
+class Log:
+    """C gearmand's log levels and line format; SIGHUP reopens the file."""
+
+    LEVELS = ("FATAL", "ALERT", "CRITICAL", "ERROR", "WARNING", "NOTICE", "INFO", "DEBUG")
+
+    def __init__(self, target="stderr", level="ERROR", use_syslog=False):
+        self.target = target
+        self.level = self.LEVELS.index(level)
+        self.level_name = level
+        self.file = None
+        self.syslog = None
+        if use_syslog:
+            import syslog
+            syslog.openlog("gearmand", syslog.LOG_PID, syslog.LOG_USER)
+            self.syslog = syslog
+        self.reopen()
+
+    def reopen(self):
+        if self.file not in (None, sys.stderr):
+            self.file.close()
+        if self.target == "stderr":
+            self.file = sys.stderr
+        elif self.target == "none":
+            self.file = None
+        else:
+            try:
+                self.file = open(self.target, "a", buffering=1, encoding="utf-8",
+                                 errors="backslashreplace")
+            except OSError as error:
+                print(f"Could not open log file {self.target}: {error.strerror}, "
+                      "logging to stderr", file=sys.stderr)
+                self.file = sys.stderr
+
+    def enabled(self, level):
+        return self.LEVELS.index(level) <= self.level
+
+    def write(self, level, message):
+        number = self.LEVELS.index(level)
+        if number > self.level:
+            return
+        if self.file is not None:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            try:
+                self.file.write(f"{level:>7} {stamp} {message}\n")
+                self.file.flush()
+            except (OSError, ValueError):
+                pass
+        if self.syslog is not None:
+            priority = min(number, 7)
+            self.syslog.syslog(priority, message)
+
+    def error(self, message):
+        self.write("ERROR", message)
+
+    def warning(self, message):
+        self.write("WARNING", message)
+
+    def notice(self, message):
+        self.write("NOTICE", message)
+
+    def info(self, message):
+        self.write("INFO", message)
+
+
+# --- connections and the event loop -------------------------------------------
+
+class Connection:
+    """One peer. Client and worker roles are not enforced: any peer may do both."""
+
+    __slots__ = ("sock", "fd", "peer", "inbuf", "chunks", "chunks_size", "need", "out",
+                 "out_size", "held", "writing", "closed", "registrations", "running",
+                 "client_jobs", "sleeping", "noop_sent", "exceptions", "client_id")
+
+    def __init__(self, sock, peer, exceptions):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.inbuf = b""                  # unparsed input
+        self.chunks = None                # input gathered until `need` bytes are in
+        self.chunks_size = 0
+        self.need = 0
+        self.out = []                     # output waiting for the end of the loop turn
+        self.out_size = 0
+        self.held = None                  # output queued behind a JOB_CREATED that waits for the store
+        self.writing = False              # registered for EVENT_WRITE
+        self.closed = False
+        self.registrations = []           # newest first, as C grabs
+        self.running = []                 # jobs assigned here, oldest first
+        self.client_jobs = []             # jobs whose results this peer waits for
+        self.sleeping = False
+        self.noop_sent = False
+        self.exceptions = exceptions
+        self.client_id = b"-"
+
+
+class Server:
+    """The job server: functions, jobs, connections, one selectors loop."""
+
+    def __init__(self, options, store, log):
+        self.options = options
+        self.store = store
+        self.log = log
+        self.handle_prefix = options.job_handle_prefix.encode() + b":"
+        self.job_retries = options.job_retries & 0xFF
+        self.worker_wakeup = options.worker_wakeup & 0xFF
+        self.round_robin = options.round_robin
+        self.buckets = options.hashtable_buckets
+        self.max_packet = options.max_packet_size
+        self.max_output = options.max_output
+        # With --store-queue-on-shutdown jobs are written only when the server stops.
+        self.write_ahead = store.durable and not options.store_queue_on_shutdown
+        self.functions = {}               # name -> FunctionQueue
+        self.jobs = {}                    # handle -> Job, oldest first
+        self.job_count = 0
+        self.run_id = uuid.uuid4().hex[:12].encode()   # makes generated store uniques unique
+        self.connections = {}             # fd -> Connection, oldest first
+        self.listeners = []
+        self.selector = selectors.DefaultSelector()
+        self.timers = []                  # heap of [when, sequence, callback, argument, active]
+        self.timer_sequence = 0
+        self.dirty = []                   # connections with output to send this turn
+        self.holding = set()              # connections whose output waits for the store
+        self.batch_adds = []              # jobs to store in this turn's batch
+        self.batch_dones = []             # keys to delete in this turn's batch
+        self.writes_in_flight = 0
+        self.finished_batches = collections.deque()   # filled by the writer thread
+        self.writer = None
+        self.stopping = None              # None, "now" or "graceful"
+        self.accept_paused = False
+        self.wake_reader, self.wake_writer = socket.socketpair()
+        self.wake_reader.setblocking(False)
+        self.wake_writer.setblocking(False)
+        self.selector.register(self.wake_reader, selectors.EVENT_READ, self.on_wakeup)
+        self.handlers = self.packet_handlers()
+        self.admin = Admin(self)
+
+    # -- listening and accepting
+
+    def listen(self, addresses, port, backlog):
+        """Bind every address getaddrinfo gives (all of them when none is named)."""
+        seen = set()
+        for host in addresses or [None]:
+            infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                                       0, socket.AI_PASSIVE)
+            for family, kind, proto, _, address in infos:
+                if (family, address) in seen:
+                    continue
+                seen.add((family, address))
+                sock = socket.socket(family, kind, proto)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if self.options.keepalive:
+                    set_keepalive(sock, self.options)
+                bind_with_retry(sock, address)
+                sock.listen(backlog)
+                sock.setblocking(False)
+                self.listeners.append(sock)
+                self.selector.register(sock, selectors.EVENT_READ, self.accept)
+                self.log.info(f"listening on {address[0]}:{address[1]}")
+
+    def accept(self, listener):
+        for _ in range(64):
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: stop accepting for a moment instead of spinning.
+                    self.log.error(f"accept: {error.strerror}; refusing connections for 1 s")
+                    self.pause_accepting(1.0)
+                return
+            sock.setblocking(False)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(sock, peer[0], self.options.exceptions)
+            self.connections[conn.fd] = conn
+            self.selector.register(sock, selectors.EVENT_READ, conn)
+
+    def pause_accepting(self, seconds):
+        if not self.accept_paused:
+            self.accept_paused = True
+            for listener in self.listeners:
+                self.selector.unregister(listener)
+            self.add_timer(seconds, self.resume_accepting, None)
+
+    def resume_accepting(self, _):
+        self.accept_paused = False
+        if self.stopping is None:
+            for listener in self.listeners:
+                self.selector.register(listener, selectors.EVENT_READ, self.accept)
+
+    def stop_listening(self):
+        for listener in self.listeners:
+            if not self.accept_paused:
+                self.selector.unregister(listener)
+            listener.close()
+        self.listeners = []
+
+    # -- the loop
+
+    def serve_forever(self):
+        select = self.selector.select
+        while True:
+            timeout = self.run_timers()
+            for key, mask in select(timeout):
+                target = key.data
+                if target.__class__ is Connection:
+                    if mask & selectors.EVENT_READ:
+                        self.read(target)
+                    if mask & selectors.EVENT_WRITE and not target.closed:
+                        self.send_output(target)
+                else:
+                    target(key.fileobj)
+            self.end_turn()
+            if self.stopping and self.ready_to_stop():
+                return
+
+    def end_turn(self):
+        """Hand this turn's store work to the writer, then send every reply at once."""
+        if self.batch_adds or self.batch_dones:
+            if self.batch_adds:
+                self.writes_in_flight += 1
+            self.writer.submit((self.batch_adds, self.batch_dones))
+            self.batch_adds = []
+            self.batch_dones = []
+        dirty = self.dirty
+        if dirty:
+            self.dirty = []
+            for conn in dirty:
+                if not conn.closed and not conn.writing:
+                    self.send_output(conn)
+
+    def ready_to_stop(self):
+        if self.stopping == "now":
+            return True
+        return not self.writes_in_flight and not any(
+            conn.running for conn in self.connections.values())
+
+    def request_stop(self, how):
+        if self.stopping != "now":
+            self.stopping = how
+        self.stop_listening()
+        self.wake()
+
+    def wake(self):
+        try:
+            self.wake_writer.send(b"\0")
+        except OSError:
+            pass
+
+    def on_wakeup(self, sock):
+        try:
+            while sock.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        while self.finished_batches:
+            self.batch_written(*self.finished_batches.popleft())
+
+    # -- timers
+
+    def add_timer(self, delay, callback, argument):
+        self.timer_sequence += 1
+        timer = [time.monotonic() + delay, self.timer_sequence, callback, argument, True]
+        heapq.heappush(self.timers, timer)
+        return timer
+
+    def run_timers(self):
+        """Fire due timers; return the select timeout until the next one."""
+        timers = self.timers
+        while timers:
+            timer = timers[0]
+            if not timer[4]:
+                heapq.heappop(timers)
+                continue
+            delay = timer[0] - time.monotonic()
+            if delay > 0:
+                return delay
+            heapq.heappop(timers)
+            timer[4] = False
+            timer[2](timer[3])
+        return None
+
+    # -- input
+
+    def read(self, conn):
+        try:
+            data = conn.sock.recv(262144)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close(conn)
+            return
+        if conn.chunks is not None:
+            # A large packet is arriving: gather its pieces and join them once.
+            conn.chunks.append(data)
+            conn.chunks_size += len(data)
+            if conn.chunks_size < conn.need:
+                return
+            data = b"".join(conn.chunks)
+            conn.chunks = None
+        elif conn.inbuf:
+            data = conn.inbuf + data
+        self.parse(conn, data)
+
+    def parse(self, conn, data):
+        """Run every complete packet and text line in `data`; keep the rest."""
+        start = 0
+        end = len(data)
+        unpack = HEADER.unpack_from
+        while start < end:
+            if data[start] == 0:
+                if end - start < 12:
+                    break
+                magic, ptype, size = unpack(data, start)
+                if end - start - 12 < size:
+                    if size > self.max_packet:
+                        self.log.warning(f"{conn.peer}: packet of {size} bytes is over "
+                                         f"--max-packet-size, closing")
+                        self.close(conn)
+                        return
+                    if size > 65536:
+                        conn.chunks = [data[start:]]
+                        conn.chunks_size = end - start
+                        conn.need = 12 + size
+                        conn.inbuf = b""
+                        return
+                    break
+                payload = data[start + 12:start + 12 + size]
+                start += 12 + size
+                self.packet(conn, magic, ptype, payload)
+            else:
+                newline = data.find(b"\n", start, start + TEXT_LINE_MAX)
+                if newline < 0:
+                    if end - start >= TEXT_LINE_MAX:
+                        self.close(conn)
+                        return
+                    break
+                line = data[start:newline]
+                start = newline + 1
+                self.admin.line(conn, line)
+            if conn.closed:
+                return
+        conn.inbuf = data[start:] if start < end else b""
+
+    def packet(self, conn, magic, ptype, payload):
+        if ptype == 0 or ptype >= PACKET_TYPES or magic not in (REQ, RES):
+            self.close(conn)
+            return
+        nuls = ARGUMENT_NULS[ptype]
+        if nuls:
+            args = payload.split(b"\0", nuls)
+            if len(args) <= nuls:
+                # C would read past this packet looking for the missing NULs.
+                self.close(conn)
+                return
+        else:
+            args = [payload]
+        if len(payload) > ARGUMENT_MAX and not argument_sizes_fit(ptype, args):
+            self.close(conn)
+            return
+        if magic == RES:
+            self.send(conn, ERROR_INVALID_MAGIC)
+            return
+        self.handlers[ptype](conn, args)
+
+    # -- output
+
+    def send(self, conn, data):
+        if conn.held is not None:
+            conn.held.append(data)
+            return
+        if not conn.out:
+            self.dirty.append(conn)
+        conn.out.append(data)
+        conn.out_size += len(data)
+        if conn.out_size > self.max_output:
+            self.log.warning(f"{conn.peer}: not reading its replies "
+                             f"({conn.out_size} bytes waiting), closing")
+            self.close(conn)
+
+    def hold(self, conn, job):
+        """Queue a JOB_CREATED that must wait until the job is in the store."""
+        if conn.held is None:
+            conn.held = collections.deque()
+            self.holding.add(conn)
+        conn.held.append(job)
+
+    def release(self, conn):
+        """Send the held output that no longer waits for the store."""
+        held = conn.held
+        conn.held = None
+        while held:
+            item = held[0]
+            if item.__class__ is Job:
+                if item.store_state == WRITING:
+                    break
+                item = ERROR_STORE_FAILED if item.failed else packet(JOB_CREATED, item.handle)
+            held.popleft()
+            self.send(conn, item)
+        if held:
+            conn.held = held
+        else:
+            self.holding.discard(conn)
+
+    def send_output(self, conn):
+        data = b"".join(conn.out) if len(conn.out) > 1 else conn.out[0] if conn.out else b""
+        try:
+            sent = conn.sock.send(data) if data else 0
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close(conn)
+            return
+        if sent < len(data):
+            conn.out = [data[sent:]]
+            conn.out_size = len(data) - sent
+            if not conn.writing:
+                conn.writing = True
+                self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+        else:
+            conn.out = []
+            conn.out_size = 0
+            if conn.writing:
+                conn.writing = False
+                self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+
+    def close(self, conn):
+        """Forget a peer: its jobs go back to the queue, its waits are abandoned."""
+        if conn.closed:
+            return
+        conn.closed = True
+        self.selector.unregister(conn.sock)
+        del self.connections[conn.fd]
+        self.holding.discard(conn)
+        conn.sock.close()
+        self.set_wakeable(conn, False)
+        running, conn.running = conn.running, []
+        for job in reversed(running):
+            self.requeue(job)
+        for registration in conn.registrations:
+            self.remove_registration(registration)
+        conn.registrations = []
+        for job in conn.client_jobs:
+            self.detach_client(job, conn)
+        conn.client_jobs = []
+
+    # -- functions and workers
+
+    def function(self, name):
+        function = self.functions.get(name)
+        if function is None:
+            function = self.functions[name] = FunctionQueue(name)
+        return function
+
+    def set_wakeable(self, conn, wakeable):
+        """Count, per function, the workers a wake-up would NOOP."""
+        was = conn.sleeping and not conn.noop_sent
+        if wakeable:
+            conn.sleeping = True
+            conn.noop_sent = False
+        elif was:
+            conn.noop_sent = True
+        if was != wakeable:
+            step = 1 if wakeable else -1
+            for registration in conn.registrations:
+                registration.function.wakeable += step
+
+    def add_registration(self, conn, name, timeout):
+        function = self.function(name)
+        registration = Registration(conn, function, timeout)
+        conn.registrations.insert(0, registration)
+        function.registrations.append(registration)
+        if conn.sleeping and not conn.noop_sent:
+            function.wakeable += 1
+
+    def remove_registration(self, registration):
+        function = registration.function
+        ring = function.registrations
+        index = ring.index(registration)
+        del ring[index]
+        if index < function.wake_next:
+            function.wake_next -= 1
+        conn = registration.connection
+        if conn.sleeping and not conn.noop_sent:
+            function.wakeable -= 1
+
+    def wake_workers(self, function):
+        """NOOP sleeping workers of a function, walking its ring from where the
+        last walk stopped; at most -w of them (0 = all)."""
+        if not function.wakeable:
+            return
+        ring = function.registrations
+        count = len(ring)
+        start = function.wake_next % count
+        limit = self.worker_wakeup
+        woken = 0
+        for step in range(count):
+            conn = ring[(start + step) % count].connection
+            if conn.sleeping and not conn.noop_sent:
+                self.set_wakeable(conn, False)
+                self.send(conn, NOOP_PACKET)
+                woken += 1
+                if woken == limit:
+                    function.wake_next = (start + step + 1) % count
+                    return
+        function.wake_next = start
+
+    # -- jobs
+
+    def new_job(self, function, unique, data, priority, when, reducer, background):
+        self.job_count += 1
+        handle = self.handle_prefix + str(self.job_count).encode()
+        job = Job(handle, function, unique, data, priority, when, reducer, background)
+        self.jobs[handle] = job
+        function.total += 1
+        if unique:
+            if unique != b"-":
+                function.by_unique[unique] = job
+            elif data:
+                function.by_payload[data] = job
+        return job
+
+    def coalesce(self, function, unique, data):
+        """The live job a submission with this unique joins, if any."""
+        if not unique:
+            return None
+        if unique == b"-":
+            return function.by_payload.get(data) if data else None
+        return function.by_unique.get(unique)
+
+    def unindex(self, job):
+        """Stop new submissions from joining a job."""
+        function = job.function
+        unique = job.unique
+        if unique == b"-":
+            if function.by_payload.get(job.data) is job:
+                del function.by_payload[job.data]
+        elif unique and function.by_unique.get(unique) is job:
+            del function.by_unique[unique]
+
+    def enqueue(self, job):
+        """Make a job available to workers: now, or at its epoch time."""
+        function = job.function
+        if job.when > 0:
+            delay = job.when - time.time()
+            if delay > 0:
+                function.scheduled += 1
+                self.add_timer(delay, self.job_due, job)
+                # C wakes workers at submission too; they find nothing yet and sleep again.
+                self.wake_workers(function)
+                return
+        function.queues[job.priority].append(job)
+        self.wake_workers(function)
+
+    def job_due(self, job):
+        function = job.function
+        function.scheduled -= 1
+        if self.jobs.get(job.handle) is not job:
+            return                        # dropped with its function
+        if job.ignore:
+            self.discard(job)
+            return
+        function.queues[job.priority].append(job)
+        self.wake_workers(function)
+
+    def take_job(self, conn):
+        """The next job for a grabbing worker: its newest registration first, then
+        high, normal, low priority, FIFO within each."""
+        for registration in conn.registrations:
+            function = registration.function
+            for jobs in function.queues:
+                while jobs and jobs[0].ignore:
+                    self.discard(jobs.popleft())
+                if jobs:
+                    if self.round_robin:
+                        conn.registrations.remove(registration)
+                        conn.registrations.append(registration)
+                    return jobs.popleft(), registration
+        return None, None
+
+    def assign(self, conn, job, registration):
+        job.worker = conn
+        job.function.running += 1
+        conn.running.append(job)
+        timeout = registration.timeout
+        if timeout > 0:
+            job.timer = self.add_timer(max(timeout, 1000) / 1000.0, self.job_timed_out, job)
+
+    def job_timed_out(self, job):
+        job.timer = None
+        conn = job.worker
+        if conn is not None:
+            conn.running.remove(job)
+            self.requeue(job)
+
+    def requeue(self, job):
+        """A worker left or timed out holding this job: run it again, or drop it
+        after -j tries. The stored row stays either way until the job ends."""
+        job.retries = (job.retries + 1) & 0xFF
+        if self.job_retries and job.retries == self.job_retries:
+            self.log.notice(f"Dropped job due to max retry count: {job.handle.decode()}")
+            self.notify(job, WORK_FAIL, job.handle)
+            self.finish(job)
+            return
+        self.unassign(job)
+        job.status = None
+        job.function.queues[job.priority].append(job)
+        self.wake_workers(job.function)
+
+    def unassign(self, job):
+        if job.timer is not None:
+            job.timer[4] = False
+            job.timer = None
+        if job.worker is not None:
+            job.worker = None
+            job.function.running -= 1
+
+    def notify(self, job, ptype, payload):
+        """Send a result packet to every client waiting for the job, newest first."""
+        if job.clients:
+            data = packet(ptype, payload)
+            for client in reversed(job.clients):
+                self.send(client, data)
+
+    def finish(self, job):
+        """The job is over (done, failed, dropped): forget it and delete its row."""
+        if job.worker is not None:
+            conn = job.worker
+            if job in conn.running:
+                conn.running.remove(job)
+        self.unassign(job)
+        self.discard(job)
+
+    def discard(self, job):
+        if self.jobs.pop(job.handle, None) is None:
+            return
+        job.function.total -= 1
+        self.unindex(job)
+        if job.clients:
+            for client in job.clients:
+                client.client_jobs.remove(job)
+            job.clients = None
+        self.store_done(job)
+
+    def detach_client(self, job, conn):
+        """A waiting client left. A job nobody waits for any more is abandoned,
+        unless a background submission owns it (C drops those too; we keep them)."""
+        if job.clients is None:
+            return
+        job.clients.remove(conn)
+        if not job.clients:
+            job.clients = None
+            if not job.background:
+                job.ignore = True
+                self.unindex(job)
+
+    def drop_function(self, function):
+        """Admin `drop function`: C leaves the queued jobs behind, unreachable;
+        we drop them with the function and delete their rows."""
+        for job in [job for job in self.jobs.values() if job.function is function]:
+            self.notify(job, WORK_FAIL, job.handle)
+            self.discard(job)
+        del self.functions[function.name]
+
+    def cancel(self, job):
+        """Admin `cancel job`: tell the clients it failed and delete its row; it is
+        discarded when a worker next reaches it, or ends when its worker finishes."""
+        self.notify(job, WORK_FAIL, job.handle)
+        self.store_done(job)
+        job.ignore = True
+        self.unindex(job)
+
+    # -- the persistent store
+
+    def store_add(self, job):
+        if job.store_unique is None and (job.unique == b"" or job.unique == b"-"):
+            job.store_unique = b"%s%s.%d" % (
+                STORE_PAYLOAD_UNIQUE if job.unique else STORE_NO_UNIQUE,
+                self.run_id, handle_number(job))
+        job.store_state = WRITING
+        job.failed = False
+        self.batch_adds.append(job)
+
+    def store_done(self, job):
+        """The job ended: delete its row. If its write is still in flight, the
+        row is deleted when the write is done (see batch_written)."""
+        if job.store_state == STORED and self.store.durable:
+            self.batch_dones.append(job.store_key())
+        job.store_state = NOT_STORED
+
+    def batch_written(self, batch, failed):
+        """The writer stored a batch, except the jobs in `failed`."""
+        self.writes_in_flight -= 1
+        for job in batch[0]:
+            if job in failed:
+                self.write_failed(job)
+                continue
+            if job.store_state == WRITING:
+                job.store_state = STORED
+            else:
+                self.batch_dones.append(job.store_key())   # it ended while being written
+            if job.waiting:
+                job.waiting = False
+                if job.handle in self.jobs:
+                    self.enqueue(job)
+        for conn in list(self.holding):
+            self.release(conn)
+
+    def write_failed(self, job):
+        """Its submitters get ERROR instead of JOB_CREATED. A new job is dropped; a
+        foreground job that a background submission joined goes on as it was."""
+        job.failed = True
+        job.store_state = NOT_STORED
+        if job.waiting:
+            job.waiting = False
+            self.discard(job)
+        else:
+            job.background = False
+            if not job.clients:
+                job.ignore = True
+                self.unindex(job)
+
+    def replay(self):
+        """Load every stored job before the first connection is served."""
+        count = 0
+        now = time.time()
+        for unique, name, priority, data, when in self.store.replay():
+            stored_unique = None
+            if unique.startswith(STORE_NO_UNIQUE):
+                stored_unique, unique = unique, b""
+            elif unique.startswith(STORE_PAYLOAD_UNIQUE):
+                stored_unique, unique = unique, b"-"
+            elif len(unique) == UNIQUE_MAX and unique.endswith(b"\0"):
+                stored_unique, unique = unique, unique[:-1]    # C's truncated 64-byte unique
+            if priority not in (HIGH, NORMAL, LOW):
+                priority = NORMAL
+            function = self.function(name)
+            if self.coalesce(function, unique, data) is not None:
+                # Two rows for one job (written by an older server): keep one.
+                self.batch_dones.append((stored_unique or unique, name))
+                continue
+            job = self.new_job(function, unique, data, priority, when, None, True)
+            job.store_state = STORED
+            job.store_unique = stored_unique
+            if when > now:
+                self.enqueue(job)
+            else:
+                function.queues[priority].append(job)
+            count += 1
+        if count:
+            self.log.notice(f"replayed {count} jobs from the persistent queue")
+        return count
+
+    def start_writer(self):
+        if self.store.durable:
+            self.writer = StoreWriter(self.store, self.writer_finished, self.log)
+            self.writer.start()
+
+    def writer_finished(self, batch, failed):
+        """Called in the writer thread: pass the outcome to the loop."""
+        self.finished_batches.append((batch, failed))
+        self.wake()
+
+    def shutdown(self):
+        """Stop the writer, store the queue if asked to, close everything."""
+        self.end_turn()
+        if self.writer is not None:
+            self.writer.submit(None)
+            self.writer.join()
+            self.writer = None
+        if self.options.store_queue_on_shutdown and self.store.durable:
+            records = [job.store_record() for job in self.jobs.values()
+                       if job.store_state == STORED]
+            try:
+                self.store.write(records, [])
+            except StoreError as error:
+                self.log.error(f"could not store the queue on shutdown: {error}")
+        self.store.close()
+        for conn in list(self.connections.values()):
+            conn.sock.close()
+        for listener in self.listeners:
+            listener.close()
+
+    # -- packet handlers
+
+    def packet_handlers(self):
+        handlers = [self.reject] * PACKET_TYPES
+        handlers[CAN_DO] = self.can_do
+        handlers[CAN_DO_TIMEOUT] = self.can_do_timeout
+        handlers[CANT_DO] = self.cant_do
+        handlers[RESET_ABILITIES] = self.reset_abilities
+        handlers[PRE_SLEEP] = self.pre_sleep
+        handlers[SUBMIT_JOB] = lambda conn, args: self.submit(conn, args, NORMAL, False)
+        handlers[SUBMIT_JOB_HIGH] = lambda conn, args: self.submit(conn, args, HIGH, False)
+        handlers[SUBMIT_JOB_LOW] = lambda conn, args: self.submit(conn, args, LOW, False)
+        handlers[SUBMIT_JOB_BG] = lambda conn, args: self.submit(conn, args, NORMAL, True)
+        handlers[SUBMIT_JOB_HIGH_BG] = lambda conn, args: self.submit(conn, args, HIGH, True)
+        handlers[SUBMIT_JOB_LOW_BG] = lambda conn, args: self.submit(conn, args, LOW, True)
+        handlers[SUBMIT_JOB_EPOCH] = self.submit_epoch
+        handlers[SUBMIT_REDUCE_JOB] = lambda conn, args: self.submit_reduce(conn, args, False)
+        handlers[SUBMIT_REDUCE_JOB_BACKGROUND] = (
+            lambda conn, args: self.submit_reduce(conn, args, True))
+        handlers[GRAB_JOB] = lambda conn, args: self.grab(conn, JOB_ASSIGN)
+        handlers[GRAB_JOB_UNIQ] = lambda conn, args: self.grab(conn, JOB_ASSIGN_UNIQ)
+        handlers[GRAB_JOB_ALL] = lambda conn, args: self.grab(conn, JOB_ASSIGN_ALL)
+        handlers[WORK_STATUS] = self.work_status
+        handlers[WORK_DATA] = lambda conn, args: self.work_update(conn, args, WORK_DATA)
+        handlers[WORK_WARNING] = lambda conn, args: self.work_update(conn, args, WORK_WARNING)
+        handlers[WORK_COMPLETE] = self.work_complete
+        handlers[WORK_FAIL] = self.work_fail
+        handlers[WORK_EXCEPTION] = self.work_exception
+        handlers[GET_STATUS] = self.get_status
+        handlers[GET_STATUS_UNIQUE] = self.get_status_unique
+        handlers[ECHO_REQ] = lambda conn, args: self.send(conn, packet(ECHO_RES, args[0]))
+        handlers[SET_CLIENT_ID] = self.set_client_id
+        handlers[OPTION_REQ] = self.option_req
+        return handlers
+
+    def reject(self, conn, args):
+        self.send(conn, ERROR_INVALID_COMMAND)
+
+    def can_do(self, conn, args):
+        self.add_registration(conn, args[0], 0)
+
+    def can_do_timeout(self, conn, args):
+        name, timeout = args
+        if len(timeout) > TIMEOUT_DIGITS_MAX:
+            self.close(conn)
+            return
+        self.add_registration(conn, name, c_integer(timeout, 64) or 0)
+
+    def cant_do(self, conn, args):
+        self.drop_registrations(conn, lambda registration: registration.function.name == args[0])
+
+    def reset_abilities(self, conn, args):
+        self.drop_registrations(conn, lambda registration: True)
+
+    def drop_registrations(self, conn, matches):
+        """Forget some registrations; jobs running for their functions are requeued."""
+        dropped = [r for r in conn.registrations if matches(r)]
+        if not dropped:
+            return
+        kept = [r for r in conn.registrations if not matches(r)]
+        for registration in dropped:
+            self.remove_registration(registration)
+        conn.registrations = kept
+        functions = {registration.function for registration in dropped}
+        if not any(r.function in functions for r in kept):
+            for job in reversed([job for job in conn.running if job.function in functions]):
+                conn.running.remove(job)
+                self.requeue(job)
+
+    def pre_sleep(self, conn, args):
+        for registration in conn.registrations:
+            for jobs in registration.function.queues:
+                while jobs and jobs[0].ignore:
+                    self.discard(jobs.popleft())
+                if jobs:
+                    self.send(conn, NOOP_PACKET)
+                    return
+        for job in conn.running:
+            if job.timer is not None:
+                job.timer[4] = False
+                job.timer = None
+        if conn.noop_sent:
+            conn.sleeping = True          # one NOOP per sleep until the next grab
+        else:
+            self.set_wakeable(conn, True)
+
+    def submit(self, conn, args, priority, background, when=0, reducer=b""):
+        name, unique, data = args[0], args[1], args[-1]
+        if len(unique) > UNIQUE_MAX:
+            self.send(conn, ERROR_UNIQUE_TOO_LARGE)
+            return
+        function = self.function(name)
+        job = self.coalesce(function, unique, data)
+        if job is not None:
+            if background and not job.background:
+                job.background = True
+                if job.store_state == NOT_STORED:
+                    self.keep(job)
+            elif not background:
+                self.attach_client(job, conn)
+            if job.store_state == WRITING:
+                self.hold(conn, job)
+            else:
+                self.send(conn, packet(JOB_CREATED, job.handle))
+            return
+        limit = function.max_queue[priority]
+        if limit and function.total >= limit:
+            self.send(conn, ERROR_QUEUE_FULL)
+            return
+        job = self.new_job(function, unique, data, priority, when, reducer, background)
+        if background:
+            if self.write_ahead:
+                job.waiting = True
+                self.store_add(job)
+                self.hold(conn, job)
+                return
+            job.store_state = STORED
+        else:
+            self.attach_client(job, conn)
+        self.enqueue(job)
+        self.send(conn, packet(JOB_CREATED, job.handle))
+
+    def keep(self, job):
+        """A background submission joined a foreground job: store it now, since
+        that client is told JOB_CREATED and may never ask again (C does not)."""
+        if self.write_ahead:
+            self.store_add(job)
+        else:
+            job.store_state = STORED
+
+    def attach_client(self, job, conn):
+        if job.clients is None:
+            job.clients = [conn]
+        else:
+            job.clients.append(conn)
+        conn.client_jobs.append(job)
+
+    def submit_epoch(self, conn, args):
+        when = c_integer(args[2], 64)
+        if when is None:
+            self.close(conn)
+            return
+        self.submit(conn, args, NORMAL, True, when=when)
+
+    def submit_reduce(self, conn, args, background):
+        if len(args[2]) > UNIQUE_MAX:
+            self.send(conn, ERROR_UNIQUE_TOO_LARGE)
+            return
+        self.submit(conn, args, NORMAL, background, reducer=args[2])
+
+    def grab(self, conn, reply):
+        self.set_wakeable(conn, False)
+        conn.sleeping = conn.noop_sent = False
+        job, registration = self.take_job(conn)
+        if job is None:
+            self.send(conn, NO_JOB_PACKET)
+            return
+        self.assign(conn, job, registration)
+        function = job.function.name
+        if reply == JOB_ASSIGN_ALL and not job.reducer:
+            reply = JOB_ASSIGN_UNIQ
+        if reply == JOB_ASSIGN:
+            payload = b"%s\0%s\0%s" % (job.handle, function, job.data)
+        elif reply == JOB_ASSIGN_UNIQ:
+            payload = b"%s\0%s\0%s\0%s" % (job.handle, function, job.unique, job.data)
+        else:
+            payload = b"%s\0%s\0%s\0%s\0%s" % (job.handle, function, job.unique,
+                                               job.reducer, job.data)
+        self.send(conn, packet(reply, payload))
+
+    def running_job(self, conn, handle):
+        job = self.jobs.get(handle)
+        return job if job is not None and job.worker is conn else None
+
+    def work_status(self, conn, args):
+        job = self.running_job(conn, args[0])
+        if job is None:
+            self.send(conn, ERROR_NO_SUCH_RESULT_JOB)
+            return
+        job.status = (atoi(args[1]) & 0xFFFFFFFF, atoi(args[2][:10]) & 0xFFFFFFFF)
+        self.notify(job, WORK_STATUS, b"\0".join(args))
+
+    def work_update(self, conn, args, ptype):
+        job = self.running_job(conn, args[0])
+        if job is None:
+            self.send(conn, ERROR_NO_SUCH_JOB)
+            return
+        self.notify(job, ptype, b"\0".join(args))
+
+    def work_complete(self, conn, args):
+        job = self.running_job(conn, args[0])
+        if job is None:
+            self.send(conn, ERROR_NO_SUCH_RESULT_JOB)
+            return
+        self.notify(job, WORK_COMPLETE, b"\0".join(args))
+        self.finish(job)
+
+    def work_fail(self, conn, args):
+        handle = args[0]
+        if len(handle) > HANDLE_MAX:
+            self.send(conn, ERROR_HANDLE_TOO_LARGE)
+            return
+        job = self.running_job(conn, handle)
+        if job is None:
+            self.send(conn, ERROR_NO_SUCH_RESULT_JOB)
+            return
+        self.notify(job, WORK_FAIL, handle)
+        self.finish(job)
+
+    def work_exception(self, conn, args):
+        job = self.running_job(conn, args[0])
+        if job is None:
+            self.send(conn, ERROR_NO_SUCH_EXCEPTION_JOB)
+            return
+        if job.clients:
+            exception = packet(WORK_EXCEPTION, b"\0".join(args))
+            downgraded = packet(WORK_FAIL, job.handle + b"\0")   # as C sends it
+            for client in reversed(job.clients):
+                self.send(client, exception if client.exceptions else downgraded)
+        self.finish(job)
+
+    def get_status(self, conn, args):
+        handle = args[0]
+        if len(handle) > HANDLE_MAX:
+            self.close(conn)
+            return
+        job = self.jobs.get(handle)
+        if job is None:
+            self.send(conn, packet(STATUS_RES, handle + b"\x000\x000\x000\x000"))
+            return
+        numerator, denominator = job.status or (0, 0)
+        running = b"1" if job.worker is not None else b"0"
+        self.send(conn, packet(STATUS_RES, b"%s\x001\x00%s\x00%d\x00%d" % (
+            handle, running, numerator, denominator)))
+
+    def get_status_unique(self, conn, args):
+        unique = args[0]
+        if len(unique) >= UNIQUE_MAX:
+            self.close(conn)
+            return
+        found = None
+        if unique:
+            for function in self.functions.values():
+                job = function.by_unique.get(unique)
+                if job is not None and (found is None or handle_number(job) > handle_number(found)):
+                    found = job
+        if found is None:
+            self.send(conn, packet(STATUS_RES_UNIQUE, unique + b"\x000\x000\x000\x000\x000"))
+            return
+        numerator, denominator = found.status or (0, 0)
+        running = b"1" if found.worker is not None else b"0"
+        clients = len(found.clients) if found.clients else 0
+        self.send(conn, packet(STATUS_RES_UNIQUE, b"%s\x001\x00%s\x00%d\x00%d\x00%d" % (
+            unique, running, numerator, denominator, clients)))
+
+    def set_client_id(self, conn, args):
+        conn.client_id = args[0][:CLIENT_ID_MAX]
+
+    def option_req(self, conn, args):
+        name = args[0]
+        if len(name) > OPTION_NAME_MAX or name.lower() != b"exceptions":
+            self.send(conn, ERROR_UNKNOWN_OPTION)
+            return
+        conn.exceptions = True
+        self.send(conn, packet(OPTION_RES, name))
+
+
+def handle_number(job):
+    return int(job.handle.rsplit(b":", 1)[1])
+
+
+def argument_sizes_fit(ptype, args):
+    """C's 8 KiB limit on every argument that is not opaque data."""
+    plain = args[:-1] if ptype in DATA_TYPES else args
+    return all(len(arg) < ARGUMENT_MAX for arg in plain)
+
+
+def set_keepalive(sock, options):
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", options.keepalive_idle),
+                          ("TCP_KEEPINTVL", options.keepalive_interval),
+                          ("TCP_KEEPCNT", options.keepalive_count)):
+        if value != -1 and hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+def bind_with_retry(sock, address, patience=20.0):
+    """Bind, retrying while the address is in use for up to `patience` seconds, as C does."""
+    deadline = time.monotonic() + patience
+    delay = 0.1
+    while True:
+        try:
+            sock.bind(address)
+            return
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+# --- admin text protocol ------------------------------------------------------
+
+def admin_tokens(line):
+    """Split as C does: single spaces separate, a run of spaces counts as one,
+    a leading space gives an empty first token, trailing spaces one empty last token."""
+    tokens = []
+    start = 0
+    size = len(line)
+    while True:
+        space = line.find(b" ", start)
+        if space < 0:
+            tokens.append(line[start:])
+            return tokens
+        tokens.append(line[start:space])
+        start = space + 1
+        while start < size and line[start] == 32:
+            start += 1
+        if len(tokens) > TEXT_TOKENS_MAX:
+            return tokens
+
+
+def invalid_arguments(command):
+    return (b"ERR INVALID_ARGUMENTS An+incomplete+set+of+arguments+was+sent+to+this+command+"
+            + command + b"\r\n")
+
+
+def unknown_command(command):
+    return b"ERR UNKNOWN_COMMAND Unknown+server+command" + command + b"\r\n"
+
+
+class Admin:
+    """The text admin protocol, byte for byte as C gearmand 1.1.20, plus `shutdown`."""
+
+    def __init__(self, server):
+        self.server = server
+        self.commands = {
+            b"status": self.status,
+            b"prioritystatus": self.priority_status,
+            b"workers": self.workers,
+            b"show": self.show,
+            b"cancel": self.cancel,
+            b"create": self.create,
+            b"drop": self.drop,
+            b"maxqueue": self.maxqueue,
+            b"getpid": lambda tokens, bare: b"OK %d\n" % os.getpid(),
+            b"verbose": lambda tokens, bare: b"OK %s\n" % server.log.level_name.encode(),
+            b"version": lambda tokens, bare: b"OK %s\n" % GEARMAND_VERSION.encode(),
+            b"shutdown": self.shutdown,
+        }
+
+    def line(self, conn, line):
+        bare_newline = not line.endswith(b"\r")
+        if not bare_newline:
+            line = line[:-1]
+        tokens = admin_tokens(line)
+        if len(tokens) > TEXT_TOKENS_MAX:
+            self.server.close(conn)
+            return
+        # C compares NUL-terminated strings, so a NUL ends each token.
+        tokens = [token.split(b"\0", 1)[0] for token in tokens]
+        command = self.commands.get(tokens[0].lower())
+        reply = command(tokens, bare_newline) if command else unknown_command(tokens[0])
+        self.server.send(conn, reply or b"ERR UNKNOWN_ERROR\r\n")
+
+    def functions_in_c_order(self):
+        """C's 991-bucket function table: by bucket, newest first within one."""
+        return sorted(reversed(list(self.server.functions.values())),
+                      key=lambda function: function.bucket)
+
+    def status(self, tokens, bare):
+        rows = [b"%s\t%d\t%d\t%d\n" % (f.name, f.total, f.running, len(f.registrations))
+                for f in self.functions_in_c_order()]
+        return b"".join(rows) + b".\n"
+
+    def priority_status(self, tokens, bare):
+        rows = [b"%s\t%d\t%d\t%d\t%d\n" % (f.name, f.queued(HIGH), f.queued(NORMAL),
+                                           f.queued(LOW), len(f.registrations))
+                for f in self.functions_in_c_order()]
+        return b"".join(rows) + b".\n"
+
+    def workers(self, tokens, bare):
+        rows = []
+        for conn in reversed(list(self.server.connections.values())):
+            names = b"".join(b" " + r.function.name for r in conn.registrations)
+            rows.append(b"%d %s %s :%s\n" % (conn.fd, conn.peer.encode(), conn.client_id, names))
+        return b"".join(rows) + b".\n"
+
+    def show(self, tokens, bare):
+        words = [token.lower() for token in tokens]
+        if len(tokens) == 1:
+            return unknown_command(tokens[0])
+        if words[1:] == [b"jobs"]:
+            return self.show_jobs()
+        if words[1:] == [b"unique", b"jobs"]:
+            return self.show_unique_jobs()
+        return b"ERR UNKNOWN_SHOW_ARGUMENTS\r\n"
+
+    def jobs_in_c_order(self, key):
+        """C's job hash tables: by bucket, newest first within one."""
+        buckets = self.server.buckets
+        return sorted(reversed(list(self.server.jobs.values())),
+                      key=lambda job: key(job) % buckets)
+
+    def show_jobs(self):
+        rows = [b"%s\t%d\t%d\t%d\n" % (job.handle, job.retries, job.ignore,
+                                       job.store_state != NOT_STORED)
+                for job in self.jobs_in_c_order(lambda job: gm_hash(job.handle))]
+        return b"".join(rows) + b".\n"
+
+    def show_unique_jobs(self):
+        def key(job):
+            if job.unique == b"-":
+                return gm_hash(job.data) if job.data else 0
+            return gm_hash(job.unique) if job.unique else 0
+        rows = [job.unique + b"\n" for job in self.jobs_in_c_order(key)]
+        return b"".join(rows) + b".\n"
+
+    def cancel(self, tokens, bare):
+        if len(tokens) < 3:
+            return unknown_command(tokens[0])
+        if len(tokens) != 3 or tokens[1].lower() != b"job":
+            return b"ERR UNKNOWN_ERROR\r\n"
+        job = self.server.jobs.get(tokens[2])
+        if job is None:
+            return b"ERR UNKNOWN_JOB\r\n"
+        self.server.cancel(job)
+        return b"OK\r\n"
+
+    def create(self, tokens, bare):
+        if len(tokens) != 3 or tokens[1].lower() != b"function":
+            return invalid_arguments(tokens[0])
+        # C drops two bytes it takes for CRLF, so a bare LF costs the name its last byte.
+        name = tokens[2][:-1] if bare else tokens[2]
+        self.server.function(name)
+        return b"OK\r\n"
+
+    def drop(self, tokens, bare):
+        if len(tokens) != 3 or tokens[1].lower() != b"function":
+            return invalid_arguments(tokens[0])
+        wanted = tokens[2].lower()
+        matches = [f for f in self.server.functions.values() if f.name.lower() == wanted]
+        if not matches:
+            return b"ERR function not found\r\n"
+        replies = []
+        for function in matches:
+            if function.registrations or function.running:
+                replies.append(b"ERR there are still connected workers or executing clients\r\n")
+            else:
+                self.server.drop_function(function)
+                replies.append(b"OK\r\n")
+        return b"".join(replies)
+
+    def maxqueue(self, tokens, bare):
+        if len(tokens) < 2:
+            return invalid_arguments(tokens[0])
+        function = self.server.functions.get(tokens[1])
+        if function is not None:
+            limits = [max(atoi(token), 0) for token in tokens[2:]]
+            if len(limits) == 1:
+                limits *= 3
+            function.max_queue = (limits + [0, 0, 0])[:3]
+        return b"OK\r\n"
+
+    def shutdown(self, tokens, bare):
+        if len(tokens) == 1:
+            self.server.request_stop("now")
+        elif len(tokens) == 2 and tokens[1].lower() == b"graceful":
+            self.server.request_stop("graceful")
+        else:
+            return invalid_arguments(tokens[0])
+        return b"OK\r\n"
+
+
+# --- command line and main() --------------------------------------------------
+
+class OptionError(Exception):
+    """A bad command line: one line for the user, exit status 1."""
+
+
+class OptionParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise OptionError(message)
+
+
+def build_parser():
+    parser = OptionParser(prog="gearmand", add_help=False, allow_abbrev=False,
+                          description="Gearman job server (gearmand.py, compatible with "
+                                      f"gearmand {GEARMAND_VERSION}).")
+    general = parser.add_argument_group("General options")
+    general.add_argument("-b", "--backlog", type=int, default=32,
+                         help="Number of backlog connections for listen.")
+    general.add_argument("-d", "--daemon", action="store_true",
+                         help="Daemon, detach and run in the background.")
+    general.add_argument("--exceptions", action="store_true",
+                         help="Enable protocol exceptions by default.")
+    general.add_argument("-f", "--file-descriptors", type=int,
+                         help="Number of file descriptors to allow for the process.")
+    general.add_argument("-h", "--help", action="store_true", help="Print this help menu.")
+    general.add_argument("-j", "--job-retries", type=int, default=0,
+                         help="Number of attempts to run the job before the job server "
+                              "removes it. Default is no limit.")
+    general.add_argument("--job-handle-prefix",
+                         help='Prefix used to generate a job handle string (default "H:<host_name>").')
+    general.add_argument("--hashtable-buckets", type=int, default=991,
+                         help="Number of buckets of the job hash tables (orders `show jobs`).")
+    general.add_argument("--keepalive", action="store_true", help="Enable keepalive on sockets.")
+    general.add_argument("--keepalive-idle", type=int, default=-1, help="TCP_KEEPIDLE.")
+    general.add_argument("--keepalive-interval", type=int, default=-1, help="TCP_KEEPINTVL.")
+    general.add_argument("--keepalive-count", type=int, default=-1, help="TCP_KEEPCNT.")
+    general.add_argument("-l", "--log-file", default="/var/log/gearmand.log",
+                         help="Log file; 'stderr' or 'none' are special.")
+    general.add_argument("-L", "--listen", action="append",
+                         help="Address the server should listen on. Default is all.")
+    general.add_argument("-P", "--pid-file", default="/var/gearmand.pid",
+                         help="File to write process ID out to.")
+    general.add_argument("-r", "--protocol", help="Load protocol module (only 'http').")
+    general.add_argument("-R", "--round-robin", action="store_true",
+                         help="Assign work in round-robin order per worker connection.")
+    general.add_argument("-q", "--queue-type", default="builtin",
+                         help="Persistent queue type to use (builtin, libsqlite3/sqlite, MySQL, "
+                              "libdrizzle, Postgres, libmemcached, redis, libtokyocabinet).")
+    general.add_argument("--config-file", default="/etc/gearmand.conf",
+                         help="File of further options, one or more per line.")
+    general.add_argument("--syslog", action="store_true", help="Use syslog.")
+    general.add_argument("--coredump", action="store_true", help="Accepted; no effect.")
+    general.add_argument("-t", "--threads", type=int, default=4,
+                         help="Accepted for compatibility; one event loop serves all.")
+    general.add_argument("-u", "--user", help="Switch to given user after startup.")
+    general.add_argument("--verbose", default="ERROR",
+                         help="Set verbose level (FATAL, ALERT, CRITICAL, ERROR, WARNING, "
+                              "NOTICE, INFO, DEBUG).")
+    general.add_argument("-V", "--version", action="store_true",
+                         help="Display the version of gearmand and exit.")
+    general.add_argument("-w", "--worker-wakeup", type=int, default=0,
+                         help="Number of workers to wakeup for each job received "
+                              "(0 = all sleeping workers).")
+    general.add_argument("--check-args", action="store_true", help=argparse.SUPPRESS)
+    general.add_argument("--max-packet-size", type=int, default=64 << 20,
+                         help="Close connections that send a larger packet (bytes; "
+                              "default 64 MiB).")
+    general.add_argument("--max-output", type=int, default=256 << 20,
+                         help="Close connections that leave more unread replies (bytes; "
+                              "default 256 MiB).")
+
+    http = parser.add_argument_group("HTTP")
+    http.add_argument("--http-port", type=int, default=8080, help="Port to listen on.")
+
+    gear = parser.add_argument_group("Gear")
+    gear.add_argument("-p", "--port", default="4730", help="Port the server should listen on.")
+    gear.add_argument("--ssl", action="store_true", help="Enable ssl connections.")
+    gear.add_argument("--ssl-ca-file", help="CA file.")
+    gear.add_argument("--ssl-certificate", help="SSL certificate.")
+    gear.add_argument("--ssl-key", help="SSL key for certificate.")
+
+    sqlite = parser.add_argument_group("libsqlite3")
+    sqlite.add_argument("--libsqlite3-db", "--sqlite-db", dest="sqlite_db",
+                        help="Database file to use.")
+    sqlite.add_argument("--libsqlite3-table", "--sqlite-table", dest="sqlite_table",
+                        default="gearman_queue", help="Table to use.")
+    sqlite.add_argument("--sqlite-sync", choices=("full", "normal"), default="full",
+                        help="full (default): each commit survives power loss; normal: "
+                             "faster, survives a crash of the server but not of the machine.")
+    sqlite.add_argument("--store-queue-on-shutdown", action="store_true",
+                        help="Store the queue only when the server stops (fast, "
+                             "but a crash loses every background job).")
+
+    mysql = parser.add_argument_group("MySQL")
+    mysql.add_argument("--mysql-host", default="localhost",
+                       help="MySQL host ('localhost' = the local Unix socket).")
+    mysql.add_argument("--mysql-port", type=int, default=3306, help="Port of server.")
+    mysql.add_argument("--mysql-user", default="", help="MySQL user.")
+    mysql.add_argument("--mysql-password", default="", help="MySQL user password.")
+    mysql.add_argument("--mysql-db", default="", help="MySQL database.")
+    mysql.add_argument("--mysql-table", default="gearman_queue", help="MySQL table name.")
+
+    drizzle = parser.add_argument_group("libdrizzle (served by the MySQL store)")
+    drizzle.add_argument("--libdrizzle-host", default="localhost", help="Host.")
+    drizzle.add_argument("--libdrizzle-port", type=int, default=3306, help="Port.")
+    drizzle.add_argument("--libdrizzle-uds", default="", help="Unix domain socket.")
+    drizzle.add_argument("--libdrizzle-user", default="root", help="User.")
+    drizzle.add_argument("--libdrizzle-password", default="", help="Password.")
+    drizzle.add_argument("--libdrizzle-db", default="gearman", help="Database.")
+    drizzle.add_argument("--libdrizzle-table", default="queue", help="Table.")
+    drizzle.add_argument("--libdrizzle-mysql", action="store_true",
+                         help="Accepted; the MySQL protocol is always used.")
+
+    postgres = parser.add_argument_group("Postgres")
+    postgres.add_argument("--libpq-conninfo", default="",
+                          help="PostgreSQL connection information string.")
+    postgres.add_argument("--libpq-table", default="queue", help="Table to use.")
+
+    memcached = parser.add_argument_group("libmemcached")
+    memcached.add_argument("--libmemcached-servers", help="List of Memcached servers to use.")
+    memcached.add_argument("--libmemcached-prefix", default="gear_",
+                           help="Prefix to use in memcached keys.")
+
+    redis = parser.add_argument_group("redis")
+    redis.add_argument("--redis-server", default="127.0.0.1", help="Redis server.")
+    redis.add_argument("--redis-port", default="6379", help="Redis server port.")
+    redis.add_argument("--redis-password", help="Redis server password.")
+    redis.add_argument("--redis-prefix", default="_gear_", help="Prefix to use in redis keys.")
+
+    tokyo = parser.add_argument_group("libtokyocabinet")
+    tokyo.add_argument("--libtokyocabinet-file", help="File name of the database.")
+    tokyo.add_argument("--libtokyocabinet-optimize", nargs="?", const="true", default="true",
+                       help="Optimize the database on open (default true).")
+    return parser
+
+
+def config_file_tokens(argv):
+    """Options from --config-file (default /etc/gearmand.conf, skipped if missing)."""
+    path, explicit = "/etc/gearmand.conf", False
+    for index, arg in enumerate(argv):
+        if arg == "--config-file" and index + 1 < len(argv):
+            path, explicit = argv[index + 1], True
+        elif arg.startswith("--config-file="):
+            path, explicit = arg.split("=", 1)[1], True
+    try:
+        with open(path, encoding="utf-8") as config:
+            return config.read().split()
+    except OSError:
+        if explicit:
+            raise OptionError("Could not open configuration file.")
+        return []
+
+
+def parse_options(argv):
+    """Parse like C gearmand: command-line values win over the config file's."""
+    if "-v" in argv:
+        raise OptionError("Option -v has been deprecated, please use --verbose")
+    parser = build_parser()
+    options, unknown = parser.parse_known_args(config_file_tokens(argv) + argv)
+    if unknown:
+        raise OptionError(f"unrecognised option '{unknown[0]}'")
+    if options.help or options.version:
+        return options
+    if options.verbose not in Log.LEVELS:
+        raise OptionError("Invalid value for --verbose supplied")
+    if options.hashtable_buckets <= 0:
+        raise OptionError("hashtable-buckets has to be greater than 0")
+    if options.protocol not in (None, "http"):
+        raise OptionError(f"Unknown protocol module : {options.protocol}")
+    if options.job_handle_prefix is None:
+        options.job_handle_prefix = "H:" + os.uname().nodename
+    if len(options.job_handle_prefix) >= 64:
+        raise OptionError("--job-handle-prefix must be shorter than 64 characters")
+    if options.port == "4730" and os.environ.get("GEARMAND_PORT"):
+        options.port = os.environ["GEARMAND_PORT"]
+    if options.queue_type.lower() == "libdrizzle":
+        options.mysql_host = options.libdrizzle_uds or options.libdrizzle_host
+        options.mysql_port = options.libdrizzle_port
+        options.mysql_user = options.libdrizzle_user
+        options.mysql_password = options.libdrizzle_password
+        options.mysql_db = options.libdrizzle_db
+        options.mysql_table = options.libdrizzle_table
+    if options.max_packet_size <= 0 or options.max_output <= 0:
+        raise OptionError("--max-packet-size and --max-output must be positive")
+    return options
+
+
+def daemonize():
+    """Detach: double fork, new session, standard streams to /dev/null."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def switch_user(name):
+    import pwd
+    if os.getuid() != 0:
+        raise OptionError("Must be root to switch users.")
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise OptionError(f"Could not find user {name}") from None
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+
+
+def write_pid_file(path, default):
+    try:
+        with open(path, "w") as pid_file:
+            pid_file.write(f"{os.getpid()}\n")
+        return True
+    except OSError as error:
+        if path != default:
+            raise OptionError(f"Could not open pid file {path}: {error.strerror}") from None
+        return False
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        options = parse_options(argv)
+    except OptionError as error:
+        print(f"gearmand: {error}", file=sys.stderr)
+        return 1
+    if options.help:
+        build_parser().print_help()
+        return 0
+    if options.version:
+        print(f"\ngearmand {GEARMAND_VERSION} - gearmand.py {__version__}")
+        return 0
+    if options.check_args:
+        return 0
+    try:
+        return run(options)
+    except OptionError as error:
+        print(f"gearmand: {error}", file=sys.stderr)
+        return 1
+
+
+def run(options):
+    if options.file_descriptors:
+        import resource
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (options.file_descriptors, options.file_descriptors))
+        except (ValueError, OSError) as error:
+            raise OptionError(f"Could not set the file descriptor limit: {error}") from None
+    if options.log_file not in ("stderr", "none"):
+        options.log_file = os.path.abspath(options.log_file)
+    log = Log(options.log_file, options.verbose, options.syslog)
+    try:
+        cls = store_class(options.queue_type)
+    except StoreError as error:
+        raise OptionError(str(error)) from None
+    server = None
+    try:
+        store = cls.open(options)
+        server = Server(options, store, log)
+        try:
+            server.listen(options.listen, options.port, options.backlog)
+        except OSError as error:
+            raise OptionError(f"Could not listen on port {options.port}: "
+                              f"{error.strerror or error}") from None
+        if options.user:
+            switch_user(options.user)
+        try:
+            server.replay()
+        except (StoreError, sqlite3.Error) as error:
+            log.error(f"failed to reload queue: {error}")
+            raise OptionError(f"failed to reload queue: {error}") from None
+    except StoreError as error:
+        raise OptionError(str(error)) from None
+    if options.daemon:
+        daemonize()
+    pid_written = write_pid_file(options.pid_file, "/var/gearmand.pid")
+    signal.signal(signal.SIGTERM, lambda *_: server.request_stop("now"))
+    signal.signal(signal.SIGINT, lambda *_: server.request_stop("now"))
+    signal.signal(signal.SIGUSR1, lambda *_: server.request_stop("graceful"))
+    signal.signal(signal.SIGHUP, lambda *_: log.reopen())
+    server.start_writer()
+    log.notice(f"gearmand.py {__version__} ready, port {options.port}")
+    try:
+        server.serve_forever()
+    finally:
+        server.shutdown()
+        if pid_written:
+            try:
+                os.unlink(options.pid_file)
+            except OSError:
+                pass
+    return 0
+
+
+if __name__ == "__main__":
+    # Backends in extras/ import this module by name; let them find this copy.
+    sys.modules.setdefault("gearmand", sys.modules[__name__])
+    sys.exit(main())
