@@ -264,7 +264,13 @@ class FunctionQueue:
 # --- stores: the interface, the builtin store and SQLite ----------------------
 
 class StoreError(Exception):
-    """A store could not do what was asked; the message is one clear line."""
+    """A store could not do what was asked; the message is one clear line.
+    `unavailable` means the backend is unreachable (so no record can be written
+    now), as opposed to one record it refused."""
+
+    def __init__(self, message, unavailable=False):
+        super().__init__(message)
+        self.unavailable = unavailable
 
 
 class Store:
@@ -288,7 +294,9 @@ class Store:
         return iter(())
 
     def write(self, adds, dones):
-        """Delete the `dones` keys, then store the `adds` records, all or nothing."""
+        """Delete the `dones` keys, then store the `adds` records, all or nothing.
+        A store that lost its backend raises StoreError(unavailable=True) at once,
+        reconnecting (with backoff) on a later call, never blocking for long."""
 
     def close(self):
         pass
@@ -484,6 +492,8 @@ class StoreWriter(threading.Thread):
             return None
         except StoreError as error:
             self.log.error(f"persistent queue write failed: {error}")
+            if error.unavailable:
+                return {job for jobs, _ in batches for job in jobs}
         failed = set()
         for jobs, _ in batches:
             for job in jobs:
