@@ -759,6 +759,9 @@ class Server:
         select = self.selector.select
         while True:
             timeout = self.run_timers()
+            self.end_turn()
+            if self.stopping and self.ready_to_stop():
+                return
             for key, mask in select(timeout):
                 target = key.data
                 if target.__class__ is Connection:
@@ -768,9 +771,6 @@ class Server:
                         self.send_output(target)
                 else:
                     target(key.fileobj)
-            self.end_turn()
-            if self.stopping and self.ready_to_stop():
-                return
 
     def end_turn(self):
         """Hand this turn's store work to the writer, then send every reply at once."""
