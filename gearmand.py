@@ -27,6 +27,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import uuid
 
 __version__ = "0.1.0"
@@ -118,6 +119,7 @@ UNIQUE_MAX = 64      # longer uniques are refused; 64 exactly works (C truncates
 CLIENT_ID_MAX = 127
 OPTION_NAME_MAX = 63
 TIMEOUT_DIGITS_MAX = 20
+SEND_SLICE = 256 * 1024   # bytes joined for one send() when replies pile up
 
 HIGH, NORMAL, LOW = 0, 1, 2
 PRIORITY_NAMES = ("high", "normal", "low")
@@ -490,16 +492,16 @@ class StoreWriter(threading.Thread):
         try:
             self.store.write(adds, dones)
             return None
-        except StoreError as error:
+        except Exception as error:        # a driver may raise anything; the thread must live
             self.log.error(f"persistent queue write failed: {error}")
-            if error.unavailable:
+            if getattr(error, "unavailable", False) or len(adds) < 2:
                 return {job for jobs, _ in batches for job in jobs}
         failed = set()
         for jobs, _ in batches:
             for job in jobs:
                 try:
                     self.store.write([job.store_record()], [])
-                except StoreError:
+                except Exception:
                     failed.add(job)
         return failed
 
@@ -784,8 +786,12 @@ class Server:
         if dirty:
             self.dirty = []
             for conn in dirty:
-                if not conn.closed and not conn.writing:
+                if not conn.closed and not conn.writing and conn.out:
                     self.send_output(conn)
+                if conn.out_size > self.max_output and not conn.closed:
+                    self.log.warning(f"{conn.peer}: not reading its replies "
+                                     f"({conn.out_size} bytes waiting), closing")
+                    self.close(conn)
 
     def ready_to_stop(self):
         if self.stopping == "now":
@@ -860,7 +866,13 @@ class Server:
             conn.chunks = None
         elif conn.inbuf:
             data = conn.inbuf + data
-        self.parse(conn, data)
+        try:
+            self.parse(conn, data)
+        except Exception:
+            # A bug must cost one connection, never the server and its queue.
+            self.log.error(f"{conn.peer}: closing after an internal error:\n"
+                           + traceback.format_exc())
+            self.close(conn)
 
     def parse(self, conn, data):
         """Run every complete packet and text line in `data`; keep the rest."""
@@ -934,9 +946,7 @@ class Server:
         conn.out.append(data)
         conn.out_size += len(data)
         if conn.out_size > self.max_output:
-            self.log.warning(f"{conn.peer}: not reading its replies "
-                             f"({conn.out_size} bytes waiting), closing")
-            self.close(conn)
+            self.dirty.append(conn)       # end_turn closes it; never mid-iteration
 
     def hold(self, conn, job):
         """Queue a JOB_CREATED that must wait until the job is in the store."""
@@ -963,7 +973,16 @@ class Server:
             self.holding.discard(conn)
 
     def send_output(self, conn):
-        data = b"".join(conn.out) if len(conn.out) > 1 else conn.out[0] if conn.out else b""
+        """Send what the socket takes. Small replies go out in one send; a large
+        backlog goes in slices, its remainder kept as a memoryview, never recopied."""
+        out = conn.out
+        if len(out) > 1:
+            count = size = 0
+            while count < len(out) and size < SEND_SLICE:
+                size += len(out[count])
+                count += 1
+            out[:count] = [b"".join(out[:count])]
+        data = out[0] if out else b""
         try:
             sent = conn.sock.send(data) if data else 0
         except (BlockingIOError, InterruptedError):
@@ -971,18 +990,18 @@ class Server:
         except OSError:
             self.close(conn)
             return
-        if sent < len(data):
-            conn.out = [data[sent:]]
-            conn.out_size = len(data) - sent
-            if not conn.writing:
-                conn.writing = True
-                self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+        conn.out_size -= sent
+        if sent == len(data):
+            if out:
+                del out[0]
         else:
-            conn.out = []
-            conn.out_size = 0
-            if conn.writing:
-                conn.writing = False
-                self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+            out[0] = memoryview(data)[sent:]
+        if out and not conn.writing:
+            conn.writing = True
+            self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+        elif not out and conn.writing:
+            conn.writing = False
+            self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
 
     def close(self, conn):
         """Forget a peer: its jobs go back to the queue, its waits are abandoned."""
@@ -1952,13 +1971,16 @@ def build_parser():
 
 
 def config_file_tokens(argv):
-    """Options from --config-file (default /etc/gearmand.conf, skipped if missing)."""
+    """Options from --config-file FILE or @FILE (default /etc/gearmand.conf,
+    skipped if missing)."""
     path, explicit = "/etc/gearmand.conf", False
     for index, arg in enumerate(argv):
         if arg == "--config-file" and index + 1 < len(argv):
             path, explicit = argv[index + 1], True
         elif arg.startswith("--config-file="):
             path, explicit = arg.split("=", 1)[1], True
+        elif arg.startswith("@") and len(arg) > 1:
+            path, explicit = arg[1:], True
     try:
         with open(path, encoding="utf-8") as config:
             return config.read().split()
@@ -1973,7 +1995,9 @@ def parse_options(argv):
     if "-v" in argv:
         raise OptionError("Option -v has been deprecated, please use --verbose")
     parser = build_parser()
-    options, unknown = parser.parse_known_args(config_file_tokens(argv) + argv)
+    from_file = config_file_tokens(argv)
+    argv = [arg for arg in argv if not (arg.startswith("@") and len(arg) > 1)]
+    options, unknown = parser.parse_known_args(from_file + argv)
     if unknown:
         raise OptionError(f"unrecognised option '{unknown[0]}'")
     if options.help or options.version:
