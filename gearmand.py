@@ -23,6 +23,7 @@ import selectors
 import signal
 import socket
 import sqlite3
+import ssl
 import struct
 import sys
 import threading
@@ -120,6 +121,7 @@ CLIENT_ID_MAX = 127
 OPTION_NAME_MAX = 63
 TIMEOUT_DIGITS_MAX = 20
 SEND_SLICE = 256 * 1024   # bytes joined for one send() when replies pile up
+TIMER_WAIT_MAX = 3600.0   # select() overflows past ~24 days; far timers are re-checked hourly
 
 HIGH, NORMAL, LOW = 0, 1, 2
 PRIORITY_NAMES = ("high", "normal", "low")
@@ -478,7 +480,10 @@ class StoreWriter(threading.Thread):
                 self.unfinished_dones = []
                 delay = 0.05
             else:
-                self.unfinished_dones = dones
+                # Rows written one by one since replaced what these deletes aimed at.
+                written = {job.store_key() for jobs, _ in batches for job in jobs
+                           if job not in failed}
+                self.unfinished_dones = [key for key in dones if key not in written]
                 delay = min(delay * 2, self.RETRY_DELAY_MAX)
             for batch in batches:
                 if batch[0]:
@@ -624,14 +629,16 @@ class Log:
 class Connection:
     """One peer. Client and worker roles are not enforced: any peer may do both."""
 
-    __slots__ = ("sock", "fd", "peer", "inbuf", "chunks", "chunks_size", "need", "out",
-                 "out_size", "held", "writing", "closed", "registrations", "running",
-                 "client_jobs", "sleeping", "noop_sent", "exceptions", "client_id")
+    __slots__ = ("sock", "fd", "peer", "tls", "handshaking", "inbuf", "chunks", "chunks_size",
+                 "need", "out", "out_size", "held", "writing", "closed", "registrations",
+                 "running", "client_jobs", "sleeping", "noop_sent", "exceptions", "client_id")
 
-    def __init__(self, sock, peer, exceptions):
+    def __init__(self, sock, peer, exceptions, tls=False):
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
+        self.tls = tls
+        self.handshaking = tls            # a TLS handshake runs before any packet
         self.inbuf = b""                  # unparsed input
         self.chunks = None                # input gathered until `need` bytes are in
         self.chunks_size = 0
@@ -653,10 +660,11 @@ class Connection:
 class Server:
     """The job server: functions, jobs, connections, one selectors loop."""
 
-    def __init__(self, options, store, log):
+    def __init__(self, options, store, log, tls_context=None):
         self.options = options
         self.store = store
         self.log = log
+        self.tls_context = tls_context
         self.handle_prefix = options.job_handle_prefix.encode() + b":"
         self.job_retries = options.job_retries & 0xFF
         self.worker_wakeup = options.worker_wakeup & 0xFF
@@ -731,7 +739,10 @@ class Server:
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(sock, peer[0], self.options.exceptions)
+            if self.tls_context is not None:
+                sock = self.tls_context.wrap_socket(sock, server_side=True,
+                                                    do_handshake_on_connect=False)
+            conn = Connection(sock, peer[0], self.options.exceptions, sock.__class__ is not socket.socket)
             self.connections[conn.fd] = conn
             self.selector.register(sock, selectors.EVENT_READ, conn)
 
@@ -767,7 +778,9 @@ class Server:
             for key, mask in select(timeout):
                 target = key.data
                 if target.__class__ is Connection:
-                    if mask & selectors.EVENT_READ:
+                    if target.handshaking:
+                        self.handshake(target)
+                    elif mask & selectors.EVENT_READ:
                         self.read(target)
                     if mask & selectors.EVENT_WRITE and not target.closed:
                         self.send_output(target)
@@ -838,7 +851,7 @@ class Server:
                 continue
             delay = timer[0] - time.monotonic()
             if delay > 0:
-                return delay
+                return min(delay, TIMER_WAIT_MAX)
             heapq.heappop(timers)
             timer[4] = False
             timer[2](timer[3])
@@ -846,10 +859,30 @@ class Server:
 
     # -- input
 
+    def handshake(self, conn):
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+            return
+        except ssl.SSLWantWriteError:
+            self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+            return
+        except (OSError, ValueError) as error:
+            self.log.warning(f"{conn.peer}: TLS handshake failed: {error}")
+            self.close(conn)
+            return
+        conn.handshaking = False
+        self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+
     def read(self, conn):
         try:
             data = conn.sock.recv(262144)
-        except (BlockingIOError, InterruptedError):
+            if conn.tls:
+                # TLS may hold decrypted bytes that select() cannot see.
+                while data and conn.sock.pending():
+                    data += conn.sock.recv(262144)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError:
             data = b""
@@ -903,7 +936,7 @@ class Server:
             else:
                 newline = data.find(b"\n", start, start + TEXT_LINE_MAX)
                 if newline < 0:
-                    if end - start >= TEXT_LINE_MAX:
+                    if end - start > TEXT_LINE_MAX:
                         self.close(conn)
                         return
                     break
@@ -985,7 +1018,7 @@ class Server:
         data = out[0] if out else b""
         try:
             sent = conn.sock.send(data) if data else 0
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             sent = 0
         except OSError:
             self.close(conn)
@@ -1276,7 +1309,7 @@ class Server:
                 continue
             if job.store_state == WRITING:
                 job.store_state = STORED
-            else:
+            elif not self.key_taken(job):
                 self.batch_dones.append(job.store_key())   # it ended while being written
             if job.waiting:
                 job.waiting = False
@@ -1284,6 +1317,11 @@ class Server:
                     self.enqueue(job)
         for conn in list(self.holding):
             self.release(conn)
+
+    def key_taken(self, job):
+        """Does a newer job hold this job's store key (its row replaced this one's)?"""
+        other = self.coalesce(job.function, job.unique, job.data)
+        return other is not None and other is not job and other.store_state != NOT_STORED
 
     def write_failed(self, job):
         """Its submitters get ERROR instead of JOB_CREATED. A new job is dropped; a
@@ -1403,10 +1441,13 @@ class Server:
 
     def can_do_timeout(self, conn, args):
         name, timeout = args
-        if len(timeout) > TIMEOUT_DIGITS_MAX:
+        milliseconds = c_integer(timeout, 64)
+        # C closes on what strtol cannot tell from overflow: LONG_MAX and LONG_MIN.
+        if (len(timeout) > TIMEOUT_DIGITS_MAX or milliseconds is None
+                or milliseconds in (2 ** 63 - 1, -2 ** 63)):
             self.close(conn)
             return
-        self.add_registration(conn, name, c_integer(timeout, 64) or 0)
+        self.add_registration(conn, name, milliseconds)
 
     def cant_do(self, conn, args):
         self.drop_registrations(conn, lambda registration: registration.function.name == args[0])
@@ -1446,9 +1487,9 @@ class Server:
         else:
             self.set_wakeable(conn, True)
 
-    def submit(self, conn, args, priority, background, when=0, reducer=b""):
+    def submit(self, conn, args, priority, background, when=0, reducer=None):
         name, unique, data = args[0], args[1], args[-1]
-        if len(unique) > UNIQUE_MAX:
+        if len(unique) > UNIQUE_MAX and reducer is None:
             self.send(conn, ERROR_UNIQUE_TOO_LARGE)
             return
         function = self.function(name)
@@ -1505,6 +1546,7 @@ class Server:
         self.submit(conn, args, NORMAL, True, when=when)
 
     def submit_reduce(self, conn, args, background):
+        # C checks the reducer's length where it means the unique's; we keep that.
         if len(args[2]) > UNIQUE_MAX:
             self.send(conn, ERROR_UNIQUE_TOO_LARGE)
             return
@@ -1620,7 +1662,7 @@ class Server:
 
     def option_req(self, conn, args):
         name = args[0]
-        if len(name) > OPTION_NAME_MAX or name.lower() != b"exceptions":
+        if len(name) > OPTION_NAME_MAX or name.split(b"\0", 1)[0].lower() != b"exceptions":
             self.send(conn, ERROR_UNKNOWN_OPTION)
             return
         conn.exceptions = True
@@ -1682,6 +1724,11 @@ def admin_tokens(line):
             return tokens
 
 
+def c_string(name):
+    """What C prints of a name: up to its first NUL."""
+    return name.split(b"\0", 1)[0] if b"\0" in name else name
+
+
 def invalid_arguments(command):
     return (b"ERR INVALID_ARGUMENTS An+incomplete+set+of+arguments+was+sent+to+this+command+"
             + command + b"\r\n")
@@ -1731,12 +1778,13 @@ class Admin:
                       key=lambda function: function.bucket)
 
     def status(self, tokens, bare):
-        rows = [b"%s\t%d\t%d\t%d\n" % (f.name, f.total, f.running, len(f.registrations))
+        rows = [b"%s\t%d\t%d\t%d\n" % (c_string(f.name), f.total, f.running,
+                                         len(f.registrations))
                 for f in self.functions_in_c_order()]
         return b"".join(rows) + b".\n"
 
     def priority_status(self, tokens, bare):
-        rows = [b"%s\t%d\t%d\t%d\t%d\n" % (f.name, f.queued(HIGH), f.queued(NORMAL),
+        rows = [b"%s\t%d\t%d\t%d\t%d\n" % (c_string(f.name), f.queued(HIGH), f.queued(NORMAL),
                                            f.queued(LOW), len(f.registrations))
                 for f in self.functions_in_c_order()]
         return b"".join(rows) + b".\n"
@@ -1744,8 +1792,9 @@ class Admin:
     def workers(self, tokens, bare):
         rows = []
         for conn in reversed(list(self.server.connections.values())):
-            names = b"".join(b" " + r.function.name for r in conn.registrations)
-            rows.append(b"%d %s %s :%s\n" % (conn.fd, conn.peer.encode(), conn.client_id, names))
+            names = b"".join(b" " + c_string(r.function.name) for r in conn.registrations)
+            rows.append(b"%d %s %s :%s\n" % (conn.fd, conn.peer.encode(),
+                                             c_string(conn.client_id), names))
         return b"".join(rows) + b".\n"
 
     def show(self, tokens, bare):
@@ -1801,7 +1850,7 @@ class Admin:
         if len(tokens) != 3 or tokens[1].lower() != b"function":
             return invalid_arguments(tokens[0])
         wanted = tokens[2].lower()
-        matches = [f for f in self.server.functions.values() if f.name.lower() == wanted]
+        matches = [f for f in self.functions_in_c_order() if c_string(f.name).lower() == wanted]
         if not matches:
             return b"ERR function not found\r\n"
         replies = []
@@ -1910,10 +1959,21 @@ def build_parser():
 
     gear = parser.add_argument_group("Gear")
     gear.add_argument("-p", "--port", default="4730", help="Port the server should listen on.")
-    gear.add_argument("--ssl", action="store_true", help="Enable ssl connections.")
-    gear.add_argument("--ssl-ca-file", help="CA file.")
-    gear.add_argument("--ssl-certificate", help="SSL certificate.")
-    gear.add_argument("--ssl-key", help="SSL key for certificate.")
+    gear.add_argument("--ssl", action="store_true",
+                      help="Enable ssl connections (TLS on the whole port, admin included).")
+    gear.add_argument("--ssl-ca-file",
+                      default=os.environ.get("GEARMAND_CA_CERTIFICATE",
+                                             "/etc/ssl/certs/gearmand-ca.pem"),
+                      help="CA file (env GEARMAND_CA_CERTIFICATE).")
+    gear.add_argument("--ssl-certificate",
+                      default=os.environ.get("GEARMAND_SERVER_PEM", "/etc/ssl/certs/gearmand.pem"),
+                      help="SSL certificate (env GEARMAND_SERVER_PEM).")
+    gear.add_argument("--ssl-key",
+                      default=os.environ.get("GEARMAND_SERVER_KEY", "/etc/ssl/certs/gearmand.key"),
+                      help="SSL key for certificate (env GEARMAND_SERVER_KEY).")
+    gear.add_argument("--ssl-verify-client", action="store_true",
+                      help="Require client certificates signed by --ssl-ca-file "
+                           "(C gearmand never checks them).")
 
     sqlite = parser.add_argument_group("libsqlite3")
     sqlite.add_argument("--libsqlite3-db", "--sqlite-db", dest="sqlite_db",
@@ -2086,6 +2146,21 @@ def main(argv=None):
         return 1
 
 
+def tls_context(options):
+    """The server's TLS context, or None without --ssl."""
+    if not options.ssl:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(options.ssl_certificate, options.ssl_key)
+        if options.ssl_verify_client or os.path.exists(options.ssl_ca_file):
+            context.load_verify_locations(options.ssl_ca_file)
+    except (OSError, ssl.SSLError) as error:
+        raise OptionError(f"cannot load TLS certificate, key or CA file: {error}") from None
+    context.verify_mode = ssl.CERT_REQUIRED if options.ssl_verify_client else ssl.CERT_NONE
+    return context
+
+
 def run(options):
     if options.file_descriptors:
         import resource
@@ -2103,8 +2178,9 @@ def run(options):
         raise OptionError(str(error)) from None
     server = None
     try:
+        context = tls_context(options)
         store = cls.open(options)
-        server = Server(options, store, log)
+        server = Server(options, store, log, context)
         try:
             server.listen(options.listen, options.port, options.backlog)
         except OSError as error:

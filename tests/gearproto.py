@@ -1,0 +1,187 @@
+"""A tiny raw-socket Gearman client for tests: build request packets, read responses.
+
+Every packet is `magic` + type (uint32 BE) + size (uint32 BE) + payload, where the
+payload is the arguments joined by NUL bytes. Arguments may be str or bytes.
+"""
+import socket
+import struct
+
+REQ = b"\0REQ"
+RES = b"\0RES"
+HEADER = struct.Struct(">4sII")
+
+# Packet type numbers (protocol.md §3).
+TEXT = 0
+CAN_DO = 1
+CANT_DO = 2
+RESET_ABILITIES = 3
+PRE_SLEEP = 4
+UNUSED = 5
+NOOP = 6
+SUBMIT_JOB = 7
+JOB_CREATED = 8
+GRAB_JOB = 9
+NO_JOB = 10
+JOB_ASSIGN = 11
+WORK_STATUS = 12
+WORK_COMPLETE = 13
+WORK_FAIL = 14
+GET_STATUS = 15
+ECHO_REQ = 16
+ECHO_RES = 17
+SUBMIT_JOB_BG = 18
+ERROR = 19
+STATUS_RES = 20
+SUBMIT_JOB_HIGH = 21
+SET_CLIENT_ID = 22
+CAN_DO_TIMEOUT = 23
+ALL_YOURS = 24
+WORK_EXCEPTION = 25
+OPTION_REQ = 26
+OPTION_RES = 27
+WORK_DATA = 28
+WORK_WARNING = 29
+GRAB_JOB_UNIQ = 30
+JOB_ASSIGN_UNIQ = 31
+SUBMIT_JOB_HIGH_BG = 32
+SUBMIT_JOB_LOW = 33
+SUBMIT_JOB_LOW_BG = 34
+SUBMIT_JOB_SCHED = 35
+SUBMIT_JOB_EPOCH = 36
+SUBMIT_REDUCE_JOB = 37
+SUBMIT_REDUCE_JOB_BACKGROUND = 38
+GRAB_JOB_ALL = 39
+JOB_ASSIGN_ALL = 40
+GET_STATUS_UNIQUE = 41
+STATUS_RES_UNIQUE = 42
+
+NAMES = {v: k for k, v in list(globals().items()) if k.isupper() and isinstance(v, int)}
+
+ERR_INVALID_COMMAND = b"INVALID_COMMAND\0Command not expected"
+ERR_INVALID_MAGIC = b"INVALID_MAGIC\0Request magic expected"
+ERR_UNIQUE_TOO_LARGE = b"ARGUMENT_TOO_LARGE\0Unique value too large"
+ERR_QUEUE_FULL = b"QUEUE_ERROR\0Job queue is full"
+ERR_UNKNOWN_OPTION = b"UNKNOWN_OPTION\0Server does not recognize given option"
+ERR_NOT_FOUND_DATA = b"JOB_NOT_FOUND\0Job does not exist on server"
+ERR_NOT_FOUND_RESULT = b"JOB_NOT_FOUND\0Job given in work result not found"
+ERR_NOT_FOUND_EXCEPTION = (b"JOB_NOT_FOUND\0An exception was received for a job "
+                           b"that does not exist")
+
+
+class Closed(Exception):
+    """The server closed the connection."""
+
+
+def b(x):
+    return x.encode() if isinstance(x, str) else bytes(x)
+
+
+def payload(*args):
+    return b"\0".join(b(a) for a in args)
+
+
+def pack(ptype, *args, magic=REQ):
+    body = payload(*args)
+    return HEADER.pack(magic, ptype, len(body)) + body
+
+
+def send(sock, ptype, *args, magic=REQ):
+    sock.sendall(pack(ptype, *args, magic=magic))
+
+
+def recv_exact(sock, n, timeout=5.0):
+    sock.settimeout(timeout)
+    data = b""
+    while len(data) < n:
+        try:
+            chunk = sock.recv(n - len(data))
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            raise Closed(f"closed after {data!r}")
+        data += chunk
+    return data
+
+
+def recv(sock, timeout=5.0):
+    """Read exactly one response packet -> (type, payload)."""
+    magic, ptype, size = HEADER.unpack(recv_exact(sock, 12, timeout))
+    assert magic == RES, f"bad response magic {magic!r}"
+    return ptype, recv_exact(sock, size, timeout) if size else b""
+
+
+def call(sock, ptype, *args):
+    send(sock, ptype, *args)
+    return recv(sock)
+
+
+def expect(sock, ptype, *args):
+    """Read one packet and assert it is exactly `ptype` with payload `args`."""
+    got = recv(sock)
+    want = (ptype, payload(*args))
+    assert got == want, f"expected {show(want)}, got {show(got)}"
+    return got
+
+
+def show(packet):
+    ptype, body = packet
+    return f"{NAMES.get(ptype, ptype)} {body!r}"
+
+
+def sync(sock, token=b"sync"):
+    """Round-trip an ECHO: proves no other packet was queued for `sock` before it."""
+    send(sock, ECHO_REQ, token)
+    expect(sock, ECHO_RES, token)
+
+
+def closed(sock, timeout=5.0):
+    """True if the server closes `sock` (EOF) without sending anything first."""
+    sock.settimeout(timeout)
+    try:
+        data = sock.recv(1)
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+    return data == b""
+
+
+# --- client helpers ---------------------------------------------------------
+
+def submit(sock, func, uniq=b"", data=b"", ptype=SUBMIT_JOB_BG):
+    """Submit one job and return its handle (bytes); asserts JOB_CREATED."""
+    ptype_got, body = call(sock, ptype, func, uniq, data)
+    assert ptype_got == JOB_CREATED, f"submit got {show((ptype_got, body))}"
+    return body
+
+
+def get_status(sock, handle):
+    return call(sock, GET_STATUS, handle)
+
+
+# --- worker helpers ---------------------------------------------------------
+
+def can_do(sock, *funcs):
+    """Register functions (no reply is sent, so sync to know they are registered)."""
+    for func in funcs:
+        send(sock, CAN_DO, func)
+    sync(sock)
+
+
+def grab(sock, ptype=GRAB_JOB):
+    return call(sock, ptype)
+
+
+def grab_handle(sock):
+    """GRAB_JOB and return the assigned handle; asserts a job was assigned."""
+    ptype, body = grab(sock)
+    assert ptype == JOB_ASSIGN, f"grab got {show((ptype, body))}"
+    return body.split(b"\0")[0]
+
+
+def complete(sock, handle, data=b""):
+    send(sock, WORK_COMPLETE, handle, data)
+
+
+def pre_sleep(sock):
+    send(sock, PRE_SLEEP)
