@@ -307,10 +307,15 @@ class Store:
 
 
 class SqlStore(Store):
-    """What the SQL stores share; a dialect overrides the statements and connect()."""
+    """What the SQL stores share. A dialect supplies connect(), table_exists(),
+    its statements, and says which driver errors mean a lost connection; the
+    base reconnects with backoff, so a database outage fails writes fast
+    (StoreError unavailable) and heals by itself."""
 
     durable = True
-    default_table = "gearman_queue"
+    driver_error = Exception          # the driver's base exception class
+    retry_delay_min = 0.1             # after a failed reconnect, writes fail at once this long,
+    retry_delay_max = 5.0             # doubling up to this
     # C gearmand's table; {table} is interpolated unquoted, as C does.
     create_sql = ("CREATE TABLE {table} ( unique_key TEXT, function_name TEXT, priority INTEGER,"
                   " data BLOB, when_to_run INTEGER, PRIMARY KEY (unique_key, function_name))")
@@ -318,37 +323,34 @@ class SqlStore(Store):
     delete_sql = None
     select_sql = "SELECT unique_key, function_name, priority, data, when_to_run FROM {table}"
 
-    def __init__(self, table):
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$.]*", table):
+    def __init__(self, table, label):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?", table):
             raise StoreError(f"invalid table name {table!r}")
         self.table = table
+        self.label = label            # names the database in messages, never a password
         self.connection = None
+        self.retry_at = 0.0
+        self.retry_delay = self.retry_delay_min
+        self.last_error = ""
+
+    # -- what a dialect provides
 
     def connect(self):
-        """Return a DB-API connection with autocommit off."""
+        """Return a new DB-API connection with autocommit off."""
         raise NotImplementedError
 
     def table_exists(self, cursor):
         raise NotImplementedError
 
-    def sql(self, statement):
-        return statement.format(table=self.table)
+    def lost(self, error):
+        """Does this driver error mean the connection is gone?"""
+        return False
 
-    def setup(self):
-        self.connection = self.connect()
-        cursor = self.connection.cursor()
-        if not self.table_exists(cursor):
-            cursor.execute(self.sql(self.create_sql))
-        self.connection.commit()
+    def describe(self, error):
+        return " ".join(str(error).split()) or type(error).__name__
 
-    def replay(self):
-        cursor = self.connection.cursor()
-        cursor.execute(self.sql(self.select_sql))
-        for unique, function, priority, data, when in cursor:
-            yield (bytes(unique or b""), bytes(function or b""), priority or 0,
-                   bytes(data or b""), when or 0)
-
-    def write(self, adds, dones):
+    def write_batch(self, adds, dones):
+        """One transaction: the deletes, then the inserts, then commit."""
         cursor = self.connection.cursor()
         try:
             if dones:
@@ -356,9 +358,83 @@ class SqlStore(Store):
             if adds:
                 cursor.executemany(self.sql(self.insert_sql), adds)
             self.connection.commit()
-        except Exception as error:
-            self.rollback()
-            raise StoreError(f"{type(error).__name__}: {error}") from error
+        finally:
+            cursor.close()
+
+    def replay_cursor(self):
+        return self.connection.cursor()
+
+    # -- shared
+
+    def sql(self, statement):
+        return statement.format(table=self.table)
+
+    def error(self, error, unavailable=False):
+        return StoreError(f"{self.label}: {self.describe(error)}", unavailable)
+
+    def setup(self):
+        """Connect and create C's table if it is missing; StoreError if that fails."""
+        try:
+            self.connection = self.connect()
+            cursor = self.connection.cursor()
+            if not self.table_exists(cursor):
+                cursor.execute(self.sql(self.create_sql))
+            cursor.close()
+            self.connection.commit()
+        except self.driver_error as error:
+            self.drop()
+            raise self.error(error) from None
+
+    def replay(self):
+        try:
+            cursor = self.replay_cursor()
+            cursor.execute(self.sql(self.select_sql))
+            for unique, function, priority, data, when in cursor:
+                yield (bytes(unique or b""), bytes(function or b""), priority or 0,
+                       bytes(data or b""), when or 0)
+            cursor.close()
+            self.connection.commit()
+        except self.driver_error as error:
+            raise self.error(error) from None
+
+    def write(self, adds, dones):
+        fresh = False
+        while True:
+            if self.connection is None:
+                self.reconnect()
+                fresh = True
+            try:
+                self.write_batch(adds, dones)
+                return
+            except StoreError:
+                self.rollback()
+                raise
+            except self.driver_error as error:
+                if not self.lost(error):
+                    self.rollback()
+                    raise self.error(error) from None
+                if fresh:
+                    self.backoff(error)
+                self.drop()           # an old connection died (idle timeout, restart): retry now
+
+    def reconnect(self):
+        """Open a new connection, unless the last attempt failed moments ago."""
+        if time.monotonic() < self.retry_at:
+            raise StoreError(self.last_error, unavailable=True)
+        try:
+            self.connection = self.connect()
+        except self.driver_error as error:
+            self.backoff(error)
+        self.retry_delay = self.retry_delay_min
+        self.retry_at = 0.0
+
+    def backoff(self, error):
+        failure = self.error(error, unavailable=True)
+        self.last_error = str(failure)
+        self.retry_at = time.monotonic() + self.retry_delay
+        self.retry_delay = min(self.retry_delay * 2, self.retry_delay_max)
+        self.drop()
+        raise failure from None
 
     def rollback(self):
         try:
@@ -366,37 +442,42 @@ class SqlStore(Store):
         except Exception:
             pass
 
-    def close(self):
+    def drop(self):
         if self.connection is not None:
-            self.connection.close()
+            try:
+                self.connection.close()
+            except Exception:
+                pass
             self.connection = None
+
+    def close(self):
+        self.drop()
 
 
 class SqliteStore(SqlStore):
     """SQLite in WAL mode, durable against power loss unless --sqlite-sync=normal."""
 
+    driver_error = sqlite3.Error
     # Unique and function are bound as TEXT, as C binds them; C refuses BLOBs there on replay.
     insert_sql = ("INSERT OR REPLACE INTO {table} (unique_key, function_name, priority, data,"
                   " when_to_run) VALUES (CAST(? AS TEXT), CAST(? AS TEXT), ?, ?, ?)")
-    delete_sql = "DELETE FROM {table} WHERE unique_key=CAST(? AS TEXT) and function_name=CAST(? AS TEXT)"
+    delete_sql = ("DELETE FROM {table} WHERE unique_key=CAST(? AS TEXT)"
+                  " and function_name=CAST(? AS TEXT)")
     select_sql = ("SELECT unique_key, function_name, priority, data, when_to_run FROM {table}"
                   " ORDER BY rowid")
 
     def __init__(self, path, table, synchronous="full"):
-        super().__init__(table)
+        super().__init__(table, f"SQLite {path}")
         self.path = path
         self.synchronous = synchronous
 
     @classmethod
     def open(cls, options):
-        path = options.sqlite_db
-        if not path:
+        if not options.sqlite_db:
             raise StoreError("missing required --libsqlite3-db=<dbfile> argument")
-        store = cls(path, options.sqlite_table, options.sqlite_sync)
-        try:
-            store.setup()
-        except (sqlite3.Error, OSError) as error:
-            raise StoreError(f"cannot open SQLite database {path}: {error}") from error
+        # Absolute: the WAL files are found by name later, and -d changes directory.
+        store = cls(os.path.abspath(options.sqlite_db), options.sqlite_table, options.sqlite_sync)
+        store.setup()
         return store
 
     def connect(self):
@@ -421,7 +502,7 @@ class SqliteStore(SqlStore):
         cursor.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (self.table,))
         return cursor.fetchone() is not None
 
-    def write(self, adds, dones):
+    def write_batch(self, adds, dones):
         cursor = self.connection.cursor()
         try:
             cursor.execute("BEGIN")
@@ -430,10 +511,12 @@ class SqliteStore(SqlStore):
             if adds:
                 cursor.executemany(self.sql(self.insert_sql), adds)
             cursor.execute("COMMIT")
-        except sqlite3.Error as error:
-            if self.connection.in_transaction:
-                self.rollback()
-            raise StoreError(f"SQLite {self.path}: {error}") from error
+        finally:
+            cursor.close()
+
+    def rollback(self):
+        if self.connection is not None and self.connection.in_transaction:
+            super().rollback()
 
 
 class StoreWriter(threading.Thread):

@@ -1,0 +1,191 @@
+"""Helpers shared by the persistent-store tests (any backend, ours or C's).
+
+Everything talks to the job server over raw sockets (tests/gearproto.py):
+submit background jobs, drain them with a worker, read `status` and
+`prioritystatus`, run a foreground job, poll a condition with a deadline.
+"""
+import collections
+import time
+
+import gearproto as gp
+
+HIGH, NORMAL, LOW = 0, 1, 2
+SUBMIT_TYPES = {HIGH: gp.SUBMIT_JOB_HIGH_BG, NORMAL: gp.SUBMIT_JOB_BG, LOW: gp.SUBMIT_JOB_LOW_BG}
+
+# One background job: `when` > 0 makes it a SUBMIT_JOB_EPOCH (always NORMAL).
+Job = collections.namedtuple("Job", "function unique data priority when")
+Job.__new__.__defaults__ = (NORMAL, 0)
+
+
+def wait_until(predicate, timeout=10.0, interval=0.05, message="condition"):
+    """Poll `predicate` until it returns something true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+def submit_packet(job):
+    if job.when:
+        return gp.pack(gp.SUBMIT_JOB_EPOCH, job.function, job.unique, str(job.when), job.data)
+    return gp.pack(SUBMIT_TYPES[job.priority], job.function, job.unique, job.data)
+
+
+def submit_all(server, jobs, timeout=10.0):
+    """Submit `jobs` in order on one connection; return one (type, payload) per job."""
+    with server.connect() as sock:
+        replies = []
+        for job in jobs:          # one at a time, so the store sees them in this order
+            sock.sendall(submit_packet(job))
+            replies.append(gp.recv(sock, timeout))
+        return replies
+
+
+def submit_ok(server, jobs):
+    """Submit `jobs` and assert every one got JOB_CREATED; return the handles."""
+    replies = submit_all(server, jobs)
+    for job, reply in zip(jobs, replies):
+        assert reply[0] == gp.JOB_CREATED, f"{job}: {gp.show(reply)}"
+    return [payload for _, payload in replies]
+
+
+def submit_one(server, job):
+    return submit_all(server, [job])[0]
+
+
+def drain(server, functions, count, timeout=10.0, poll=0.05):
+    """Work as one worker for `functions` until `count` jobs ran, then check that
+    no other job is runnable. Returns [(function, unique, data)] in the order run."""
+    ran = []
+    deadline = time.monotonic() + timeout
+    with server.connect() as sock:
+        gp.can_do(sock, *functions)
+        while True:
+            ptype, body = gp.call(sock, gp.GRAB_JOB_UNIQ)
+            if ptype == gp.JOB_ASSIGN_UNIQ:
+                handle, function, unique, data = body.split(b"\0", 3)
+                ran.append((function, unique, data))
+                gp.send(sock, gp.WORK_COMPLETE, handle, b"")
+                continue
+            assert ptype == gp.NO_JOB, gp.show((ptype, body))
+            if len(ran) >= count:
+                return ran
+            if time.monotonic() > deadline:
+                raise AssertionError(f"only {len(ran)} of {count} jobs ran: {ran}")
+            time.sleep(poll)      # C sends no wakeup when an epoch job falls due
+
+
+def runnable(server, functions):
+    """True if a worker for `functions` would be given a job now (nothing is taken)."""
+    with server.connect() as sock:
+        gp.can_do(sock, *functions)
+        gp.send(sock, gp.PRE_SLEEP)
+        try:
+            ptype, _ = gp.recv(sock, timeout=0.3)
+        except OSError:
+            return False
+        return ptype == gp.NOOP
+
+
+def foreground(server, function, data=b"fg"):
+    """Run one foreground job through a worker; return the client's WORK_COMPLETE data."""
+    with server.connect() as client, server.connect() as worker:
+        gp.can_do(worker, function)
+        ptype, handle = gp.call(client, gp.SUBMIT_JOB, function, b"", data)
+        assert ptype == gp.JOB_CREATED, gp.show((ptype, handle))
+        ptype, body = gp.call(worker, gp.GRAB_JOB)
+        assert ptype == gp.JOB_ASSIGN, gp.show((ptype, body))
+        gp.send(worker, gp.WORK_COMPLETE, handle, data[::-1])
+        ptype, body = gp.recv(client)
+        assert ptype == gp.WORK_COMPLETE, gp.show((ptype, body))
+        return body.split(b"\0", 1)[1]
+
+
+def admin_rows(server, command, width):
+    rows = {}
+    for line in server.admin(command).split(b"\n"):
+        parts = line.split(b"\t")
+        if len(parts) == width:
+            rows[parts[0]] = tuple(int(p) for p in parts[1:])
+    return rows
+
+
+def status(server):
+    """{function: (total, running, workers)}"""
+    return admin_rows(server, "status", 4)
+
+
+def priority_status(server):
+    """{function: (high, normal, low, workers)}"""
+    return admin_rows(server, "prioritystatus", 5)
+
+
+def sample_jobs(prefix, epoch_at, empty_uniques=2):
+    """A set of background jobs that exercises a store: every priority (submitted
+    interleaved), binary data with NULs, an empty payload, `empty_uniques` jobs with
+    an empty unique, a `-` unique, and an epoch job due at `epoch_at`.
+    Functions: <prefix>.prio, <prefix>.misc, <prefix>.epoch."""
+    prio, misc, epoch = (f"{prefix}.{name}".encode() for name in ("prio", "misc", "epoch"))
+    jobs = [Job(prio, b"l1", b"low 1", LOW), Job(prio, b"n1", b"normal 1", NORMAL),
+            Job(prio, b"h1", b"high 1", HIGH), Job(prio, b"l2", b"low 2", LOW),
+            Job(prio, b"n2", b"normal 2", NORMAL), Job(prio, b"h2", b"high 2", HIGH),
+            Job(misc, b"bin", b"\0\xff\0bin\x00\r\n'\"\\%s\0"),
+            Job(misc, b"empty", b""),
+            Job(misc, b"dash-unique", b"for -"),
+            Job(misc, b"-", b"payload keyed")]
+    jobs += [Job(misc, b"", b"no unique %d" % i) for i in range(empty_uniques)]
+    jobs.append(Job(epoch, b"later", b"epoch job", NORMAL, int(epoch_at)))
+    return jobs
+
+
+def functions_of(jobs):
+    return sorted({job.function for job in jobs})
+
+
+def expected_priority_status(jobs):
+    counts = {}
+    for job in jobs:
+        row = counts.setdefault(job.function, [0, 0, 0])
+        row[job.priority] += 1
+    return {function: tuple(row) for function, row in counts.items()}
+
+
+def in_priority_order(jobs):
+    """(function, unique, data) of `jobs` (one function) in the order a worker gets them."""
+    return [(j.function, j.unique, j.data) for p in (HIGH, NORMAL, LOW)
+            for j in jobs if j.priority == p]
+
+
+def check_replay(server, jobs, priorities=True, epoch_waits=True, timeout=15.0):
+    """After a restart: `jobs` (from sample_jobs) are all queued and each runs exactly
+    once with its data; with `priorities`, in priority then submission order; with
+    `epoch_waits`, the epoch job runs only when due."""
+    if priorities:
+        assert {f: row[:3] for f, row in priority_status(server).items()
+                if f in functions_of(jobs)} == expected_priority_status(jobs)
+    totals = collections.Counter(job.function for job in jobs)
+    assert {f: row[0] for f, row in status(server).items() if f in totals} == dict(totals)
+
+    epochs = [job for job in jobs if job.when]
+    others = [job for job in jobs if not job.when]
+    by_function = collections.defaultdict(list)
+    for job in others:
+        by_function[job.function].append(job)
+    for function, group in by_function.items():
+        ran = drain(server, [function], len(group))
+        want = [(j.function, j.unique, j.data) for j in group]
+        if priorities and len({j.priority for j in group}) > 1:
+            assert ran == in_priority_order(group)
+        else:
+            assert sorted(ran) == sorted(want)
+    for job in epochs:
+        if epoch_waits and time.time() < job.when - 1:
+            assert not runnable(server, [job.function]), "epoch job runnable too early"
+        ran = drain(server, [job.function], 1, timeout=timeout + max(0, job.when - time.time()))
+        assert ran == [(job.function, job.unique, job.data)]
+        if epoch_waits:
+            assert time.time() >= job.when - 1
