@@ -13,6 +13,7 @@ Run it:  python gearmand.py --queue-type=sqlite --sqlite-db=queue.db
 import argparse
 import collections
 import errno
+import gc
 import heapq
 import importlib
 import importlib.util
@@ -188,8 +189,13 @@ def gm_hash(data):
 
 # --- jobs, function queues and worker registrations ---------------------------
 
-# Where a job stands with the persistent store.
-NOT_STORED, WRITING, STORED = 0, 1, 2
+# Where a job stands with the persistent store, in order: from STORED up it is in
+# the store or on its way there, from WRITING up its write is in flight.
+NOT_STORED = 0
+FAILED = 1        # its write failed: its submitters get ERROR
+STORED = 2
+WRITING = 3       # being written; already runnable (a foreground job a background one joined)
+WRITING_NEW = 4   # being written; runs only once the write is done
 
 
 class Job:
@@ -197,7 +203,7 @@ class Job:
 
     __slots__ = ("handle", "function", "unique", "data", "priority", "when", "reducer",
                  "status", "retries", "worker", "clients", "ignore", "background",
-                 "store_state", "store_unique", "waiting", "failed", "timer")
+                 "store_state", "store_unique", "timer")
 
     def __init__(self, handle, function, unique, data, priority, when, reducer, background):
         self.handle = handle
@@ -215,8 +221,6 @@ class Job:
         self.background = background      # a background submission owns it
         self.store_state = NOT_STORED
         self.store_unique = None          # the key's unique in the store, if not `unique`
-        self.waiting = False              # new, and not runnable until its store write is done
-        self.failed = False               # its last store write failed
         self.timer = None                 # CAN_DO_TIMEOUT timer of the current assignment
 
     def store_record(self):
@@ -463,8 +467,9 @@ class SqliteStore(SqlStore):
                   " when_to_run) VALUES (CAST(? AS TEXT), CAST(? AS TEXT), ?, ?, ?)")
     delete_sql = ("DELETE FROM {table} WHERE unique_key=CAST(? AS TEXT)"
                   " and function_name=CAST(? AS TEXT)")
-    select_sql = ("SELECT unique_key, function_name, priority, data, when_to_run FROM {table}"
-                  " ORDER BY rowid")
+    # NULLs (C writes empty data as NULL) become what the loop expects, in SQLite.
+    select_sql = ("SELECT IFNULL(unique_key, ''), IFNULL(function_name, ''), priority,"
+                  " IFNULL(data, X''), IFNULL(when_to_run, 0) FROM {table} ORDER BY rowid")
 
     def __init__(self, path, table, synchronous="full"):
         super().__init__(table, f"SQLite {path}")
@@ -501,6 +506,12 @@ class SqliteStore(SqlStore):
     def table_exists(self, cursor):
         cursor.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (self.table,))
         return cursor.fetchone() is not None
+
+    def replay(self):
+        try:
+            yield from self.connection.execute(self.sql(self.select_sql))
+        except sqlite3.Error as error:
+            raise self.error(error) from None
 
     def write_batch(self, adds, dones):
         cursor = self.connection.cursor()
@@ -1078,9 +1089,12 @@ class Server:
         while held:
             item = held[0]
             if item.__class__ is Job:
-                if item.store_state == WRITING:
+                if item.store_state >= WRITING:
                     break
-                item = ERROR_STORE_FAILED if item.failed else packet(JOB_CREATED, item.handle)
+                if item.store_state == FAILED:
+                    item = ERROR_STORE_FAILED
+                else:
+                    item = packet(JOB_CREATED, item.handle)
             held.popleft()
             self.send(conn, item)
         if held:
@@ -1204,7 +1218,7 @@ class Server:
 
     def new_job(self, function, unique, data, priority, when, reducer, background):
         self.job_count += 1
-        handle = self.handle_prefix + str(self.job_count).encode()
+        handle = b"%s%d" % (self.handle_prefix, self.job_count)
         job = Job(handle, function, unique, data, priority, when, reducer, background)
         self.jobs[handle] = job
         function.total += 1
@@ -1367,21 +1381,21 @@ class Server:
 
     # -- the persistent store
 
-    def store_add(self, job):
+    def store_add(self, job, state):
         if job.store_unique is None and (job.unique == b"" or job.unique == b"-"):
             job.store_unique = b"%s%s.%d" % (
                 STORE_PAYLOAD_UNIQUE if job.unique else STORE_NO_UNIQUE,
                 self.run_id, handle_number(job))
-        job.store_state = WRITING
-        job.failed = False
+        job.store_state = state
         self.batch_adds.append(job)
 
     def store_done(self, job):
-        """The job ended: delete its row. If its write is still in flight, the
-        row is deleted when the write is done (see batch_written)."""
-        if job.store_state == STORED and self.store.durable:
-            self.batch_dones.append(job.store_key())
-        job.store_state = NOT_STORED
+        """The job ended or was cancelled: delete its row. A row still being
+        written is dealt with when the write is done (see batch_written)."""
+        if job.store_state == STORED:
+            if self.store.durable:
+                self.batch_dones.append(job.store_key())
+            job.store_state = NOT_STORED
 
     def batch_written(self, batch, failed):
         """The writer stored a batch, except the jobs in `failed`."""
@@ -1389,14 +1403,18 @@ class Server:
         for job in batch[0]:
             if job in failed:
                 self.write_failed(job)
-                continue
-            if job.store_state == WRITING:
+            elif self.jobs.get(job.handle) is not job:
+                # It ended while being written: delete the row, unless a newer
+                # job with the same key has replaced it already.
+                job.store_state = NOT_STORED
+                if not self.key_taken(job):
+                    self.batch_dones.append(job.store_key())
+            else:
+                new = job.store_state == WRITING_NEW
                 job.store_state = STORED
-            elif not self.key_taken(job):
-                self.batch_dones.append(job.store_key())   # it ended while being written
-            if job.waiting:
-                job.waiting = False
-                if job.handle in self.jobs:
+                if job.ignore:
+                    self.store_done(job)  # cancelled while being written
+                if new:
                     self.enqueue(job)
         for conn in list(self.holding):
             self.release(conn)
@@ -1404,15 +1422,14 @@ class Server:
     def key_taken(self, job):
         """Does a newer job hold this job's store key (its row replaced this one's)?"""
         other = self.coalesce(job.function, job.unique, job.data)
-        return other is not None and other is not job and other.store_state != NOT_STORED
+        return other is not None and other is not job and other.store_state >= STORED
 
     def write_failed(self, job):
         """Its submitters get ERROR instead of JOB_CREATED. A new job is dropped; a
         foreground job that a background submission joined goes on as it was."""
-        job.failed = True
-        job.store_state = NOT_STORED
-        if job.waiting:
-            job.waiting = False
+        new = job.store_state == WRITING_NEW
+        job.store_state = FAILED
+        if new:
             self.discard(job)
         else:
             job.background = False
@@ -1424,29 +1441,36 @@ class Server:
         """Load every stored job before the first connection is served."""
         count = 0
         now = time.time()
-        for unique, name, priority, data, when in self.store.replay():
-            stored_unique = None
-            if unique.startswith(STORE_NO_UNIQUE):
-                stored_unique, unique = unique, b""
-            elif unique.startswith(STORE_PAYLOAD_UNIQUE):
-                stored_unique, unique = unique, b"-"
-            elif len(unique) == UNIQUE_MAX and unique.endswith(b"\0"):
-                stored_unique, unique = unique, unique[:-1]    # C's truncated 64-byte unique
-            if priority not in (HIGH, NORMAL, LOW):
-                priority = NORMAL
-            function = self.function(name)
-            if self.coalesce(function, unique, data) is not None:
-                # Two rows for one job (written by an older server): keep one.
-                self.batch_dones.append((stored_unique or unique, name))
-                continue
-            job = self.new_job(function, unique, data, priority, when, None, True)
-            job.store_state = STORED
-            job.store_unique = stored_unique
-            if when > now:
-                self.enqueue(job)
-            else:
-                function.queues[priority].append(job)
-            count += 1
+        # The jobs live long: tracing them over and over while they load only costs time.
+        gc.disable()
+        try:
+            for unique, name, priority, data, when in self.store.replay():
+                stored_unique = None
+                if unique.startswith(b"gearmand.py:"):
+                    if unique.startswith(STORE_NO_UNIQUE):
+                        stored_unique, unique = unique, b""
+                    elif unique.startswith(STORE_PAYLOAD_UNIQUE):
+                        stored_unique, unique = unique, b"-"
+                elif len(unique) == UNIQUE_MAX and unique[-1] == 0:
+                    stored_unique, unique = unique, unique[:-1]    # C's truncated 64-byte unique
+                if priority != NORMAL and priority != HIGH and priority != LOW:
+                    priority = NORMAL
+                function = self.functions.get(name) or self.function(name)
+                if self.coalesce(function, unique, data) is not None:
+                    # Two rows for one job (written by an older server): keep one.
+                    self.batch_dones.append((stored_unique or unique, name))
+                    continue
+                job = self.new_job(function, unique, data, priority, when, None, True)
+                job.store_state = STORED
+                job.store_unique = stored_unique
+                if when > now:
+                    self.enqueue(job)
+                else:
+                    function.queues[priority].append(job)
+                count += 1
+        finally:
+            gc.enable()
+        gc.freeze()
         if count:
             self.log.notice(f"replayed {count} jobs from the persistent queue")
         return count
@@ -1580,11 +1604,11 @@ class Server:
         if job is not None:
             if background and not job.background:
                 job.background = True
-                if job.store_state == NOT_STORED:
+                if job.store_state < STORED:
                     self.keep(job)
             elif not background:
                 self.attach_client(job, conn)
-            if job.store_state == WRITING:
+            if job.store_state >= WRITING:
                 self.hold(conn, job)
             else:
                 self.send(conn, packet(JOB_CREATED, job.handle))
@@ -1596,8 +1620,7 @@ class Server:
         job = self.new_job(function, unique, data, priority, when, reducer, background)
         if background:
             if self.write_ahead:
-                job.waiting = True
-                self.store_add(job)
+                self.store_add(job, WRITING_NEW)
                 self.hold(conn, job)
                 return
             job.store_state = STORED
@@ -1610,7 +1633,7 @@ class Server:
         """A background submission joined a foreground job: store it now, since
         that client is told JOB_CREATED and may never ask again (C does not)."""
         if self.write_ahead:
-            self.store_add(job)
+            self.store_add(job, WRITING)
         else:
             job.store_state = STORED
 
@@ -1898,7 +1921,7 @@ class Admin:
 
     def show_jobs(self):
         rows = [b"%s\t%d\t%d\t%d\n" % (job.handle, job.retries, job.ignore,
-                                       job.store_state != NOT_STORED)
+                                       job.store_state >= STORED)
                 for job in self.jobs_in_c_order(lambda job: gm_hash(job.handle))]
         return b"".join(rows) + b".\n"
 
