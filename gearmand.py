@@ -1847,8 +1847,12 @@ def unknown_command(command):
 class Admin:
     """The text admin protocol, byte for byte as C gearmand 1.1.20, plus `shutdown`."""
 
+    # Commands that change the server; --admin-allow restricts who may send them.
+    CHANGING = frozenset({b"shutdown", b"cancel", b"drop", b"create", b"maxqueue"})
+
     def __init__(self, server):
         self.server = server
+        self.allow = server.options.admin_allow
         self.commands = {
             b"status": self.status,
             b"prioritystatus": self.priority_status,
@@ -1874,9 +1878,23 @@ class Admin:
             return
         # C compares NUL-terminated strings, so a NUL ends each token.
         tokens = [token.split(b"\0", 1)[0] for token in tokens]
-        command = self.commands.get(tokens[0].lower())
-        reply = command(tokens, bare_newline) if command else unknown_command(tokens[0])
+        word = tokens[0].lower()
+        command = self.commands.get(word)
+        if command is None:
+            reply = unknown_command(tokens[0])
+        elif word in self.CHANGING and not self.allowed(conn):
+            reply = (b"ERR PERMISSION_DENIED " + word + b"+is+not+allowed+from+"
+                     + conn.peer.encode() + b"\r\n")
+        else:
+            reply = command(tokens, bare_newline)
         self.server.send(conn, reply or b"ERR UNKNOWN_ERROR\r\n")
+
+    def allowed(self, conn):
+        if self.allow == "any":
+            return True
+        if self.allow == "loopback":
+            return conn.peer in ("127.0.0.1", "::1") or conn.peer.startswith(("127.", "::ffff:127."))
+        return False
 
     def functions_in_c_order(self):
         """C's 991-bucket function table: by bucket, newest first within one."""
@@ -2056,6 +2074,10 @@ def build_parser():
     general.add_argument("--max-packet-size", type=int, default=64 << 20,
                          help="Close connections that send a larger packet (bytes; "
                               "default 64 MiB).")
+    general.add_argument("--admin-allow", choices=("any", "loopback", "none"), default="any",
+                         help="Who may use the admin commands that change the server (shutdown, "
+                              "cancel job, drop function, create function, maxqueue): any "
+                              "peer (default, as C), loopback peers only, or none.")
     general.add_argument("--max-output", type=int, default=256 << 20,
                          help="Close connections that leave more unread replies (bytes; "
                               "default 256 MiB).")
