@@ -126,6 +126,7 @@ TIMER_WAIT_MAX = 3600.0   # select() overflows past ~24 days; far timers are re-
 
 HIGH, NORMAL, LOW = 0, 1, 2
 PRIORITY_NAMES = ("high", "normal", "low")
+KINDS = ("foreground", "background")   # indexed by a job's `background`
 
 
 def packet(ptype, payload=b""):
@@ -540,11 +541,12 @@ class StoreWriter(threading.Thread):
 
     RETRY_DELAY_MAX = 5.0
 
-    def __init__(self, store, on_done, log):
+    def __init__(self, store, on_done, log, stats):
         super().__init__(name="store-writer", daemon=True)
         self.store = store
         self.on_done = on_done            # called from this thread with (batch, failed)
         self.log = log
+        self.stats = stats
         self.batches = queue.Queue()
         self.unfinished_dones = []
 
@@ -588,11 +590,17 @@ class StoreWriter(threading.Thread):
     def write(self, adds, dones, batches):
         """Write everything at once; on failure, find the adds that cannot be
         written one by one. Returns None if all was written, else the failed jobs."""
+        started = time.monotonic()
         try:
             self.store.write(adds, dones)
+            self.stats.commit_seconds.observe(time.monotonic() - started)
+            self.stats.batch_sizes.observe(len(adds) + len(dones))
             return None
         except Exception as error:        # a driver may raise anything; the thread must live
             self.log.error(f"persistent queue write failed: {error}")
+            self.stats.store_errors += 1
+            self.stats.store_last_error = str(error)
+            self.stats.store_last_error_time = time.time()
             if getattr(error, "unavailable", False) or len(adds) < 2:
                 return {job for jobs, _ in batches for job in jobs}
         failed = set()
@@ -723,16 +731,18 @@ class Log:
 class Connection:
     """One peer. Client and worker roles are not enforced: any peer may do both."""
 
-    __slots__ = ("sock", "fd", "peer", "tls", "handshaking", "inbuf", "chunks", "chunks_size",
-                 "need", "out", "out_size", "held", "writing", "closed", "registrations",
-                 "running", "client_jobs", "sleeping", "noop_sent", "exceptions", "client_id")
+    __slots__ = ("sock", "fd", "peer", "tls", "handshaking", "http", "inbuf", "chunks",
+                 "chunks_size", "need", "out", "out_size", "held", "writing", "closed",
+                 "registrations", "running", "client_jobs", "sleeping", "noop_sent",
+                 "exceptions", "client_id")
 
-    def __init__(self, sock, peer, exceptions, tls=False):
+    def __init__(self, sock, peer, exceptions, tls=False, http=None):
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
         self.tls = tls
         self.handshaking = tls            # a TLS handshake runs before any packet
+        self.http = http                  # an HttpExchange on the HTTP port, else None
         self.inbuf = b""                  # unparsed input
         self.chunks = None                # input gathered until `need` bytes are in
         self.chunks_size = 0
@@ -749,6 +759,43 @@ class Connection:
         self.noop_sent = False
         self.exceptions = exceptions
         self.client_id = b"-"
+
+
+class Histogram:
+    """Cumulative buckets for the Prometheus exposition; observed from any thread."""
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value):
+        index = 0
+        for bound in self.bounds:
+            if value <= bound:
+                break
+            index += 1
+        self.counts[index] += 1
+        self.total += value
+
+
+class Stats:
+    """Totals since start, for /metrics and /status. Plain counters: the loop
+    thread counts jobs, the writer thread counts store work."""
+
+    def __init__(self):
+        self.started = time.time()
+        self.submitted = {"foreground": 0, "background": 0}
+        self.completed = {"foreground": 0, "background": 0}
+        self.failed = {"foreground": 0, "background": 0}
+        self.accepted = 0
+        self.replayed = 0
+        self.store_errors = 0
+        self.store_last_error = ""
+        self.store_last_error_time = 0.0
+        self.batch_sizes = Histogram((1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000))
+        self.commit_seconds = Histogram((0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                         0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
 
 
 class Server:
@@ -792,11 +839,14 @@ class Server:
         self.selector.register(self.wake_reader, selectors.EVENT_READ, self.on_wakeup)
         self.handlers = self.packet_handlers()
         self.admin = Admin(self)
+        self.http = Http(self)
+        self.stats = Stats()
 
     # -- listening and accepting
 
-    def listen(self, addresses, port, backlog):
+    def listen(self, addresses, port, backlog, http=False):
         """Bind every address getaddrinfo gives (all of them when none is named)."""
+        accept = self.accept_http if http else self.accept
         seen = set()
         for host in addresses or [None]:
             infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
@@ -814,11 +864,15 @@ class Server:
                 bind_with_retry(sock, address)
                 sock.listen(backlog)
                 sock.setblocking(False)
-                self.listeners.append(sock)
-                self.selector.register(sock, selectors.EVENT_READ, self.accept)
-                self.log.info(f"listening on {address[0]}:{address[1]}")
+                self.listeners.append((sock, accept))
+                self.selector.register(sock, selectors.EVENT_READ, accept)
+                self.log.info(f"listening on {address[0]}:{address[1]}"
+                              + (" (HTTP)" if http else ""))
 
-    def accept(self, listener):
+    def accept_http(self, listener):
+        self.accept(listener, http=True)
+
+    def accept(self, listener, http=False):
         for _ in range(64):
             try:
                 sock, peer = listener.accept()
@@ -833,28 +887,34 @@ class Server:
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.tls_context is not None:
-                sock = self.tls_context.wrap_socket(sock, server_side=True,
-                                                    do_handshake_on_connect=False)
-            conn = Connection(sock, peer[0], self.options.exceptions, sock.__class__ is not socket.socket)
+            if http:
+                # HTTP clients are told of exceptions: the response carries them.
+                conn = Connection(sock, peer[0], True, http=HttpExchange())
+            else:
+                if self.tls_context is not None:
+                    sock = self.tls_context.wrap_socket(sock, server_side=True,
+                                                        do_handshake_on_connect=False)
+                conn = Connection(sock, peer[0], self.options.exceptions,
+                                  sock.__class__ is not socket.socket)
+            self.stats.accepted += 1
             self.connections[conn.fd] = conn
             self.selector.register(sock, selectors.EVENT_READ, conn)
 
     def pause_accepting(self, seconds):
         if not self.accept_paused:
             self.accept_paused = True
-            for listener in self.listeners:
+            for listener, _ in self.listeners:
                 self.selector.unregister(listener)
             self.add_timer(seconds, self.resume_accepting, None)
 
     def resume_accepting(self, _):
         self.accept_paused = False
         if self.stopping is None:
-            for listener in self.listeners:
-                self.selector.register(listener, selectors.EVENT_READ, self.accept)
+            for listener, accept in self.listeners:
+                self.selector.register(listener, selectors.EVENT_READ, accept)
 
     def stop_listening(self):
-        for listener in self.listeners:
+        for listener, _ in self.listeners:
             if not self.accept_paused:
                 self.selector.unregister(listener)
             listener.close()
@@ -883,6 +943,8 @@ class Server:
 
     def end_turn(self):
         """Hand this turn's store work to the writer, then send every reply at once."""
+        if self.http.resuming:
+            self.http.resume()
         if self.batch_adds or self.batch_dones:
             if self.batch_adds:
                 self.writes_in_flight += 1
@@ -994,7 +1056,10 @@ class Server:
         elif conn.inbuf:
             data = conn.inbuf + data
         try:
-            self.parse(conn, data)
+            if conn.http is None:
+                self.parse(conn, data)
+            else:
+                self.http.receive(conn, data)
         except Exception:
             # A bug must cost one connection, never the server and its queue.
             self.log.error(f"{conn.peer}: closing after an internal error:\n"
@@ -1068,6 +1133,14 @@ class Server:
         if conn.held is not None:
             conn.held.append(data)
             return
+        if conn.http is not None:
+            data = self.http.response_part(conn, data)
+            if not data:
+                return
+        self.output(conn, data)
+
+    def output(self, conn, data):
+        """Queue bytes for the peer; end_turn sends them."""
         if not conn.out:
             self.dirty.append(conn)
         conn.out.append(data)
@@ -1129,9 +1202,12 @@ class Server:
         if out and not conn.writing:
             conn.writing = True
             self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
-        elif not out and conn.writing:
-            conn.writing = False
-            self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+        elif not out:
+            if conn.writing:
+                conn.writing = False
+                self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+            if conn.http is not None and conn.http.closing:
+                self.close(conn)
 
     def close(self, conn):
         """Forget a peer: its jobs go back to the queue, its waits are abandoned."""
@@ -1309,6 +1385,7 @@ class Server:
         if self.job_retries and job.retries == self.job_retries:
             self.log.notice(f"Dropped job due to max retry count: {job.handle.decode()}")
             self.notify(job, WORK_FAIL, job.handle)
+            self.stats.failed[KINDS[job.background]] += 1
             self.finish(job)
             return
         self.unassign(job)
@@ -1471,13 +1548,14 @@ class Server:
         finally:
             gc.enable()
         gc.freeze()
+        self.stats.replayed = count
         if count:
             self.log.notice(f"replayed {count} jobs from the persistent queue")
         return count
 
     def start_writer(self):
         if self.store.durable:
-            self.writer = StoreWriter(self.store, self.writer_finished, self.log)
+            self.writer = StoreWriter(self.store, self.writer_finished, self.log, self.stats)
             self.writer.start()
 
     def writer_finished(self, batch, failed):
@@ -1502,7 +1580,7 @@ class Server:
         self.store.close()
         for conn in list(self.connections.values()):
             conn.sock.close()
-        for listener in self.listeners:
+        for listener, _ in self.listeners:
             listener.close()
 
     # -- packet handlers
@@ -1618,6 +1696,7 @@ class Server:
             self.send(conn, ERROR_QUEUE_FULL)
             return
         job = self.new_job(function, unique, data, priority, when, reducer, background)
+        self.stats.submitted[KINDS[background]] += 1
         if background:
             if self.write_ahead:
                 self.store_add(job, WRITING_NEW)
@@ -1703,6 +1782,7 @@ class Server:
             self.send(conn, ERROR_NO_SUCH_RESULT_JOB)
             return
         self.notify(job, WORK_COMPLETE, b"\0".join(args))
+        self.stats.completed[KINDS[job.background]] += 1
         self.finish(job)
 
     def work_fail(self, conn, args):
@@ -1715,6 +1795,7 @@ class Server:
             self.send(conn, ERROR_NO_SUCH_RESULT_JOB)
             return
         self.notify(job, WORK_FAIL, handle)
+        self.stats.failed[KINDS[job.background]] += 1
         self.finish(job)
 
     def work_exception(self, conn, args):
@@ -1727,6 +1808,7 @@ class Server:
             downgraded = packet(WORK_FAIL, job.handle + b"\0")   # as C sends it
             for client in reversed(job.clients):
                 self.send(client, exception if client.exceptions else downgraded)
+        self.stats.failed[KINDS[job.background]] += 1
         self.finish(job)
 
     def get_status(self, conn, args):
@@ -2007,6 +2089,361 @@ class Admin:
         return b"OK\r\n"
 
 
+# --- HTTP: job submission, metrics and a status page --------------------------
+
+HTTP_HEAD_MAX = 16384
+HTTP_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+                411: b"Length Required", 413: b"Payload Too Large",
+                431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+                503: b"Service Unavailable", 505: b"HTTP Version Not Supported"}
+HTTP_PRIORITIES = {b"high": HIGH, b"low": LOW}
+
+
+class HttpExchange:
+    """One HTTP connection: its unread input and the request being answered."""
+
+    __slots__ = ("buffer", "busy", "keep_alive", "version", "head", "background", "handle",
+                 "body", "closing")
+
+    def __init__(self):
+        self.buffer = b""
+        self.busy = False                 # a request waits for its job
+        self.keep_alive = True
+        self.version = b"HTTP/1.1"
+        self.head = False                 # HEAD: headers only
+        self.background = False
+        self.handle = b""
+        self.body = []                    # WORK_DATA received so far
+        self.closing = False              # close once the response is out
+
+
+class Http:
+    """HTTP/1.1 on --http-port, on the same loop. POST /FUNCTION submits a job as
+    C gearmand's HTTP module does (its response is the job's result, or the
+    handle at once for X-Gearman-Background: true); GET /metrics, /status and /
+    show the server. A job's packets become the response as they arrive."""
+
+    def __init__(self, server):
+        self.server = server
+        self.resuming = []                # connections with a request left to read
+        self.routes = {b"/": self.page, b"/metrics": self.metrics, b"/status": self.status}
+
+    # -- requests
+
+    def receive(self, conn, data):
+        conn.http.buffer += data
+        if not conn.http.busy:
+            self.next_request(conn)
+
+    def resume(self):
+        resuming, self.resuming = self.resuming, []
+        for conn in resuming:
+            if not conn.closed and not conn.http.busy:
+                self.next_request(conn)
+
+    def next_request(self, conn):
+        """Answer buffered requests in order; stop at one that waits for its job."""
+        exchange = conn.http
+        while not (exchange.busy or exchange.closing or conn.closed):
+            buffer = exchange.buffer
+            end = buffer.find(b"\r\n\r\n", 0, HTTP_HEAD_MAX)
+            if end < 0:
+                if len(buffer) >= HTTP_HEAD_MAX:
+                    self.error(conn, 431, b"request head over 16 KiB")
+                return
+            lines = buffer[:end].split(b"\r\n")
+            request = lines[0].split(b" ")
+            if len(request) != 3:
+                self.error(conn, 400, b"malformed request line")
+                return
+            method, target, version = request
+            exchange.version = version if version in (b"HTTP/1.0", b"HTTP/1.1") else b"HTTP/1.1"
+            if version not in (b"HTTP/1.0", b"HTTP/1.1"):
+                self.error(conn, 505, b"HTTP/1.0 or HTTP/1.1 only")
+                return
+            headers = {}
+            for line in lines[1:]:
+                name, colon, value = line.partition(b":")
+                if not colon or not name or name != name.strip():
+                    self.error(conn, 400, b"malformed header")
+                    return
+                headers[name.lower()] = value.strip()
+            if b"transfer-encoding" in headers:
+                self.error(conn, 411, b"send a Content-Length, not chunked data")
+                return
+            length = headers.get(b"content-length", b"0")
+            if not length.isdigit():
+                self.error(conn, 400, b"bad Content-Length")
+                return
+            length = int(length)
+            if length > self.server.max_packet:
+                self.error(conn, 413, b"body over --max-packet-size")
+                return
+            start = end + 4
+            if len(buffer) < start + length:
+                return
+            body = buffer[start:start + length]
+            exchange.buffer = buffer[start + length:]
+            connection = headers.get(b"connection", b"").lower()
+            exchange.keep_alive = (connection != b"close" if version == b"HTTP/1.1"
+                                   else connection == b"keep-alive")
+            exchange.head = method == b"HEAD"
+            self.request(conn, method, target, headers, body)
+
+    def request(self, conn, method, target, headers, body):
+        if method not in (b"GET", b"HEAD", b"POST", b"PUT"):
+            self.error(conn, 405, b"GET, HEAD, POST or PUT")
+            return
+        route = self.routes.get(target.split(b"?", 1)[0])
+        if route is not None and method in (b"GET", b"HEAD"):
+            content_type, content = route()
+            self.server.output(conn, self.response(conn, 200, [(b"Content-Type", content_type)],
+                                                   content))
+            return
+        name = target.lstrip(b"/")        # the function, verbatim, as in C
+        if not name:
+            self.error(conn, 404, b"no function named in the path")
+            return
+        background = headers.get(b"x-gearman-background", b"").lower() == b"true"
+        function = self.server.functions.get(name)
+        if not background and (function is None or not function.registrations):
+            # A foreground request would wait for a worker that may never come.
+            self.error(conn, 503, b"no worker can do " + name, keep=True)
+            return
+        exchange = conn.http
+        exchange.busy = True
+        exchange.background = background
+        exchange.handle = b""
+        exchange.body = []
+        priority = HTTP_PRIORITIES.get(headers.get(b"x-gearman-priority", b"").lower(), NORMAL)
+        unique = headers.get(b"x-gearman-unique", b"-")
+        data = body if method in (b"POST", b"PUT") else b""
+        self.server.submit(conn, [name, unique, data], priority, background)
+
+    # -- responses
+
+    def response_part(self, conn, packet):
+        """The HTTP bytes a packet for this connection's job makes, if any."""
+        exchange = conn.http
+        if not exchange.busy:
+            return b""
+        ptype = TYPE_SIZE.unpack_from(packet, 4)[0]
+        payload = packet[12:]
+        if ptype == JOB_CREATED:
+            exchange.handle = payload
+            if not exchange.background:
+                return b""
+            return self.job_response(conn, 200, b"JOB_CREATED", b"")
+        if ptype == WORK_DATA:
+            exchange.body.append(payload.split(b"\0", 1)[1])
+            return b""
+        if ptype == WORK_COMPLETE:
+            exchange.body.append(payload.split(b"\0", 1)[1])
+            return self.job_response(conn, 200, b"WORK_COMPLETE", b"".join(exchange.body))
+        if ptype == WORK_FAIL:
+            return self.job_response(conn, 500, b"WORK_FAIL", b"")
+        if ptype == WORK_EXCEPTION:
+            return self.job_response(conn, 500, b"WORK_EXCEPTION", payload.split(b"\0", 1)[1])
+        if ptype == ERROR:
+            code, _, text = payload.partition(b"\0")
+            status = 400 if code == b"ARGUMENT_TOO_LARGE" else 503
+            return self.finished(conn, self.response(
+                conn, status, [(b"X-Gearman-Command", b"ERROR"), (b"X-Gearman-Error", code)],
+                text + b"\n"))
+        return b""                        # WORK_STATUS, WORK_WARNING: nothing to show
+
+    def job_response(self, conn, status, command, content):
+        headers = [(b"X-Gearman-Job-Handle", conn.http.handle), (b"X-Gearman-Command", command),
+                   (b"Content-Type", b"application/octet-stream")]
+        return self.finished(conn, self.response(conn, status, headers, content))
+
+    def finished(self, conn, response):
+        exchange = conn.http
+        exchange.busy = False
+        if exchange.buffer and not exchange.closing:
+            self.resuming.append(conn)
+        return response
+
+    def error(self, conn, status, message, keep=False):
+        """Answer a request we refuse; a malformed one also ends the connection."""
+        if not keep:
+            conn.http.keep_alive = False
+        self.server.output(conn, self.response(conn, status, [(b"Content-Type", b"text/plain")],
+                                               message + b"\n"))
+
+    def response(self, conn, status, headers, content):
+        exchange = conn.http
+        if not exchange.keep_alive:
+            exchange.closing = True
+        head = [b"%s %d %s" % (exchange.version, status, HTTP_REASONS[status])]
+        head += [name + b": " + value for name, value in headers]
+        head.append(b"Content-Length: %d" % len(content))
+        head.append(b"Server: Gearman/" + GEARMAND_VERSION.encode())
+        head.append(b"Connection: keep-alive" if exchange.keep_alive else b"Connection: close")
+        return b"\r\n".join(head) + b"\r\n\r\n" + (b"" if exchange.head else content)
+
+    # -- what the server looks like
+
+    def snapshot(self):
+        """Functions, workers, totals and store health, as plain data."""
+        server = self.server
+        stats = server.stats
+        functions = [{"name": text(f.name), "jobs": f.total, "running": f.running,
+                      "workers": len(f.registrations),
+                      "queued": {name: f.queued(priority)
+                                 for priority, name in enumerate(PRIORITY_NAMES)}}
+                     for f in server.admin.functions_in_c_order()]
+        workers = [{"fd": conn.fd, "address": conn.peer, "id": text(conn.client_id),
+                    "functions": [text(r.function.name) for r in conn.registrations],
+                    "running": len(conn.running)}
+                   for conn in server.connections.values() if conn.registrations]
+        error_age = time.time() - stats.store_last_error_time
+        return {
+            "server": f"gearmand.py {__version__}",
+            "version": GEARMAND_VERSION,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - stats.started, 3),
+            "connections": len(server.connections),
+            "functions": functions,
+            "workers": workers,
+            "jobs": {"submitted": stats.submitted, "completed": stats.completed,
+                     "failed": stats.failed},
+            "store": {"queue_type": server.options.queue_type,
+                      "durable": server.store.durable,
+                      "healthy": not stats.store_last_error or error_age > 60,
+                      "errors": stats.store_errors,
+                      "last_error": stats.store_last_error,
+                      "writes_in_flight": server.writes_in_flight,
+                      "replayed_jobs": stats.replayed},
+        }
+
+    def status(self):
+        import json
+        return b"application/json", json.dumps(self.snapshot(), indent=1).encode() + b"\n"
+
+    def metrics(self):
+        """The Prometheus text exposition (format 0.0.4)."""
+        server = self.server
+        stats = server.stats
+        functions = server.admin.functions_in_c_order()
+        lines = []
+
+        def family(name, kind, description, samples):
+            lines.append(f"# HELP {name} {description}")
+            lines.append(f"# TYPE {name} {kind}")
+            for labels, value in samples:
+                lines.append(f"{name}{labels} {value}")
+
+        def per_function(value):
+            return [(labels(function=f.name), value(f)) for f in functions]
+
+        def histogram(name, description, histogram):
+            lines.append(f"# HELP {name} {description}")
+            lines.append(f"# TYPE {name} histogram")
+            cumulative = 0
+            for bound, count in zip(histogram.bounds + (float("inf"),), histogram.counts):
+                cumulative += count
+                lines.append(f'{name}_bucket{{le="{bound if bound != float("inf") else "+Inf"}"}}'
+                             f" {cumulative}")
+            lines.append(f"{name}_sum {histogram.total}")
+            lines.append(f"{name}_count {cumulative}")
+
+        family("gearman_up", "gauge", "The job server answers.", [("", 1)])
+        family("gearman_info", "gauge", "Server version.",
+               [(labels(version=GEARMAND_VERSION, server=f"gearmand.py {__version__}"), 1)])
+        family("gearman_jobs", "gauge", "Jobs of a function in memory, queued and running.",
+               per_function(lambda f: f.total))
+        family("gearman_jobs_running", "gauge", "Jobs of a function a worker is running.",
+               per_function(lambda f: f.running))
+        family("gearman_jobs_waiting", "gauge", "Jobs of a function waiting for a worker.",
+               per_function(lambda f: f.total - f.running))
+        family("gearman_jobs_queued", "gauge", "Jobs waiting for a worker, by priority.",
+               [(labels(function=f.name, priority=name), f.queued(priority))
+                for f in functions for priority, name in enumerate(PRIORITY_NAMES)])
+        family("gearman_workers", "gauge", "Worker registrations (CAN_DO) of a function.",
+               per_function(lambda f: len(f.registrations)))
+        for what, counts in (("submitted", stats.submitted), ("completed", stats.completed),
+                             ("failed", stats.failed)):
+            family(f"gearman_jobs_{what}_total", "counter", f"Jobs {what} since start.",
+                   [(labels(kind=kind), count) for kind, count in counts.items()])
+        family("gearman_connections", "gauge", "Open connections.",
+               [("", len(server.connections))])
+        family("gearman_connections_accepted_total", "counter", "Connections accepted.",
+               [("", stats.accepted)])
+        histogram("gearman_store_batch_size", "Jobs added and deleted per store commit.",
+                  stats.batch_sizes)
+        histogram("gearman_store_commit_seconds", "Time one store commit took.",
+                  stats.commit_seconds)
+        family("gearman_store_replayed_jobs", "gauge", "Jobs replayed from the store at start.",
+               [("", stats.replayed)])
+        family("gearman_store_errors_total", "counter", "Store commits that failed.",
+               [("", stats.store_errors)])
+        family("gearman_store_writes_in_flight", "gauge", "Batches of new jobs being written.",
+               [("", server.writes_in_flight)])
+        family("gearman_uptime_seconds", "gauge", "Seconds since the server started.",
+               [("", round(time.time() - stats.started, 3))])
+        return b"text/plain; version=0.0.4; charset=utf-8", ("\n".join(lines) + "\n").encode()
+
+    def page(self):
+        return b"text/html; charset=utf-8", STATUS_PAGE
+
+
+def text(name):
+    """A name (bytes) for JSON and labels: UTF-8, undecodable bytes escaped."""
+    return name.decode("utf-8", "backslashreplace")
+
+
+def labels(**values):
+    def escape(value):
+        value = text(value) if isinstance(value, bytes) else str(value)
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return "{" + ",".join(f'{key}="{escape(value)}"' for key, value in values.items()) + "}"
+
+
+# The status page: no external assets; it reads /status every few seconds.
+STATUS_PAGE = b"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>gearmand.py</title>
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.3em;margin:0 0 .2em} h2{font-size:1.05em;margin:1.2em 0 .4em}
+table{border-collapse:collapse;min-width:40em} th,td{padding:.25em .7em;text-align:right}
+th{background:#eee} td:first-child,th:first-child{text-align:left} tr:nth-child(even){background:#f7f7f7}
+.bad{color:#b00;font-weight:bold} .good{color:#070} #meta{color:#666}
+</style></head><body>
+<h1>gearmand.py</h1><div id="meta">loading&hellip;</div>
+<h2>Functions</h2>
+<table id="functions"><thead><tr><th>function</th><th>jobs</th><th>running</th>
+<th>high</th><th>normal</th><th>low</th><th>workers</th></tr></thead><tbody></tbody></table>
+<h2>Workers</h2>
+<table id="workers"><thead><tr><th>address</th><th>id</th><th>functions</th><th>running</th></tr>
+</thead><tbody></tbody></table>
+<h2>Store</h2><div id="store"></div>
+<script>
+function cell(row, value) { var td = document.createElement("td"); td.textContent = value; row.appendChild(td); }
+function fill(id, rows) {
+  var body = document.querySelector("#" + id + " tbody"); body.textContent = "";
+  rows.forEach(function (values) { var tr = document.createElement("tr"); values.forEach(function (v) { cell(tr, v); }); body.appendChild(tr); });
+}
+function show(s) {
+  document.getElementById("meta").textContent = s.server + " (gearmand " + s.version + "), pid " + s.pid +
+    ", up " + Math.round(s.uptime_seconds) + " s, " + s.connections + " connections, updated " + new Date().toLocaleTimeString();
+  fill("functions", s.functions.map(function (f) { return [f.name, f.jobs, f.running, f.queued.high, f.queued.normal, f.queued.low, f.workers]; }));
+  fill("workers", s.workers.map(function (w) { return [w.address + " (fd " + w.fd + ")", w.id, w.functions.join(" "), w.running]; }));
+  var st = s.store, el = document.getElementById("store");
+  el.className = st.healthy ? "good" : "bad";
+  el.textContent = st.queue_type + (st.durable ? " (durable)" : " (not persistent)") + ": " +
+    (st.healthy ? "healthy" : "failing: " + st.last_error) + ", " + st.errors + " errors, " +
+    st.replayed_jobs + " jobs replayed at start";
+}
+function refresh() {
+  fetch("/status").then(function (r) { return r.json(); }).then(show)
+    .catch(function (e) { document.getElementById("meta").textContent = "server unreachable: " + e; });
+}
+refresh(); setInterval(refresh, 3000);
+</script></body></html>
+"""
+
+
 # --- command line and main() --------------------------------------------------
 
 class OptionError(Exception):
@@ -2083,7 +2520,9 @@ def build_parser():
                               "default 256 MiB).")
 
     http = parser.add_argument_group("HTTP")
-    http.add_argument("--http-port", type=int, default=8080, help="Port to listen on.")
+    http.add_argument("--http-port", type=int,
+                      help="Port of the HTTP interface (job submission, /metrics, /status, /); "
+                           "given, or with -r http (then 8080), it is opened.")
 
     gear = parser.add_argument_group("Gear")
     gear.add_argument("-p", "--port", default="4730", help="Port the server should listen on.")
@@ -2314,6 +2753,13 @@ def run(options):
         except OSError as error:
             raise OptionError(f"Could not listen on port {options.port}: "
                               f"{error.strerror or error}") from None
+        if options.protocol == "http" or options.http_port is not None:
+            http_port = options.http_port or 8080
+            try:
+                server.listen(options.listen, http_port, options.backlog, http=True)
+            except OSError as error:
+                raise OptionError(f"Could not listen on HTTP port {http_port}: "
+                                  f"{error.strerror or error}") from None
         if options.user:
             switch_user(options.user)
         try:
