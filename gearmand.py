@@ -2131,9 +2131,12 @@ class Http:
     # -- requests
 
     def receive(self, conn, data):
-        conn.http.buffer += data
-        if not conn.http.busy:
+        exchange = conn.http
+        exchange.buffer += data
+        if not exchange.busy:
             self.next_request(conn)
+        elif len(exchange.buffer) > HTTP_HEAD_MAX + self.server.max_packet:
+            self.server.close(conn)      # pipelining far ahead of its answers
 
     def resume(self):
         resuming, self.resuming = self.resuming, []
@@ -2145,6 +2148,7 @@ class Http:
         """Answer buffered requests in order; stop at one that waits for its job."""
         exchange = conn.http
         while not (exchange.busy or exchange.closing or conn.closed):
+            exchange.head = False
             buffer = exchange.buffer
             end = buffer.find(b"\r\n\r\n", 0, HTTP_HEAD_MAX)
             if end < 0:
@@ -2157,6 +2161,7 @@ class Http:
                 self.error(conn, 400, b"malformed request line")
                 return
             method, target, version = request
+            exchange.head = method == b"HEAD"
             exchange.version = version if version in (b"HTTP/1.0", b"HTTP/1.1") else b"HTTP/1.1"
             if version not in (b"HTTP/1.0", b"HTTP/1.1"):
                 self.error(conn, 505, b"HTTP/1.0 or HTTP/1.1 only")
@@ -2181,13 +2186,18 @@ class Http:
                 return
             start = end + 4
             if len(buffer) < start + length:
+                if start + length > 65536:
+                    # A large body: let read() gather its pieces and join them once.
+                    conn.chunks = [buffer]
+                    conn.chunks_size = len(buffer)
+                    conn.need = start + length
+                    exchange.buffer = b""
                 return
             body = buffer[start:start + length]
             exchange.buffer = buffer[start + length:]
             connection = headers.get(b"connection", b"").lower()
             exchange.keep_alive = (connection != b"close" if version == b"HTTP/1.1"
                                    else connection == b"keep-alive")
-            exchange.head = method == b"HEAD"
             self.request(conn, method, target, headers, body)
 
     def request(self, conn, method, target, headers, body):
