@@ -113,6 +113,11 @@ SUITES = {
         Scenario("5000 idle conns", "conns", None, (KB_PER_CONN, IDLE_CPU, RT_P50_MS),
                  bench_args=("--conns", "5000")),
     ],
+    # Server RSS per connection and job round trip with 10,000 idle peers, ours vs C.
+    "conns10k": [
+        Scenario("10000 idle conns", "conns", None, (KB_PER_CONN, IDLE_CPU, RT_P50_MS),
+                 servers=("ours", "c"), bench_args=("--conns", "10000")),
+    ],
     # C's libsqlite3 store commits once per job (~1.5k jobs/s): give it fewer jobs.
     "sqlite": [
         Scenario("sqlite bg-submit", "bg-submit", 100_000, (JOBS_PER_S,), store="sqlite",
@@ -135,7 +140,7 @@ SUITES = {
     ],
     "smoke": memory_scenarios(2000),
 }
-SUITE_DEFAULT_REPS = {"smoke": 1}
+SUITE_DEFAULT_REPS = {"smoke": 1, "conns10k": 1}
 
 
 # --- servers -----------------------------------------------------------------
