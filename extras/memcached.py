@@ -1,0 +1,272 @@
+"""memcached persistent queue (-q libmemcached), with pymemcache.
+
+NOT DURABLE. memcached is a cache: it evicts items when it runs short of
+memory and forgets everything when it restarts, so queued jobs can be lost
+without any error. Use it only where losing background jobs is acceptable.
+
+Replay lists the keys memcached holds with `lru_crawler metadump all`
+(memcached 1.4.31+). C uses `stats cachedump`, which memcached caps at about
+2 MB of keys per slab class and which, since memcached 1.5 (segmented LRU),
+leaves out recently written items: C may replay only part of a queue. We fall
+back to cachedump only where the LRU crawler is off, with the same weakness.
+
+Records are C gearmand 1.1.20's, so either server replays what the other wrote:
+key = prefix + function + `-` + unique (cut at 250 bytes), value = the data,
+flags = priority (0 high, 1 normal, 2 low), no expiry. A write() is two round
+trips: the deletes of finished jobs, then the sets of new ones.
+
+Differences from C, on purpose:
+* Epoch jobs are accepted (C refuses them). The job's item stays in C's format,
+  and a companion item `gearmand.py-extra:<prefix>:<sha1 of the key>` holds
+  `<function>\\0<unique>\\0<when>`. C never reads the companion (its key does not
+  start with the prefix), so C would run such a job at once with the right data.
+* The same companion keeps a function name containing `-`, or a key cut at 250
+  bytes, exact; C splits the key at the first `-` after the prefix.
+* Only the first server of --libmemcached-servers is used; C spreads keys over
+  all of them, so share a queue with C through a single server.
+"""
+import hashlib
+import socket
+import time
+import urllib.parse
+
+from pymemcache.client.base import Client
+from pymemcache.exceptions import (MemcacheClientError, MemcacheError, MemcacheServerError,
+                                   MemcacheUnexpectedCloseError)
+
+from gearmand import Store, StoreError
+
+KEY_MAX = 250                # memcached's key limit; C cuts its keys there
+SOCKET_TIMEOUT = 2.0         # seconds a connect, or one reply, may take
+RETRY_DELAY_MIN = 0.1        # after a failed attempt, write() fails at once for this long,
+RETRY_DELAY_MAX = 5.0        # doubling up to this
+GET_KEYS = 100               # keys per `get` during replay
+DEFAULT_PORT = 11211
+
+
+class FlagsSerde:
+    """Values are (bytes, flags): the flags carry the priority, as in C."""
+
+    def serialize(self, key, value):
+        return value
+
+    def deserialize(self, key, value, flags):
+        return value, flags
+
+
+def parse_servers(text):
+    """The first server of a libmemcached list (`host:port,host2 ...`), as an address."""
+    entries = [entry for entry in text.replace(" ", ",").split(",") if entry]
+    if not entries:
+        return None
+    entry = entries[0]
+    if entry.startswith("/"):
+        return entry                      # a Unix socket
+    if entry.startswith("["):             # [v6 address]:port
+        host, _, rest = entry[1:].partition("]")
+        port = rest[1:].split(":")[0] if rest.startswith(":") else ""
+    elif entry.count(":") > 2:            # a bare IPv6 address
+        host, port = entry, ""
+    else:                                 # host, host:port or host:port:weight
+        host, _, rest = entry.partition(":")
+        port = rest.split(":")[0]
+    if port and not port.isdigit():
+        raise StoreError(f"libmemcached queue: bad port in --libmemcached-servers: {entry}")
+    return host or "localhost", int(port) if port else DEFAULT_PORT
+
+
+class MemcachedStore(Store):
+    durable = True
+
+    def __init__(self, server, prefix):
+        self.server = server
+        self.where = server if isinstance(server, str) else "%s:%d" % server
+        self.prefix = prefix
+        # A namespace that never starts with the prefix, so C's replay skips it.
+        extra = b"gearmand.py-extra:" + prefix + b":"
+        self.extra = extra if not extra.startswith(prefix) else b"#" + extra
+        self.client = Client(server, serde=FlagsSerde(), connect_timeout=SOCKET_TIMEOUT,
+                             timeout=SOCKET_TIMEOUT, no_delay=True, default_noreply=False)
+        self.retry_at = 0.0
+        self.retry_delay = RETRY_DELAY_MIN
+        self.last_error = ""
+
+    @classmethod
+    def open(cls, options):
+        server = parse_servers(options.libmemcached_servers or "")
+        if server is None:
+            raise StoreError("libmemcached queue: missing --libmemcached-servers "
+                             "(for example --libmemcached-servers=127.0.0.1:11211)")
+        prefix = (options.libmemcached_prefix or "").encode("utf-8", "surrogateescape")
+        if not prefix or len(prefix.split()) > 1 or prefix != prefix.strip() or len(prefix) > 180:
+            raise StoreError("libmemcached queue: --libmemcached-prefix must be 1 to 180 bytes "
+                             "without spaces")
+        store = cls(server, prefix)
+        try:
+            store.client.version()
+        except (MemcacheError, OSError) as error:
+            store.close()
+            raise StoreError(f"libmemcached queue: cannot use memcached at {store.where}: "
+                             f"{describe(error)}") from error
+        return store
+
+    def key(self, function, unique):
+        return (self.prefix + function + b"-" + unique)[:KEY_MAX]
+
+    def extra_key(self, key):
+        return self.extra + hashlib.sha1(key).hexdigest().encode()
+
+    # -- writing
+
+    def write(self, adds, dones):
+        now = time.monotonic()
+        if now < self.retry_at:
+            raise StoreError(self.last_error, unavailable=True)
+        try:
+            try:
+                self.send(adds, dones)
+            except (MemcacheUnexpectedCloseError, OSError):
+                # Maybe only the old connection died (memcached restarted): try a new one.
+                self.send(adds, dones)
+        except (MemcacheClientError, MemcacheServerError) as error:
+            self.client.close()
+            if not isinstance(error, MemcacheUnexpectedCloseError):
+                # A key memcached refuses (spaces, control bytes) or an item too large.
+                raise StoreError(f"memcached {self.where}: {describe(error)}") from error
+            self.unavailable(error)
+        except (MemcacheError, OSError) as error:
+            self.client.close()
+            self.unavailable(error)
+        self.retry_delay = RETRY_DELAY_MIN
+
+    def send(self, adds, dones):
+        """Delete the finished jobs' items, then set the new ones: two round trips."""
+        if dones:
+            keys = [self.key(function, unique) for unique, function in dones]
+            self.client.delete_many(keys + [self.extra_key(key) for key in keys])
+        values = {}
+        for unique, function, priority, data, when in adds:
+            key = self.key(function, unique)
+            values[key] = (data, priority)
+            cut = len(self.prefix) + len(function) + 1 + len(unique) > KEY_MAX
+            if when or b"-" in function or cut:
+                values[self.extra_key(key)] = (b"%s\0%s\0%d" % (function, unique, when), 0)
+        if values:
+            failed = self.client.set_many(values)
+            if failed:
+                raise StoreError(f"memcached {self.where}: not stored: {failed[0]!r}")
+
+    def unavailable(self, error):
+        self.last_error = f"memcached {self.where}: {describe(error)}"
+        self.retry_at = time.monotonic() + self.retry_delay
+        self.retry_delay = min(self.retry_delay * 2, RETRY_DELAY_MAX)
+        raise StoreError(self.last_error, unavailable=True) from error
+
+    # -- replay
+
+    def replay(self):
+        try:
+            yield from self.read_all()
+        except (MemcacheError, OSError, ValueError) as error:
+            raise StoreError(f"memcached {self.where}: {describe(error)}") from error
+
+    def read_all(self):
+        listed = self.list_keys()
+        extras = {}                       # job key -> (function, unique, when, companion key)
+        for extra_key, (value, _) in self.get_many(k for k in listed if k.startswith(self.extra)):
+            parts = value.split(b"\0")
+            if len(parts) == 3 and parts[2].isdigit():
+                key = self.key(parts[0], parts[1])
+                if self.extra_key(key) == extra_key:
+                    extras[key] = (parts[0], parts[1], int(parts[2]), extra_key)
+        # A companion also finds a job that a capped listing left out.
+        keys = [key for key in listed if key.startswith(self.prefix)]
+        keys += [key for key in extras if key not in listed]
+        found = set()
+        for key, (data, flags) in self.get_many(keys):
+            found.add(key)
+            if key in extras:
+                function, unique, when, _ = extras[key]
+            else:
+                function, dash, unique = key[len(self.prefix):].partition(b"-")
+                if not dash:
+                    continue
+                when = 0
+            yield (unique, function, flags if flags in (0, 1, 2) else 1, data, when)
+        orphans = [extra[3] for key, extra in extras.items() if key not in found]
+        if orphans:
+            self.client.delete_many(orphans)
+
+    def get_many(self, keys):
+        """Yield (key, (value, flags)) for those of `keys` memcached still has."""
+        keys = list(keys)
+        for start in range(0, len(keys), GET_KEYS):
+            yield from self.client.get_many(keys[start:start + GET_KEYS]).items()
+
+    def list_keys(self):
+        """Every key memcached holds (one connection of its own, as it may take a while)."""
+        if isinstance(self.server, str):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(SOCKET_TIMEOUT)
+            sock.connect(self.server)
+        else:
+            sock = socket.create_connection(self.server, SOCKET_TIMEOUT)
+        with sock:
+            sock.settimeout(10 * SOCKET_TIMEOUT)
+            lines = Lines(sock)
+            for _ in range(20):
+                keys = lines.command(b"lru_crawler metadump all")
+                if keys is not None:
+                    return {urllib.parse.unquote_to_bytes(line.split(b" ", 1)[0][4:])
+                            for line in keys if line.startswith(b"key=")}
+                if not lines.busy:
+                    break
+                time.sleep(0.05)          # another crawl is running
+            # memcached older than 1.4.31, or its LRU crawler is off: C's way.
+            slabs = {line.split(b":")[1] for line in lines.command(b"stats items") or ()
+                     if line.startswith(b"STAT items:")}
+            keys = set()
+            for slab in sorted(slabs, key=int):
+                for line in lines.command(b"stats cachedump %s 0" % slab) or ():
+                    if line.startswith(b"ITEM "):
+                        keys.add(line[5:].rsplit(b" [", 1)[0])
+            return keys
+
+    def close(self):
+        self.client.close()
+
+
+class Lines:
+    """Line replies of memcached's text protocol on a plain socket."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = b""
+        self.busy = False
+
+    def command(self, line):
+        """Send `line`; return the reply's lines before END, or None on an error reply."""
+        self.sock.sendall(line + b"\r\n")
+        lines = []
+        while True:
+            reply = self.readline()
+            if reply == b"END":
+                return lines
+            if reply.startswith((b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR", b"BUSY")):
+                self.busy = reply.startswith(b"BUSY")
+                return None
+            lines.append(reply)
+
+    def readline(self):
+        while b"\n" not in self.buffer:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("memcached closed the connection")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.rstrip(b"\r")
+
+
+def describe(error):
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 300 else text[:300] + "..."

@@ -1,0 +1,231 @@
+"""-q libmemcached against a real memcached on 127.0.0.1:11211: jobs survive
+kill -9 of the job server and replay exactly once, items are C gearmand 1.1.20's,
+and cross-replay with C both ways. (memcached itself keeps nothing across its
+own restarts and may evict: see extras/memcached.py.)"""
+import collections
+import hashlib
+import os
+import secrets
+import socket
+import subprocess
+import time
+import urllib.parse
+
+import pytest
+
+pytest.register_assert_rewrite("storetools")
+
+import gearproto as gp  # noqa: E402
+from conftest import C_GEARMAND, IMPL, free_port, unavailable  # noqa: E402
+from storetools import (HIGH, LOW, Job, check_replay, drain,  # noqa: E402
+                        expected_priority_status, priority_status, sample_jobs, submit_all,
+                        submit_ok, wait_until)
+
+try:
+    from pymemcache.client.base import Client
+except ImportError:               # pragma: no cover
+    Client = None
+
+pytestmark = pytest.mark.skipif(IMPL == "c",
+                                reason="tests of our memcached store and its C interplay")
+
+ADDRESS = ("127.0.0.1", 11211)
+QUEUE_ERROR = (gp.ERROR, b"QUEUE_ERROR\0QUEUE_ERROR")
+
+
+class FlagsSerde:
+    def serialize(self, key, value):
+        return value
+
+    def deserialize(self, key, value, flags):
+        return value, flags
+
+
+def client():
+    return Client(ADDRESS, serde=FlagsSerde(), connect_timeout=2, timeout=2, default_noreply=False)
+
+
+def command(line):
+    """Send one text command; return the reply's lines up to END."""
+    with socket.create_connection(ADDRESS, 2) as sock:
+        sock.settimeout(10)
+        sock.sendall(line + b"\r\n")
+        reply = b""
+        while not reply.endswith(b"END\r\n"):
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            reply += chunk
+    return reply.replace(b"\r\n", b"\n").split(b"\n")[:-2]
+
+
+def all_keys():
+    return {urllib.parse.unquote_to_bytes(line.split(b" ", 1)[0][4:])
+            for line in command(b"lru_crawler metadump all") if line.startswith(b"key=")}
+
+
+def cachedump_keys():
+    """The keys C gearmand's replay sees: `stats cachedump` of every slab class."""
+    slabs = {line.split(b":")[1] for line in command(b"stats items")
+             if line.startswith(b"STAT items:")}
+    return {line.split(b" ")[1] for slab in slabs
+            for line in command(b"stats cachedump %s 0" % slab) if line.startswith(b"ITEM ")}
+
+
+def extra_namespace(prefix):
+    return b"gearmand.py-extra:" + prefix.encode() + b":"
+
+
+def ours(prefix):
+    """Our keys under `prefix`: job items and their companions."""
+    return {key for key in all_keys()
+            if key.startswith(prefix.encode()) or key.startswith(extra_namespace(prefix))}
+
+
+@pytest.fixture
+def prefix():
+    if Client is None:
+        unavailable("pymemcache is not installed")
+    try:
+        client().version()
+    except OSError:
+        unavailable("memcached not reachable on 127.0.0.1:11211")
+    name = "gqm" + secrets.token_hex(4) + "_"
+    yield name
+    keys = ours(name)
+    if keys:
+        client().delete_many(keys)
+
+
+def options(prefix):
+    return ("-q", "libmemcached", "--libmemcached-servers", "127.0.0.1:11211",
+            "--libmemcached-prefix", prefix)
+
+
+def key_of(prefix, job):
+    return (prefix.encode() + job.function + b"-" + job.unique)[:250]
+
+
+def need_c():
+    if not os.path.exists(C_GEARMAND):
+        unavailable("C gearmand is not installed")
+
+
+def check_replay_any_order(server, jobs):
+    """Like check_replay, for a server that replays in no particular order within a
+    priority: each job runs exactly once with its data, higher priorities first."""
+    functions = {job.function for job in jobs}
+    assert {f: row[:3] for f, row in priority_status(server).items()
+            if f in functions} == expected_priority_status(jobs)
+    by_function = collections.defaultdict(list)
+    for job in jobs:
+        if not job.when:
+            by_function[job.function].append(job)
+    for function, group in by_function.items():
+        ran = drain(server, [function], len(group))
+        assert sorted(ran) == sorted((j.function, j.unique, j.data) for j in group)
+        priority = {(j.function, j.unique, j.data): j.priority for j in group}
+        order = [priority[job] for job in ran]
+        assert order == sorted(order), ran
+    epochs = [job for job in jobs if job.when]
+    if epochs:
+        check_replay(server, epochs)
+
+
+def test_background_jobs_survive_kill_9_and_replay_exactly_once(make_server, prefix):
+    server = make_server(*options(prefix))
+    jobs = sample_jobs(prefix, int(time.time()) + 4)
+    dashed = Job(f"{prefix}.my-func".encode(), b"u-1", b"dash", LOW)
+    long_name = Job(prefix.encode() + b"." + b"f" * 240, b"long", b"key cut at 250 bytes", HIGH)
+    jobs += [dashed, long_name]
+    submit_ok(server, jobs)
+
+    # Items as C writes them: the data, with the priority in the flags.
+    db = client()
+    for job in jobs:
+        if job.unique not in (b"", b"-"):       # stored under generated uniques
+            assert db.get(key_of(prefix, job)) == (job.data, job.priority)
+    # What C's key cannot say is in a companion item, outside the prefix.
+    epoch = jobs[-3]
+    companions = {key for key in ours(prefix) if key.startswith(extra_namespace(prefix))}
+    assert len(companions) == 3
+    key = key_of(prefix, epoch)
+    assert db.get(extra_namespace(prefix) + hashlib.sha1(key).hexdigest().encode()) == \
+        (b"%s\0%s\0%d" % (epoch.function, epoch.unique, epoch.when), 0)
+
+    server.kill()
+    server.start()
+    check_replay_any_order(server, jobs)
+    wait_until(lambda: not ours(prefix), 5, message="done jobs deleted from memcached")
+
+
+def test_cancel_deletes_the_item(make_server, prefix):
+    server = make_server(*options(prefix))
+    function = prefix.encode()
+    handle, = submit_ok(server, [Job(function, b"cancel-me", b"x")])
+    assert ours(prefix) == {key_of(prefix, Job(function, b"cancel-me", b""))}
+    assert server.admin(f"cancel job {handle.decode()}") == b"OK\r\n"
+    wait_until(lambda: not ours(prefix), 5, message="cancelled job's item deleted")
+
+
+def test_key_memcached_refuses_gets_queue_error(make_server, prefix):
+    server = make_server(*options(prefix))
+    function = prefix.encode()
+    replies = submit_all(server, [Job(function, b"a", b"1"), Job(function, b"with space", b"2"),
+                                  Job(function, b"c", b"3")])
+    assert [reply[0] for reply in replies] == [gp.JOB_CREATED, gp.ERROR, gp.JOB_CREATED]
+    assert replies[1] == QUEUE_ERROR               # as in C
+    assert sorted(drain(server, [function], 2)) == [(function, b"a", b"1"), (function, b"c", b"3")]
+
+
+def test_c_writes_and_we_replay(make_server, prefix):
+    need_c()
+    # C refuses epoch jobs, and its empty-unique jobs of a function share one key.
+    jobs = sample_jobs(prefix, 0, empty_uniques=1)
+    c_server = make_server(*options(prefix), impl="c")
+    submit_ok(c_server, jobs)
+    wait_until(lambda: len(ours(prefix)) == len(jobs), 5, message="C's items")
+    c_server.kill()
+    server = make_server(*options(prefix), impl="py")
+    check_replay_any_order(server, jobs)
+    wait_until(lambda: not ours(prefix), 5, message="done jobs deleted from memcached")
+
+
+def test_we_write_and_c_replays_what_cachedump_lists(make_server, prefix):
+    need_c()
+    jobs = [job for job in sample_jobs(prefix, 0) if b"-" not in job.function]
+    server = make_server(*options(prefix), impl="py")
+    submit_ok(server, jobs)
+    server.kill()
+    # C replays only the keys `stats cachedump` lists, and memcached 1.5+ leaves the
+    # items of its HOT LRU segment out of it: wait until most of ours are listed.
+    keys = {key_of(prefix, job) for job in jobs if job.unique not in (b"", b"-")}
+
+    def most_listed():
+        listed = keys & cachedump_keys()
+        return listed if len(listed) * 2 >= len(keys) else None
+
+    listed = wait_until(most_listed, 15, 0.2, "memcached to list most of our items")
+
+    c_server = make_server(*options(prefix), impl="c")
+    expected = {(job.function, job.data): job for job in jobs}
+    ran = drain(c_server, sorted({job.function for job in jobs}), len(listed))
+    for function, unique, data in ran:
+        job = expected.pop((function, data))          # each once, binary data intact
+        assert unique == job.unique or job.unique in (b"", b"-")
+    assert {b"%s%s-%s" % (prefix.encode(), f, u) for f, u, _ in ran} >= listed
+
+
+def test_unreachable_memcached_at_start_exits_1_with_one_line(make_server, prefix):
+    port = free_port()
+    server = make_server("-q", "libmemcached", f"--libmemcached-servers=127.0.0.1:{port}",
+                         start=False)
+    result = subprocess.run(server.command(), capture_output=True, timeout=30)
+    assert result.returncode == 1
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], lines
+
+    server = make_server("-q", "libmemcached", start=False)
+    result = subprocess.run(server.command(), capture_output=True, timeout=30)
+    assert result.returncode == 1
+    assert "--libmemcached-servers" in result.stderr.decode()

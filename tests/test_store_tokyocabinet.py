@@ -1,0 +1,130 @@
+"""-q libtokyocabinet through the system libtokyocabinet.so.9: jobs survive kill -9
+and replay exactly once, and the file holds C gearmand's records, read here with
+tcamgr (Debian's C gearmand has no Tokyo Cabinet queue to cross-test with)."""
+import ctypes.util
+import shutil
+import subprocess
+import time
+
+import pytest
+
+pytest.register_assert_rewrite("storetools")
+
+from conftest import IMPL, unavailable  # noqa: E402
+from storetools import HIGH, LOW, Job, check_replay, drain, sample_jobs, submit_ok  # noqa: E402
+
+pytestmark = pytest.mark.skipif(IMPL == "c",
+                                reason="C gearmand in Debian has no Tokyo Cabinet queue")
+
+
+@pytest.fixture
+def db(tmp_path):
+    if not ctypes.util.find_library("tokyocabinet"):
+        unavailable("libtokyocabinet is not installed (apt-get install libtokyocabinet9)")
+    if not shutil.which("tcamgr"):
+        unavailable("tcamgr is not installed (apt-get install tokyocabinet-bin)")
+    return tmp_path / "queue.tch"
+
+
+def options(path, *more):
+    return ("-q", "libtokyocabinet", f"--libtokyocabinet-file={path}") + more
+
+
+def tcamgr(*args):
+    return subprocess.run(["tcamgr", *map(str, args)], capture_output=True, check=True,
+                          timeout=10).stdout
+
+
+def records(path):
+    """{key: value} as `tcamgr list` prints them (the server must not hold the file)."""
+    result = {}
+    for line in tcamgr("list", "-pv", "-px", path).decode().splitlines():
+        key, _, value = line.partition("\t")
+        result[bytes.fromhex(key)] = bytes.fromhex(value)
+    return result
+
+
+def c_record(job, unique=None):
+    """(key, value) of a job as C gearmand's libtokyocabinet queue writes it."""
+    unique = job.unique if unique is None else unique
+    return (job.function + b"-" + unique,
+            job.function + b"\0" + unique + b"\0" + b"%d%d\0" % (job.priority, job.when) + job.data)
+
+
+def test_background_jobs_survive_kill_9_and_replay_exactly_once(make_server, db):
+    server = make_server(*options(db, "--libtokyocabinet-optimize"))
+    jobs = sample_jobs("tc", int(time.time()) + 4)
+    jobs.append(Job(b"tc.my-func", b"u-1", b"dash \0 and binary", LOW))
+    submit_ok(server, jobs)
+    server.kill()
+
+    # The file holds C's records, one per job, readable by tcamgr.
+    stored = records(db)
+    assert len(stored) == len(jobs)
+    for job in jobs:
+        if job.unique in (b"", b"-"):       # stored under generated uniques
+            key = next(k for k, v in stored.items() if v.endswith(b"\0" + job.data)
+                       and k.startswith(job.function + b"-gearmand.py:"))
+            assert stored[key] == c_record(job, key[len(job.function) + 1:])[1]
+        else:
+            assert stored[c_record(job)[0]] == c_record(job)[1]
+
+    server.start()
+    check_replay(server, jobs)            # in submission order within each priority
+    server.stop()
+    assert records(db) == {}
+
+
+def test_records_in_c_format_replay(make_server, db):
+    jobs = [Job(b"f", b"n", b"normal \0 data"), Job(b"f", b"h", b"", HIGH),
+            Job(b"f", b"l", b"low", LOW), Job(b"g", b"a-b", b"dash in unique"),
+            Job(b"e", b"later", b"epoch", 1, int(time.time()) + 3)]
+    for job in jobs:
+        key, value = c_record(job)
+        tcamgr("put", "-sx", db, key.hex(), value.hex())
+    server = make_server(*options(db))
+    check_replay(server, jobs)
+
+
+def test_completed_and_cancelled_jobs_leave_the_file(make_server, db):
+    server = make_server(*options(db))
+    submit_ok(server, [Job(b"f", b"a", b"1"), Job(b"f", b"b", b"2")])
+    handle, = submit_ok(server, [Job(b"g", b"c", b"3")])
+    assert server.admin(f"cancel job {handle.decode()}") == b"OK\r\n"
+    assert drain(server, [b"f"], 2) == [(b"f", b"a", b"1"), (b"f", b"b", b"2")]
+    assert server.stop() == 0
+    assert records(db) == {}
+
+
+def test_b_tree_file_works_too(make_server, tmp_path, db):
+    path = tmp_path / "queue.tcb"
+    server = make_server(*options(path))
+    submit_ok(server, [Job(b"f", b"x", b"1"), Job(b"f", b"y", b"2", HIGH)])
+    server.kill()
+    assert set(tcamgr("list", path).split()) == {b"f-x", b"f-y"}
+    server.start()
+    assert drain(server, [b"f"], 2) == [(b"f", b"y", b"2"), (b"f", b"x", b"1")]
+
+
+def run_once(make_server, *args):
+    server = make_server(*args, start=False)
+    result = subprocess.run(server.command(), capture_output=True, timeout=30)
+    return result.returncode, result.stderr.decode().strip().splitlines()
+
+
+def test_bad_settings_exit_1_with_one_line(make_server, tmp_path, db):
+    code, lines = run_once(make_server, "-q", "libtokyocabinet")
+    assert code == 1 and len(lines) == 1 and "--libtokyocabinet-file" in lines[0]
+    code, lines = run_once(make_server, *options(tmp_path / "queue.db"))
+    assert code == 1 and len(lines) == 1 and ".tch" in lines[0]
+    code, lines = run_once(make_server, *options(tmp_path / "missing" / "queue.tch"))
+    assert code == 1 and lines == [f"gearmand: libtokyocabinet queue: cannot open "
+                                   f"{tmp_path}/missing/queue.tch: No such file or directory"]
+
+
+def test_second_server_on_the_same_file_fails_at_once(make_server, db):
+    make_server(*options(db))
+    started = time.monotonic()
+    code, lines = run_once(make_server, *options(db))
+    assert code == 1 and len(lines) == 1 and "locked by another process" in lines[0]
+    assert time.monotonic() - started < 10
