@@ -844,30 +844,15 @@ class Server:
 
     # -- listening and accepting
 
-    def listen(self, addresses, port, backlog, http=False):
-        """Bind every address getaddrinfo gives (all of them when none is named)."""
+    def listen(self, sockets, http=False):
+        """Serve on sockets bound by bind_listeners()."""
         accept = self.accept_http if http else self.accept
-        seen = set()
-        for host in addresses or [None]:
-            infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
-                                       0, socket.AI_PASSIVE)
-            for family, kind, proto, _, address in infos:
-                if (family, address) in seen:
-                    continue
-                seen.add((family, address))
-                sock = socket.socket(family, kind, proto)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                if self.options.keepalive:
-                    set_keepalive(sock, self.options)
-                bind_with_retry(sock, address)
-                sock.listen(backlog)
-                sock.setblocking(False)
-                self.listeners.append((sock, accept))
-                self.selector.register(sock, selectors.EVENT_READ, accept)
-                self.log.info(f"listening on {address[0]}:{address[1]}"
-                              + (" (HTTP)" if http else ""))
+        for sock in sockets:
+            sock.setblocking(False)
+            self.listeners.append((sock, accept))
+            self.selector.register(sock, selectors.EVENT_READ, accept)
+            address = sock.getsockname()
+            self.log.info(f"listening on {address[0]}:{address[1]}" + (" (HTTP)" if http else ""))
 
     def accept_http(self, listener):
         self.accept(listener, http=True)
@@ -1876,6 +1861,29 @@ def set_keepalive(sock, options):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
+def bind_listeners(addresses, port, options):
+    """Listening sockets on every address getaddrinfo gives (all when none is named)."""
+    sockets = []
+    seen = set()
+    for host in addresses or [None]:
+        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                                   0, socket.AI_PASSIVE)
+        for family, kind, proto, _, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if options.keepalive:
+                set_keepalive(sock, options)
+            bind_with_retry(sock, address)
+            sock.listen(options.backlog)
+            sockets.append(sock)
+    return sockets
+
+
 def bind_with_retry(sock, address, patience=20.0):
     """Bind, retrying while the address is in use for up to `patience` seconds, as C does."""
     deadline = time.monotonic() + patience
@@ -2746,37 +2754,32 @@ def run(options):
                                (options.file_descriptors, options.file_descriptors))
         except (ValueError, OSError) as error:
             raise OptionError(f"Could not set the file descriptor limit: {error}") from None
-    if options.log_file not in ("stderr", "none"):
-        options.log_file = os.path.abspath(options.log_file)
-    log = Log(options.log_file, options.verbose, options.syslog)
     try:
         cls = store_class(options.queue_type)
     except StoreError as error:
         raise OptionError(str(error)) from None
-    server = None
-    try:
-        context = tls_context(options)
-        store = cls.open(options)
-        server = Server(options, store, log, context)
+    context = tls_context(options)
+    ports = [(options.port, False)]
+    if options.protocol == "http" or options.http_port is not None:
+        ports.append((options.http_port or 8080, True))
+    listeners = []
+    for port, http in ports:
         try:
-            server.listen(options.listen, options.port, options.backlog)
+            listeners.append((bind_listeners(options.listen, port, options), http))
         except OSError as error:
-            raise OptionError(f"Could not listen on port {options.port}: "
+            raise OptionError(f"Could not listen on {'HTTP ' if http else ''}port {port}: "
                               f"{error.strerror or error}") from None
-        if options.protocol == "http" or options.http_port is not None:
-            http_port = options.http_port or 8080
-            try:
-                server.listen(options.listen, http_port, options.backlog, http=True)
-            except OSError as error:
-                raise OptionError(f"Could not listen on HTTP port {http_port}: "
-                                  f"{error.strerror or error}") from None
-        if options.user:
-            switch_user(options.user)
-        try:
-            server.replay()
-        except (StoreError, sqlite3.Error) as error:
-            log.error(f"failed to reload queue: {error}")
-            raise OptionError(f"failed to reload queue: {error}") from None
+    # The port is bound: from here on, work as the user asked for, with its files.
+    if options.user:
+        switch_user(options.user)
+    if options.log_file not in ("stderr", "none"):
+        options.log_file = os.path.abspath(options.log_file)
+    log = Log(options.log_file, options.verbose, options.syslog)
+    try:
+        server = Server(options, cls.open(options), log, context)
+        for sockets, http in listeners:
+            server.listen(sockets, http)
+        server.replay()
     except StoreError as error:
         raise OptionError(str(error)) from None
     if options.daemon:
