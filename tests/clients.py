@@ -1,0 +1,294 @@
+"""Helpers shared by the interoperability tests (tests/test_interop_*.py).
+
+* `procs` fixture: start client/worker processes in their own process group and kill
+  the whole group after the test.
+* `RawConn` / `RawWorker`: a tiny binary-protocol client and a threaded worker used to
+  set up server state and to drive load without a client library.
+* `wait_until`: poll a condition with a deadline (never a blind sleep).
+* `gm_hash`: C gearmand's hash, to compute the exact row order of admin lists.
+"""
+import os
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import admin_reply_complete
+
+NODENAME = os.uname().nodename
+HANDLE_PREFIX = "H:" + NODENAME   # default job handle prefix of gearmand 1.1.20
+
+# packet types
+CAN_DO, CANT_DO, RESET_ABILITIES, PRE_SLEEP = 1, 2, 3, 4
+NOOP, SUBMIT_JOB, JOB_CREATED, GRAB_JOB, NO_JOB, JOB_ASSIGN = 6, 7, 8, 9, 10, 11
+WORK_STATUS, WORK_COMPLETE, WORK_FAIL, GET_STATUS = 12, 13, 14, 15
+ECHO_REQ, ECHO_RES, SUBMIT_JOB_BG, ERROR, STATUS_RES = 16, 17, 18, 19, 20
+SUBMIT_JOB_HIGH, SET_CLIENT_ID, CAN_DO_TIMEOUT = 21, 22, 23
+WORK_EXCEPTION, OPTION_REQ, OPTION_RES, WORK_DATA, WORK_WARNING = 25, 26, 27, 28, 29
+GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ = 30, 31
+SUBMIT_JOB_HIGH_BG, SUBMIT_JOB_LOW, SUBMIT_JOB_LOW_BG = 32, 33, 34
+GET_STATUS_UNIQUE, STATUS_RES_UNIQUE = 41, 42
+
+
+def wait_until(predicate, timeout=10.0, what="condition", interval=0.01):
+    """Poll `predicate` until it returns a truthy value; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value {last!r}")
+        time.sleep(interval)
+
+
+def wait_status(server, func, expected, timeout=10.0):
+    """Wait until `status` reports `expected` == (total, running, workers) for `func`."""
+    return wait_until(lambda: server.status().get(func) == expected, timeout,
+                      f"status {func} == {expected} (now {server.status().get(func)})")
+
+
+# --------------------------------------------------------------------------- processes
+
+class Processes:
+    """Processes started by a test; every one gets its own session so that killing its
+    process group also kills the commands a `gearman -w` worker spawned."""
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.started = []
+
+    def start(self, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+              stderr=subprocess.PIPE, **kw):
+        proc = subprocess.Popen([str(a) for a in argv], stdin=stdin, stdout=stdout,
+                                stderr=stderr, cwd=self.workdir, start_new_session=True, **kw)
+        self.started.append(proc)
+        return proc
+
+    def kill(self, proc, sig=signal.SIGKILL):
+        """Kill one started process (and its process group) and reap it."""
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+
+    def kill_all(self):
+        for proc in self.started:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for proc in self.started:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream:
+                    stream.close()
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Processes(tmp_path)
+    yield p
+    p.kill_all()
+
+
+def finish(proc, timeout=20):
+    """Wait for a started process; return (returncode, stdout, stderr) as bytes."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{proc.args} did not finish in {timeout}s; "
+                             f"stdout={out[-2000:]!r} stderr={err[-2000:]!r}")
+    return proc.returncode, out, err
+
+
+def run(argv, input=None, timeout=20, check_rc=True):
+    """Run a command to completion; return CompletedProcess (bytes)."""
+    kw = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
+    res = subprocess.run([str(a) for a in argv], capture_output=True, timeout=timeout, **kw)
+    if check_rc:
+        assert res.returncode == 0, (argv, res.returncode, res.stdout[-2000:], res.stderr[-2000:])
+    return res
+
+
+# --------------------------------------------------------------------------- raw protocol
+
+def packet(ptype, *args, magic=b"\0REQ"):
+    payload = b"\0".join(a if isinstance(a, bytes) else str(a).encode() for a in args)
+    return magic + struct.pack(">II", ptype, len(payload)) + payload
+
+
+class RawConn:
+    """One binary-protocol connection with a receive buffer."""
+
+    def __init__(self, server_or_sock):
+        if isinstance(server_or_sock, socket.socket):
+            self.sock = server_or_sock
+        else:
+            self.sock = server_or_sock.connect()
+        self.buf = b""
+
+    def send(self, ptype, *args):
+        self.sock.sendall(packet(ptype, *args))
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def recv(self, timeout=10.0):
+        """Next packet as (type, payload). Raises on EOF/timeout."""
+        self.sock.settimeout(timeout)
+        while True:
+            if len(self.buf) >= 12:
+                magic, ptype, size = self.buf[:4], *struct.unpack(">II", self.buf[4:12])
+                assert magic == b"\0RES", f"bad magic {self.buf[:12]!r}"
+                if len(self.buf) >= 12 + size:
+                    payload = self.buf[12:12 + size]
+                    self.buf = self.buf[12 + size:]
+                    return ptype, payload
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            self.buf += chunk
+
+    def expect(self, ptype, timeout=10.0):
+        got, payload = self.recv(timeout)
+        assert got == ptype, f"expected packet type {ptype}, got {got} {payload[:200]!r}"
+        return payload
+
+    def admin(self, line, timeout=10.0):
+        """Send a text admin command on this (binary) connection; return the reply."""
+        self.sock.sendall(line.encode() + b"\r\n")
+        self.sock.settimeout(timeout)
+        while not admin_reply_complete(self.buf):
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            self.buf += chunk
+        reply, self.buf = self.buf, b""
+        return reply
+
+    def submit(self, func, data=b"", unique=b"", ptype=SUBMIT_JOB):
+        """Submit one job and return its handle (bytes)."""
+        self.send(ptype, func, unique, data)
+        return self.expect(JOB_CREATED)
+
+    def close(self):
+        self.sock.close()
+
+
+def status_unique(server, unique):
+    """GET_STATUS_UNIQUE -> (known, running, numerator, denominator, clients) as ints."""
+    conn = RawConn(server)
+    try:
+        conn.send(GET_STATUS_UNIQUE, unique)
+        fields = conn.expect(STATUS_RES_UNIQUE).split(b"\0")
+    finally:
+        conn.close()
+    return tuple(int(f) for f in fields[1:])
+
+
+class RawWorker(threading.Thread):
+    """A worker thread speaking the raw protocol: CAN_DO, GRAB_JOB, PRE_SLEEP/NOOP.
+
+    `handler(handle, data) -> bytes` computes the result. Every executed job is recorded
+    in `self.done` as (handle, data)."""
+
+    def __init__(self, server, funcs, handler, client_id=None):
+        super().__init__(daemon=True)
+        self.conn = RawConn(server)
+        self.handler = handler
+        self.done = []
+        self.error = None
+        self.stopping = False
+        if client_id:
+            self.conn.send(SET_CLIENT_ID, client_id)
+        for f in funcs:
+            self.conn.send(CAN_DO, f)
+
+    def run(self):
+        try:
+            while not self.stopping:
+                self.conn.send(GRAB_JOB)
+                while True:
+                    ptype, payload = self.conn.recv(timeout=None)
+                    if ptype != NOOP:   # a stale NOOP may precede the reply
+                        break
+                if ptype == NO_JOB:
+                    self.conn.send(PRE_SLEEP)
+                    while self.conn.recv(timeout=None)[0] != NOOP:
+                        pass
+                    continue
+                assert ptype == JOB_ASSIGN, (ptype, payload)
+                handle, _func, data = payload.split(b"\0", 2)
+                result = self.handler(handle, data)
+                self.done.append((handle, data))
+                self.conn.send(WORK_COMPLETE, handle, result)
+        except (OSError, ConnectionError) as e:
+            if not self.stopping:
+                self.error = e
+        except Exception as e:  # noqa: BLE001 - surfaced by the test via .error
+            self.error = e
+
+    def stop(self):
+        self.stopping = True
+        try:
+            self.conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.conn.close()
+        self.join(10)
+
+
+@pytest.fixture
+def raw_workers():
+    """Factory fixture: raw_workers(server, funcs, handler) starts a RawWorker thread."""
+    started = []
+
+    def factory(server, funcs, handler, client_id=None):
+        w = RawWorker(server, funcs, handler, client_id)
+        started.append(w)
+        w.start()
+        return w
+
+    yield factory
+    for w in started:
+        w.stop()
+
+
+# --------------------------------------------------------------------------- ordering
+
+def _s32(x):
+    x &= 0xFFFFFFFF
+    return x - 0x100000000 if x & 0x80000000 else x
+
+
+def gm_hash(b: bytes) -> int:
+    """gearmand's hash (Jenkins one-at-a-time over signed chars, signed 32-bit)."""
+    v = 0
+    for ch in b:
+        v = _s32(v + (ch - 256 if ch >= 128 else ch))
+        v = _s32(v + _s32(v << 10))
+        v = _s32(v ^ (v >> 6))
+    v = _s32(v + _s32(v << 3))
+    v = _s32(v ^ (v >> 11))
+    v = _s32(v + _s32(v << 15))
+    return (v & 0xFFFFFFFF) or 1
+
+
+def hash_order(keys, buckets=991):
+    """Order in which gearmand lists `keys` (bytes) created in the given order:
+    by bucket, newest first inside a bucket."""
+    created = list(enumerate(keys))
+    created.sort(key=lambda ik: (gm_hash(ik[1]) % buckets, -ik[0]))
+    return [k for _, k in created]
