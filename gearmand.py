@@ -695,9 +695,6 @@ class Log:
                       "logging to stderr", file=sys.stderr)
                 self.file = sys.stderr
 
-    def enabled(self, level):
-        return self.LEVELS.index(level) <= self.level
-
     def write(self, level, message):
         number = self.LEVELS.index(level)
         if number > self.level:
