@@ -13,6 +13,7 @@ Run it:  python gearmand.py --queue-type=sqlite --sqlite-db=queue.db
 import argparse
 import collections
 import errno
+import functools
 import gc
 import heapq
 import importlib
@@ -103,6 +104,7 @@ ARGUMENT_NULS = {
     SUBMIT_REDUCE_JOB_BACKGROUND: 4, GRAB_JOB_ALL: 0, JOB_ASSIGN_ALL: 4,
     GET_STATUS_UNIQUE: 0, STATUS_RES_UNIQUE: 5,
 }
+ARGUMENT_NULS = tuple(ARGUMENT_NULS.get(ptype, 0) for ptype in range(PACKET_TYPES))
 # Types whose last part is opaque data; for the others it is a plain argument.
 DATA_TYPES = frozenset({
     SUBMIT_JOB, JOB_ASSIGN, WORK_COMPLETE, ECHO_REQ, ECHO_RES, SUBMIT_JOB_BG,
@@ -1053,11 +1055,15 @@ class Server:
         start = 0
         end = len(data)
         unpack = HEADER.unpack_from
+        handlers = self.handlers
         while start < end:
             if data[start] == 0:
                 if end - start < 12:
                     break
                 magic, ptype, size = unpack(data, start)
+                if ptype >= PACKET_TYPES or ptype == 0 or (magic != REQ and magic != RES):
+                    self.close(conn)
+                    return
                 if end - start - 12 < size:
                     if size > self.max_packet:
                         self.log.warning(f"{conn.peer}: packet of {size} bytes is over "
@@ -1073,7 +1079,22 @@ class Server:
                     break
                 payload = data[start + 12:start + 12 + size]
                 start += 12 + size
-                self.packet(conn, magic, ptype, payload)
+                nuls = ARGUMENT_NULS[ptype]
+                if nuls:
+                    args = payload.split(b"\0", nuls)
+                    if len(args) <= nuls:
+                        # C would read past this packet looking for the missing NULs.
+                        self.close(conn)
+                        return
+                else:
+                    args = [payload]
+                if size > ARGUMENT_MAX and not argument_sizes_fit(ptype, args):
+                    self.close(conn)
+                    return
+                if magic == REQ:
+                    handlers[ptype](conn, args)
+                else:
+                    self.send(conn, ERROR_INVALID_MAGIC)
             else:
                 newline = data.find(b"\n", start, start + TEXT_LINE_MAX)
                 if newline < 0:
@@ -1088,27 +1109,6 @@ class Server:
                 return
         conn.inbuf = data[start:] if start < end else b""
 
-    def packet(self, conn, magic, ptype, payload):
-        if ptype == 0 or ptype >= PACKET_TYPES or magic not in (REQ, RES):
-            self.close(conn)
-            return
-        nuls = ARGUMENT_NULS[ptype]
-        if nuls:
-            args = payload.split(b"\0", nuls)
-            if len(args) <= nuls:
-                # C would read past this packet looking for the missing NULs.
-                self.close(conn)
-                return
-        else:
-            args = [payload]
-        if len(payload) > ARGUMENT_MAX and not argument_sizes_fit(ptype, args):
-            self.close(conn)
-            return
-        if magic == RES:
-            self.send(conn, ERROR_INVALID_MAGIC)
-            return
-        self.handlers[ptype](conn, args)
-
     # -- output
 
     def send(self, conn, data):
@@ -1119,10 +1119,6 @@ class Server:
             data = self.http.response_part(conn, data)
             if not data:
                 return
-        self.output(conn, data)
-
-    def output(self, conn, data):
-        """Queue bytes for the peer; end_turn sends them."""
         if not conn.out:
             self.dirty.append(conn)
         conn.out.append(data)
@@ -1162,11 +1158,14 @@ class Server:
         backlog goes in slices, its remainder kept as a memoryview, never recopied."""
         out = conn.out
         if len(out) > 1:
-            count = size = 0
-            while count < len(out) and size < SEND_SLICE:
-                size += len(out[count])
-                count += 1
-            out[:count] = [b"".join(out[:count])]
+            if conn.out_size <= SEND_SLICE:
+                out[:] = [b"".join(out)]
+            else:
+                count = size = 0
+                while size < SEND_SLICE:
+                    size += len(out[count])
+                    count += 1
+                out[:count] = [b"".join(out[:count])]
         data = out[0] if out else b""
         try:
             sent = conn.sock.send(data) if data else 0
@@ -1574,28 +1573,27 @@ class Server:
         handlers[CANT_DO] = self.cant_do
         handlers[RESET_ABILITIES] = self.reset_abilities
         handlers[PRE_SLEEP] = self.pre_sleep
-        handlers[SUBMIT_JOB] = lambda conn, args: self.submit(conn, args, NORMAL, False)
-        handlers[SUBMIT_JOB_HIGH] = lambda conn, args: self.submit(conn, args, HIGH, False)
-        handlers[SUBMIT_JOB_LOW] = lambda conn, args: self.submit(conn, args, LOW, False)
-        handlers[SUBMIT_JOB_BG] = lambda conn, args: self.submit(conn, args, NORMAL, True)
-        handlers[SUBMIT_JOB_HIGH_BG] = lambda conn, args: self.submit(conn, args, HIGH, True)
-        handlers[SUBMIT_JOB_LOW_BG] = lambda conn, args: self.submit(conn, args, LOW, True)
+        handlers[SUBMIT_JOB] = functools.partial(self.submit, NORMAL, False)
+        handlers[SUBMIT_JOB_HIGH] = functools.partial(self.submit, HIGH, False)
+        handlers[SUBMIT_JOB_LOW] = functools.partial(self.submit, LOW, False)
+        handlers[SUBMIT_JOB_BG] = functools.partial(self.submit, NORMAL, True)
+        handlers[SUBMIT_JOB_HIGH_BG] = functools.partial(self.submit, HIGH, True)
+        handlers[SUBMIT_JOB_LOW_BG] = functools.partial(self.submit, LOW, True)
         handlers[SUBMIT_JOB_EPOCH] = self.submit_epoch
-        handlers[SUBMIT_REDUCE_JOB] = lambda conn, args: self.submit_reduce(conn, args, False)
-        handlers[SUBMIT_REDUCE_JOB_BACKGROUND] = (
-            lambda conn, args: self.submit_reduce(conn, args, True))
-        handlers[GRAB_JOB] = lambda conn, args: self.grab(conn, JOB_ASSIGN)
-        handlers[GRAB_JOB_UNIQ] = lambda conn, args: self.grab(conn, JOB_ASSIGN_UNIQ)
-        handlers[GRAB_JOB_ALL] = lambda conn, args: self.grab(conn, JOB_ASSIGN_ALL)
+        handlers[SUBMIT_REDUCE_JOB] = functools.partial(self.submit_reduce, False)
+        handlers[SUBMIT_REDUCE_JOB_BACKGROUND] = functools.partial(self.submit_reduce, True)
+        handlers[GRAB_JOB] = functools.partial(self.grab, JOB_ASSIGN)
+        handlers[GRAB_JOB_UNIQ] = functools.partial(self.grab, JOB_ASSIGN_UNIQ)
+        handlers[GRAB_JOB_ALL] = functools.partial(self.grab, JOB_ASSIGN_ALL)
         handlers[WORK_STATUS] = self.work_status
-        handlers[WORK_DATA] = lambda conn, args: self.work_update(conn, args, WORK_DATA)
-        handlers[WORK_WARNING] = lambda conn, args: self.work_update(conn, args, WORK_WARNING)
+        handlers[WORK_DATA] = functools.partial(self.work_update, WORK_DATA)
+        handlers[WORK_WARNING] = functools.partial(self.work_update, WORK_WARNING)
         handlers[WORK_COMPLETE] = self.work_complete
         handlers[WORK_FAIL] = self.work_fail
         handlers[WORK_EXCEPTION] = self.work_exception
         handlers[GET_STATUS] = self.get_status
         handlers[GET_STATUS_UNIQUE] = self.get_status_unique
-        handlers[ECHO_REQ] = lambda conn, args: self.send(conn, packet(ECHO_RES, args[0]))
+        handlers[ECHO_REQ] = self.echo
         handlers[SET_CLIENT_ID] = self.set_client_id
         handlers[OPTION_REQ] = self.option_req
         return handlers
@@ -1654,7 +1652,10 @@ class Server:
         else:
             self.set_wakeable(conn, True)
 
-    def submit(self, conn, args, priority, background, when=0, reducer=None):
+    def echo(self, conn, args):
+        self.send(conn, packet(ECHO_RES, args[0]))
+
+    def submit(self, priority, background, conn, args, when=0, reducer=None):
         name, unique, data = args[0], args[1], args[-1]
         if len(unique) > UNIQUE_MAX and reducer is None:
             self.send(conn, ERROR_UNIQUE_TOO_LARGE)
@@ -1710,16 +1711,16 @@ class Server:
         if when is None:
             self.close(conn)
             return
-        self.submit(conn, args, NORMAL, True, when=when)
+        self.submit(NORMAL, True, conn, args, when=when)
 
-    def submit_reduce(self, conn, args, background):
+    def submit_reduce(self, background, conn, args):
         # C checks the reducer's length where it means the unique's; we keep that.
         if len(args[2]) > UNIQUE_MAX:
             self.send(conn, ERROR_UNIQUE_TOO_LARGE)
             return
-        self.submit(conn, args, NORMAL, background, reducer=args[2])
+        self.submit(NORMAL, background, conn, args, reducer=args[2])
 
-    def grab(self, conn, reply):
+    def grab(self, reply, conn, args):
         self.set_wakeable(conn, False)
         conn.sleeping = conn.noop_sent = False
         job, registration = self.take_job(conn)
@@ -1751,7 +1752,7 @@ class Server:
         job.status = (atoi(args[1]) & 0xFFFFFFFF, atoi(args[2][:10]) & 0xFFFFFFFF)
         self.notify(job, WORK_STATUS, b"\0".join(args))
 
-    def work_update(self, conn, args, ptype):
+    def work_update(self, ptype, conn, args):
         job = self.running_job(conn, args[0])
         if job is None:
             self.send(conn, ERROR_NO_SUCH_JOB)
@@ -2212,7 +2213,7 @@ class Http:
         route = self.routes.get(target.split(b"?", 1)[0])
         if route is not None and method in (b"GET", b"HEAD"):
             content_type, content = route()
-            self.server.output(conn, self.response(conn, 200, [(b"Content-Type", content_type)],
+            self.server.send(conn, self.response(conn, 200, [(b"Content-Type", content_type)],
                                                    content))
             return
         name = target.lstrip(b"/")        # the function, verbatim, as in C
@@ -2233,12 +2234,14 @@ class Http:
         priority = HTTP_PRIORITIES.get(headers.get(b"x-gearman-priority", b"").lower(), NORMAL)
         unique = headers.get(b"x-gearman-unique", b"-")
         data = body if method in (b"POST", b"PUT") else b""
-        self.server.submit(conn, [name, unique, data], priority, background)
+        self.server.submit(priority, background, conn, [name, unique, data])
 
     # -- responses
 
     def response_part(self, conn, packet):
         """The HTTP bytes a packet for this connection's job makes, if any."""
+        if packet[:1] != b"\0":
+            return packet                 # already HTTP: a response of ours
         exchange = conn.http
         if not exchange.busy:
             return b""
@@ -2283,7 +2286,7 @@ class Http:
         """Answer a request we refuse; a malformed one also ends the connection."""
         if not keep:
             conn.http.keep_alive = False
-        self.server.output(conn, self.response(conn, status, [(b"Content-Type", b"text/plain")],
+        self.server.send(conn, self.response(conn, status, [(b"Content-Type", b"text/plain")],
                                                message + b"\n"))
 
     def response(self, conn, status, headers, content):
