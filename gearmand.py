@@ -1360,16 +1360,17 @@ class Server:
             self.requeue(job)
 
     def requeue(self, job):
-        """A worker left or timed out holding this job: run it again, or drop it
-        after -j tries. The stored row stays either way until the job ends."""
+        """A worker left or timed out holding this job (the caller took it off the
+        worker's list): run it again, or drop it after -j tries. Only dropping
+        deletes its stored row."""
         job.retries = (job.retries + 1) & 0xFF
+        self.unassign(job)
         if self.job_retries and job.retries == self.job_retries:
             self.log.notice(f"Dropped job due to max retry count: {job.handle.decode()}")
             self.notify(job, WORK_FAIL, job.handle)
             self.stats.failed[KINDS[job.background]] += 1
-            self.finish(job)
+            self.discard(job)
             return
-        self.unassign(job)
         job.status = None
         job.function.queues[job.priority].append(job)
         self.wake_workers(job.function)
@@ -1392,9 +1393,7 @@ class Server:
     def finish(self, job):
         """The job is over (done, failed, dropped): forget it and delete its row."""
         if job.worker is not None:
-            conn = job.worker
-            if job in conn.running:
-                conn.running.remove(job)
+            job.worker.running.remove(job)
         self.unassign(job)
         self.discard(job)
 
@@ -1721,8 +1720,9 @@ class Server:
         self.submit(NORMAL, background, conn, args, reducer=args[2])
 
     def grab(self, reply, conn, args):
-        self.set_wakeable(conn, False)
-        conn.sleeping = conn.noop_sent = False
+        if conn.sleeping:
+            self.set_wakeable(conn, False)
+            conn.sleeping = conn.noop_sent = False
         job, registration = self.take_job(conn)
         if job is None:
             self.send(conn, NO_JOB_PACKET)
