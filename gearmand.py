@@ -205,8 +205,8 @@ class Job:
     """One job, queued or running. Foreground submitters are its `clients`."""
 
     __slots__ = ("handle", "function", "unique", "data", "priority", "when", "reducer",
-                 "status", "retries", "worker", "clients", "ignore", "background",
-                 "store_state", "store_unique", "timer")
+                 "retries", "worker", "clients", "ignore", "background",
+                 "store_state", "store_unique")
 
     def __init__(self, handle, function, unique, data, priority, when, reducer, background):
         self.handle = handle
@@ -216,7 +216,6 @@ class Job:
         self.priority = priority
         self.when = when                  # epoch seconds; 0 = now
         self.reducer = reducer
-        self.status = None                # (numerator, denominator) after WORK_STATUS
         self.retries = 0
         self.worker = None                # the Connection running it
         self.clients = None               # Connections waiting for its result
@@ -224,7 +223,6 @@ class Job:
         self.background = background      # a background submission owns it
         self.store_state = NOT_STORED
         self.store_unique = None          # the key's unique in the store, if not `unique`
-        self.timer = None                 # CAN_DO_TIMEOUT timer of the current assignment
 
     def store_record(self):
         """(unique, function, priority, data, when) as the store keeps it."""
@@ -816,6 +814,9 @@ class Server:
         self.write_ahead = store.durable and not options.store_queue_on_shutdown
         self.functions = {}               # name -> FunctionQueue
         self.jobs = {}                    # handle -> Job, oldest first
+        # What only a few running jobs have, kept here rather than in every Job:
+        self.progress = {}                # job -> (numerator, denominator) from WORK_STATUS
+        self.timeouts = {}                # job -> its CAN_DO_TIMEOUT timer
         self.job_count = 0
         self.run_id = uuid.uuid4().hex[:12].encode()   # makes generated store uniques unique
         self.connections = {}             # fd -> Connection, oldest first
@@ -1350,10 +1351,11 @@ class Server:
         conn.running.append(job)
         timeout = registration.timeout
         if timeout > 0:
-            job.timer = self.add_timer(max(timeout, 1000) / 1000.0, self.job_timed_out, job)
+            self.timeouts[job] = self.add_timer(max(timeout, 1000) / 1000.0,
+                                                self.job_timed_out, job)
 
     def job_timed_out(self, job):
-        job.timer = None
+        del self.timeouts[job]
         conn = job.worker
         if conn is not None:
             conn.running.remove(job)
@@ -1371,17 +1373,21 @@ class Server:
             self.stats.failed[KINDS[job.background]] += 1
             self.discard(job)
             return
-        job.status = None
+        self.progress.pop(job, None)
         job.function.queues[job.priority].append(job)
         self.wake_workers(job.function)
 
     def unassign(self, job):
-        if job.timer is not None:
-            job.timer[4] = False
-            job.timer = None
+        if self.timeouts:
+            self.cancel_timeout(job)
         if job.worker is not None:
             job.worker = None
             job.function.running -= 1
+
+    def cancel_timeout(self, job):
+        timer = self.timeouts.pop(job, None)
+        if timer is not None:
+            timer[4] = False
 
     def notify(self, job, ptype, payload):
         """Send a result packet to every client waiting for the job, newest first."""
@@ -1402,6 +1408,8 @@ class Server:
             return
         job.function.total -= 1
         self.unindex(job)
+        if self.progress:
+            self.progress.pop(job, None)
         if job.clients:
             for client in job.clients:
                 client.client_jobs.remove(job)
@@ -1642,10 +1650,9 @@ class Server:
                 if jobs:
                     self.send(conn, NOOP_PACKET)
                     return
-        for job in conn.running:
-            if job.timer is not None:
-                job.timer[4] = False
-                job.timer = None
+        if self.timeouts:
+            for job in conn.running:
+                self.cancel_timeout(job)      # C cancels a sleeping worker's timer
         if conn.noop_sent:
             conn.sleeping = True          # one NOOP per sleep until the next grab
         else:
@@ -1749,7 +1756,7 @@ class Server:
         if job is None:
             self.send(conn, ERROR_NO_SUCH_RESULT_JOB)
             return
-        job.status = (atoi(args[1]) & 0xFFFFFFFF, atoi(args[2][:10]) & 0xFFFFFFFF)
+        self.progress[job] = (atoi(args[1]) & 0xFFFFFFFF, atoi(args[2][:10]) & 0xFFFFFFFF)
         self.notify(job, WORK_STATUS, b"\0".join(args))
 
     def work_update(self, ptype, conn, args):
@@ -1803,7 +1810,7 @@ class Server:
         if job is None:
             self.send(conn, packet(STATUS_RES, handle + b"\x000\x000\x000\x000"))
             return
-        numerator, denominator = job.status or (0, 0)
+        numerator, denominator = self.progress.get(job, (0, 0))
         running = b"1" if job.worker is not None else b"0"
         self.send(conn, packet(STATUS_RES, b"%s\x001\x00%s\x00%d\x00%d" % (
             handle, running, numerator, denominator)))
@@ -1822,7 +1829,7 @@ class Server:
         if found is None:
             self.send(conn, packet(STATUS_RES_UNIQUE, unique + b"\x000\x000\x000\x000\x000"))
             return
-        numerator, denominator = found.status or (0, 0)
+        numerator, denominator = self.progress.get(found, (0, 0))
         running = b"1" if found.worker is not None else b"0"
         clients = len(found.clients) if found.clients else 0
         self.send(conn, packet(STATUS_RES_UNIQUE, b"%s\x001\x00%s\x00%d\x00%d\x00%d" % (
