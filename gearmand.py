@@ -124,6 +124,7 @@ CLIENT_ID_MAX = 127
 OPTION_NAME_MAX = 63
 TIMEOUT_DIGITS_MAX = 20
 SEND_SLICE = 256 * 1024   # bytes joined for one send() when replies pile up
+FLUSH_PATIENCE = 10.0     # seconds a graceful stop waits for peers to read their results
 TIMER_WAIT_MAX = 3600.0   # select() overflows past ~24 days; far timers are re-checked hourly
 
 HIGH, NORMAL, LOW = 0, 1, 2
@@ -832,6 +833,7 @@ class Server:
         self.finished_batches = collections.deque()   # filled by the writer thread
         self.writer = None
         self.stopping = None              # None, "now" or "graceful"
+        self.flush_deadline = None        # graceful stop: give up on unread output then
         self.accept_paused = False
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.wake_reader.setblocking(False)
@@ -950,8 +952,16 @@ class Server:
     def ready_to_stop(self):
         if self.stopping == "now":
             return True
-        return not self.writes_in_flight and not any(
-            conn.running for conn in self.connections.values())
+        connections = self.connections.values()
+        if self.writes_in_flight or any(conn.running for conn in connections):
+            return False
+        # Let the last results reach their clients, for at most FLUSH_PATIENCE seconds.
+        if not any(conn.out for conn in connections):
+            return True
+        if self.flush_deadline is None:
+            self.flush_deadline = time.monotonic() + FLUSH_PATIENCE
+            self.add_timer(FLUSH_PATIENCE, lambda _: None, None)   # wakes the loop
+        return time.monotonic() >= self.flush_deadline
 
     def request_stop(self, how):
         if self.stopping != "now":
@@ -1065,12 +1075,12 @@ class Server:
                 if ptype >= PACKET_TYPES or ptype == 0 or (magic != REQ and magic != RES):
                     self.close(conn)
                     return
+                if size > self.max_packet:
+                    self.log.warning(f"{conn.peer}: packet of {size} bytes is over "
+                                     f"--max-packet-size, closing")
+                    self.close(conn)
+                    return
                 if end - start - 12 < size:
-                    if size > self.max_packet:
-                        self.log.warning(f"{conn.peer}: packet of {size} bytes is over "
-                                         f"--max-packet-size, closing")
-                        self.close(conn)
-                        return
                     if size > 65536:
                         conn.chunks = [data[start:]]
                         conn.chunks_size = end - start
@@ -2782,6 +2792,10 @@ def run(options):
     if options.log_file not in ("stderr", "none"):
         options.log_file = os.path.abspath(options.log_file)
     log = Log(options.log_file, options.verbose, options.syslog)
+    # The port accepts already: a logrotate SIGHUP or a SIGTERM may come during a long replay.
+    signal.signal(signal.SIGHUP, lambda *_: log.reopen())
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     try:
         server = Server(options, cls.open(options), log, context)
         for sockets, http in listeners:
@@ -2790,12 +2804,12 @@ def run(options):
     except StoreError as error:
         raise OptionError(str(error)) from None
     if options.daemon:
+        options.pid_file = os.path.abspath(options.pid_file)   # daemonize() changes to /
         daemonize()
     pid_written = write_pid_file(options.pid_file, "/var/gearmand.pid")
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop("now"))
     signal.signal(signal.SIGINT, lambda *_: server.request_stop("now"))
     signal.signal(signal.SIGUSR1, lambda *_: server.request_stop("graceful"))
-    signal.signal(signal.SIGHUP, lambda *_: log.reopen())
     server.start_writer()
     log.notice(f"gearmand.py {__version__} ready, port {options.port}")
     try:
