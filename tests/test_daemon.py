@@ -1,0 +1,344 @@
+"""The server as a process: -d, -P, -u, -l with SIGHUP, --syslog, --verbose, option
+errors, SIGTERM/SIGINT, and SIGUSR1's graceful stop with a persistent queue."""
+import os
+import pwd
+import signal
+import socket
+import sqlite3
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from conftest import C_GEARMAND, IMPL, Server, recv_until
+from gearproto import (
+    GRAB_JOB, GRAB_JOB_UNIQ, JOB_ASSIGN, JOB_ASSIGN_UNIQ, NO_JOB, SUBMIT_JOB, WORK_COMPLETE,
+    Closed, can_do, expect, recv, send, submit, sync,
+)
+
+LEVELS = ("FATAL", "ALERT", "CRITICAL", "ERROR", "WARNING", "NOTICE", "INFO", "DEBUG")
+# C prints its argv[0] before its messages; ours prints "gearmand".
+PROGRAM = C_GEARMAND if IMPL == "c" else "gearmand"
+
+
+def wait_until(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
+        time.sleep(0.005)
+
+
+def alive(pid):
+    """True while pid runs (a zombie counts as gone: it is not our child to reap)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("State:"):
+                    return "Z" not in line.split()[1]
+    except OSError:
+        return False
+    return False
+
+
+def terminate(pid, sig=signal.SIGTERM):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 10
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def read_pid(path):
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    return int(text) if text.endswith("\n") and text.strip().isdigit() else None
+
+
+def accepts(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+        return True
+    except OSError:
+        return False
+
+
+def admin(port, line):
+    with socket.create_connection(("127.0.0.1", port), 5) as sock:
+        sock.sendall(line.encode() + b"\r\n")
+        return recv_until(sock, lambda d: d.endswith(b"\n"))
+
+
+def run_options(*args, timeout=30):
+    """Run the server with options that make it exit; (status, stderr lines)."""
+    command = Server(tempfile.gettempdir(), args).command()
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    return proc.returncode, proc.stderr.splitlines()
+
+
+@pytest.fixture
+def daemons():
+    """Pids of detached servers (not our children), stopped after the test."""
+    pids = []
+    yield pids
+    for pid in pids:
+        terminate(pid, signal.SIGKILL)
+
+
+# --- -d and -P ----------------------------------------------------------------------
+
+def start_daemon(tmp_path, daemons, pid_arg, pid_path, *extra):
+    server = Server(tmp_path, ["-d", "-P", pid_arg, *extra])
+    launched = time.monotonic()
+    server.start(expect_ready=False)
+    assert server.proc.wait(15) == 0
+    assert time.monotonic() - launched < 10, "the launching process did not exit at once"
+    pid = wait_until(lambda: read_pid(pid_path), what=f"pid file {pid_path}")
+    # the pid file is written once the port is bound: it accepts at once
+    if IMPL != "c":   # C writes its pid file before it binds the port
+        assert accepts(server.port), "pid file written before the port accepts"
+    daemons.append(pid)
+    return server, pid
+
+
+def test_daemon_detaches_and_writes_its_pid(tmp_path, daemons):
+    pid_path = tmp_path / "daemon.pid"
+    server, pid = start_daemon(tmp_path, daemons, str(pid_path), pid_path)
+    assert pid != server.proc.pid and alive(pid)
+    wait_until(lambda: accepts(server.port), what="port accepts")
+    assert admin(server.port, "getpid") == b"OK %d\n" % pid
+    # it serves work
+    worker = server.connect()
+    can_do(worker, "d")
+    client = server.connect()
+    handle = submit(client, "d", "", "x", ptype=SUBMIT_JOB)
+    send(worker, GRAB_JOB)
+    expect(worker, JOB_ASSIGN, handle, "d", "x")
+    send(worker, WORK_COMPLETE, handle, "y")
+    expect(client, WORK_COMPLETE, handle, "y")
+    # its session is its own: SIGTERM to it stops it and removes the pid file
+    assert os.getsid(pid) != os.getsid(0)
+    terminate(pid)
+    assert not alive(pid)
+    wait_until(lambda: not pid_path.exists(), what="pid file removed")
+    assert not accepts(server.port)
+
+
+def test_daemon_relative_pid_file_is_in_the_launch_directory(tmp_path, daemons):
+    """`-d -P name.pid` writes the file where the server was started (C does not
+    change directory), not in /."""
+    name = f"gearmand-test-{os.getpid()}-{time.monotonic_ns()}.pid"
+    stray = "/" + name
+    try:
+        server = Server(tmp_path, ["-d", "-P", name])
+        server.start(expect_ready=False)
+        assert server.proc.wait(15) == 0
+        wait_until(lambda: accepts(server.port), what="port accepts")
+        pid = int(admin(server.port, "getpid").split()[1])
+        daemons.append(pid)
+        wait_until(lambda: (tmp_path / name).exists() or os.path.exists(stray),
+                   what="a pid file")
+        assert (tmp_path / name).exists(), f"pid file written as {stray}, not in {tmp_path}"
+        assert read_pid(tmp_path / name) == pid
+    finally:
+        if os.path.exists(stray):
+            os.unlink(stray)
+
+
+# --- -u -----------------------------------------------------------------------------
+
+def test_user_switch_to_nobody(make_server):
+    if os.getuid() != 0:
+        pytest.skip("switching users needs root")
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("there is no user nobody")
+    # the pid file is written as nobody: give it a directory nobody may write in
+    run_dir = tempfile.mkdtemp(prefix="gearmand-test-")
+    try:
+        os.chmod(run_dir, 0o1777)
+        server = make_server("-u", "nobody", "-P", os.path.join(run_dir, "pid"))
+        with open(f"/proc/{server.pid}/status") as f:
+            ids = {line.split(":")[0]: line.split()[1:] for line in f
+                   if line.startswith(("Uid:", "Gid:", "Groups:"))}
+        assert ids["Uid"] == [str(nobody.pw_uid)] * 4
+        assert ids["Gid"] == [str(nobody.pw_gid)] * 4
+        assert ids["Groups"] in ([], [str(nobody.pw_gid)])
+        assert server.status() == {}
+        client = server.connect()
+        submit(client, "u", "", "x")
+        assert server.status() == {"u": (1, 0, 0)}
+    finally:
+        for name in os.listdir(run_dir):
+            os.unlink(os.path.join(run_dir, name))
+        os.rmdir(run_dir)
+
+
+# --- -l and SIGHUP, --syslog, --verbose ------------------------------------------------
+
+def test_sighup_reopens_the_log_file(make_server, tmp_path):
+    log = tmp_path / "gearmand.log"
+    rotated = tmp_path / "gearmand.log.1"
+    server = make_server("-l", str(log), "--verbose", "INFO")
+    # ours installs its signal handlers just before its NOTICE "ready" line
+    ready = "accepted,hup,ready" if IMPL == "c" else " ready, port "
+    submit(server.connect(), "hup", "ready", "x")
+    wait_until(lambda: log.exists() and ready in log.read_text(errors="replace"),
+               what="server ready")
+    log.rename(rotated)
+    server.proc.send_signal(signal.SIGHUP)
+    wait_until(log.exists, what="log file reopened")
+    # something that is logged: C logs each accepted job at NOTICE; we warn about a
+    # packet over --max-packet-size
+    client = server.connect()
+    submit(client, "hup", "after-hup", "x")
+    if IMPL == "c":
+        marker = "accepted,hup,after-hup"
+    else:
+        marker = "4294967295 bytes"
+        bad = server.connect()
+        bad.sendall(b"\0REQ" + bytes([0, 0, 0, 16, 255, 255, 255, 255]))
+    wait_until(lambda: marker in log.read_text(errors="replace"), what="line in new log")
+    assert marker not in rotated.read_text(errors="replace")
+    sync(client)
+
+
+def make_queue(path, jobs):
+    """A SQLite queue in C's schema holding `jobs` background jobs of function "r"."""
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE gearman_queue ( unique_key TEXT, function_name TEXT, "
+                   "priority INTEGER, data BLOB, when_to_run INTEGER, "
+                   "PRIMARY KEY (unique_key, function_name))")
+        db.executemany("INSERT INTO gearman_queue VALUES (?, 'r', 1, ?, 0)",
+                       ((f"u{i}", b"d") for i in range(jobs)))
+
+
+def test_sighup_while_replaying_the_queue(make_server, tmp_path):
+    """logrotate may send SIGHUP at any time, also while a big queue is replayed after
+    the port is bound: the server must reopen its log, not die."""
+    db = tmp_path / "queue.db"
+    make_queue(db, 50_000)
+    log = tmp_path / "gearmand.log"
+    queue = ("-q", "libsqlite3", "--libsqlite3-db", str(db))
+    server = make_server("-l", str(log), *queue, start=False)
+    server.start(expect_ready=False)
+    wait_until(lambda: accepts(server.port) or server.proc.poll() is not None,
+               what="port bound")
+    server.proc.send_signal(signal.SIGHUP)
+
+    def replayed():
+        assert server.proc.poll() is None, f"SIGHUP killed the server ({server.proc.returncode})"
+        try:
+            return admin(server.port, "status") == b"r\t50000\t0\t0\n.\n"
+        except OSError:
+            return False
+    wait_until(replayed, timeout=60, what="queue replayed")
+
+
+def test_syslog_is_accepted(make_server):
+    server = make_server("--syslog", "--verbose", "NOTICE")
+    client = server.connect()
+    submit(client, "s", "", "x")
+    assert server.status() == {"s": (1, 0, 0)}
+
+
+def test_every_verbose_level_is_accepted_and_reported(make_server):
+    servers = {level: make_server("--verbose", level, start=False) for level in LEVELS}
+    for server in servers.values():
+        server.start(expect_ready=False)
+    for level, server in servers.items():
+        wait_until(lambda: accepts(server.port) or server.proc.poll() is not None,
+                   what=f"server with --verbose {level}")
+        assert server.proc.poll() is None, server.log()
+        assert server.admin("verbose") == f"OK {level}\n".encode()
+
+
+@pytest.mark.parametrize("level", ["bogus", "info", "Debug", ""])
+def test_invalid_verbose_level(level):
+    status, lines = run_options("--verbose", level)
+    assert status == 1
+    assert lines == [f"{PROGRAM}: Invalid value for --verbose supplied"]
+
+
+def test_unknown_option():
+    status, lines = run_options("--bogus")
+    assert status == 1
+    assert lines == [f"{PROGRAM}: unrecognised option '--bogus'"]
+
+
+# --- signals ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_terminating_signals_exit_0(make_server, sig):
+    server = make_server()
+    client = server.connect()
+    submit(client, "t", "", "x")
+    assert server.stop(sig) == 0
+    assert not accepts(server.port)
+
+
+def refused(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.mark.skipif(IMPL == "c", reason="C's SIGUSR1 waits until no job at all is left, "
+                                        "queued ones included")
+@pytest.mark.parametrize("result_size", [4, 8 << 20], ids=["small result", "8 MiB result"])
+def test_sigusr1_finishes_running_jobs_keeps_queued_ones(make_server, tmp_path, result_size):
+    db = tmp_path / "queue.db"
+    options = ("--queue-type=sqlite", f"--sqlite-db={db}", "--job-handle-prefix", "T")
+    server = make_server(*options)
+    worker = server.connect()
+    can_do(worker, "run")
+    client = server.connect()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    handle = submit(client, "run", "", "input", ptype=SUBMIT_JOB)
+    send(worker, GRAB_JOB)
+    expect(worker, JOB_ASSIGN, handle, "run", "input")
+    queuer = server.connect()
+    for i in range(3):
+        submit(queuer, "later", f"u{i}", f"d{i}")
+    server.proc.send_signal(signal.SIGUSR1)
+    wait_until(lambda: refused(server.port), what="listening socket closed")
+    # existing connections are still served while the job runs
+    sync(queuer)
+    sync(client)
+    assert server.proc.poll() is None
+    result = b"r" * result_size
+    send(worker, WORK_COMPLETE, handle, result)
+    try:
+        ptype, body = recv(client, timeout=10)
+    except Closed:
+        ptype = body = None
+    assert body is not None, "the client was closed before it had its whole result"
+    assert ptype == WORK_COMPLETE and body == handle + b"\0" + result, \
+        f"got type {ptype}, {len(body)} bytes"
+    assert server.proc.wait(15) == 0
+    # the queued background jobs were kept and are replayed
+    server.start()
+    assert server.status() == {"later": (3, 0, 0)}
+    drainer = server.connect()
+    can_do(drainer, "later")
+    for i in range(3):
+        send(drainer, GRAB_JOB_UNIQ)
+        ptype, body = recv(drainer)
+        assert ptype == JOB_ASSIGN_UNIQ
+        assert body.split(b"\0")[1:] == [b"later", f"u{i}".encode(), f"d{i}".encode()]
+        send(drainer, WORK_COMPLETE, body.split(b"\0")[0], "")
+    send(drainer, GRAB_JOB)
+    assert recv(drainer)[0] == NO_JOB
