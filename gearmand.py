@@ -225,14 +225,14 @@ class Job:
         self.store_state = NOT_STORED
         self.store_unique = None          # the key's unique in the store, if not `unique`
 
-    def store_record(self):
-        """(unique, function, priority, data, when) as the store keeps it."""
-        unique = self.unique if self.store_unique is None else self.store_unique
-        return (unique, self.function.name, self.priority, self.data, self.when)
-
     def store_key(self):
+        """(unique, function): what names its row in the store."""
         return (self.unique if self.store_unique is None else self.store_unique,
                 self.function.name)
+
+    def store_record(self):
+        """(unique, function, priority, data, when): its row in the store."""
+        return self.store_key() + (self.priority, self.data, self.when)
 
 
 class Registration:
@@ -651,14 +651,19 @@ def store_class(queue_type):
     if driver and importlib.util.find_spec(driver.split(".")[0]) is None:
         raise StoreError(f"queue type {title} needs {DRIVER_PACKAGES[driver]}: "
                          f"pip install 'gearmand-py[{extra}]'")
-    here = os.path.dirname(os.path.abspath(__file__))
-    if os.path.isdir(os.path.join(here, "extras")):
-        if here not in sys.path:
-            sys.path.insert(0, here)
-        module = importlib.import_module("extras." + module_name)
-    else:
-        module = importlib.import_module("gearmand_extras." + module_name)
-    return getattr(module, class_name)
+    # Next to this file in a checkout or a plain copy; gearmand_extras when pip-installed.
+    name = "gearmand_extras." + module_name
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "extras", module_name + ".py")
+    if name not in sys.modules and os.path.isfile(path):
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    try:
+        return getattr(importlib.import_module(name), class_name)
+    except ModuleNotFoundError:
+        raise StoreError(f"queue type {title} needs extras/{module_name}.py next to gearmand.py: "
+                         f"copy it there, or pip install 'gearmand-py[{extra or 'all'}]'") from None
 
 
 # --- logging ------------------------------------------------------------------

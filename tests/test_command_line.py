@@ -1,0 +1,125 @@
+"""Starting the server as users do: a plain copy of the file, `python -m gearmand`,
+config files, and backends that are chosen but cannot be loaded."""
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import IMPL, ROOT, Server, free_port
+
+pytestmark = pytest.mark.skipif(IMPL == "c", reason="how gearmand.py itself is started")
+
+
+def run(args, cwd, python=(sys.executable,)):
+    return subprocess.run(list(python) + args, cwd=cwd, capture_output=True, timeout=60)
+
+
+def one_line(result):
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, result.stderr.decode()
+    return lines[0]
+
+
+def test_a_plain_copy_of_the_file_serves(tmp_path):
+    shutil.copy(ROOT / "gearmand.py", tmp_path / "gearmand.py")
+    server = Server(tmp_path, ["--queue-type=sqlite", f"--sqlite-db={tmp_path / 'q.db'}"])
+    server.command = lambda: [sys.executable, str(tmp_path / "gearmand.py"), "-p",
+                              str(server.port), "-L", "127.0.0.1", "-l", "stderr",
+                              "--queue-type=sqlite", f"--sqlite-db={tmp_path / 'q.db'}"]
+    try:
+        server.start()
+        assert server.admin("version") == b"OK 1.1.20\n"
+    finally:
+        server.kill()
+
+
+def test_python_dash_m_gearmand_works_from_the_files_directory(tmp_path):
+    shutil.copy(ROOT / "gearmand.py", tmp_path / "gearmand.py")
+    result = run(["-m", "gearmand", "-V"], tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.decode().startswith("\ngearmand 1.1.20 - gearmand.py ")
+
+
+def test_a_backend_missing_next_to_a_plain_copy_is_one_line(tmp_path):
+    shutil.copy(ROOT / "gearmand.py", tmp_path / "gearmand.py")
+    result = run(["gearmand.py", "-q", "redis", "-p", str(free_port())], tmp_path)
+    assert result.returncode == 1
+    assert one_line(result) == ("gearmand: queue type redis needs extras/redis.py next to "
+                                "gearmand.py: copy it there, or pip install 'gearmand-py[redis]'")
+
+
+@pytest.mark.parametrize("queue_type, message", [
+    ("MySQL", "queue type MySQL needs mysql-connector-python: pip install 'gearmand-py[mysql]'"),
+    ("libdrizzle", "queue type MySQL needs mysql-connector-python: "
+                   "pip install 'gearmand-py[mysql]'"),
+    ("Postgres", "queue type Postgres needs psycopg2-binary: pip install 'gearmand-py[postgres]'"),
+    ("libmemcached", "queue type libmemcached needs pymemcache: "
+                     "pip install 'gearmand-py[memcached]'"),
+    ("REDIS", "queue type redis needs redis: pip install 'gearmand-py[redis]'"),
+])
+def test_a_missing_driver_is_one_line_naming_the_pip_extra(tmp_path, queue_type, message):
+    # python -S leaves site-packages, and so every driver, out of reach.
+    result = run([str(ROOT / "gearmand.py"), "-q", queue_type, "-p", str(free_port())],
+                 tmp_path, python=(sys.executable, "-S"))
+    assert result.returncode == 1
+    assert one_line(result) == "gearmand: " + message
+
+
+def test_drivers_are_imported_only_when_their_queue_type_is_chosen(tmp_path):
+    script = ("import sys, gearmand\n"
+              "drivers = ('mysql', 'psycopg2', 'pymemcache', 'redis')\n"
+              "gearmand.store_class('sqlite')\n"
+              "print(sorted(m for m in drivers if m in sys.modules))\n"
+              "gearmand.store_class('redis')\n"
+              "print(sorted(m for m in drivers if m in sys.modules))\n")
+    result = run(["-c", script], ROOT)
+    assert result.stdout.decode().split("\n")[:2] == ["[]", "['redis']"], result.stderr
+
+
+def test_unknown_queue_type_is_cs_message(tmp_path):
+    result = run([str(ROOT / "gearmand.py"), "-q", "mysql2", "-p", str(free_port())], tmp_path)
+    assert result.returncode == 1
+    assert one_line(result) == "gearmand: Error while initializing the queue : mysql2"
+
+
+def test_config_file_options_and_command_line_precedence(tmp_path):
+    config = tmp_path / "gearmand.conf"
+    config.write_text("--job-handle-prefix=FROMFILE\n--verbose=NOTICE --port=1\n")
+    for form in (["--config-file", str(config)], [f"--config-file={config}"], [f"@{config}"]):
+        server = Server(tmp_path, form)   # the command line's -p wins over the file's --port
+        try:
+            server.start()
+            assert server.admin("verbose") == b"OK NOTICE\n"
+            with server.connect() as sock:
+                sock.sendall(b"\0REQ" + (18).to_bytes(4, "big") + (5).to_bytes(4, "big")
+                             + b"f\0u\0x")
+                assert sock.recv(100).endswith(b"FROMFILE:1")
+        finally:
+            server.kill()
+
+
+def test_missing_explicit_config_file_is_an_error(tmp_path):
+    result = run([str(ROOT / "gearmand.py"), "--config-file", str(tmp_path / "nope.conf")],
+                 tmp_path)
+    assert result.returncode == 1
+    assert one_line(result) == "gearmand: Could not open configuration file."
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-j", "many"], "argument -j/--job-retries: invalid int value: 'many'"),
+    (["--hashtable-buckets", "0"], "hashtable-buckets has to be greater than 0"),
+    (["-r", "gopher"], "Unknown protocol module : gopher"),
+    (["-v"], "Option -v has been deprecated, please use --verbose"),
+    (["stray"], "unrecognised option 'stray'"),
+    (["--job-handle-prefix", "x" * 64], "--job-handle-prefix must be shorter than 64 characters"),
+])
+def test_bad_values_are_one_line_and_exit_1(tmp_path, args, message):
+    result = run([str(ROOT / "gearmand.py"), "-p", str(free_port())] + args, tmp_path)
+    assert result.returncode == 1
+    assert one_line(result) == "gearmand: " + message
+
+
+def test_check_args_validates_and_exits_0(tmp_path):
+    result = run([str(ROOT / "gearmand.py"), "--check-args", "-p", "4730"], tmp_path)
+    assert result.returncode == 0 and result.stderr == b""
