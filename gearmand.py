@@ -838,6 +838,7 @@ class Server:
         self.finished_batches = collections.deque()   # filled by the writer thread
         self.writer = None
         self.stopping = None              # None, "now" or "graceful"
+        self.stop_requested = None        # set by signal handlers, applied by the loop
         self.flush_deadline = None        # graceful stop: give up on unread output then
         self.accept_paused = False
         self.wake_reader, self.wake_writer = socket.socketpair()
@@ -917,6 +918,8 @@ class Server:
     def serve_forever(self):
         select = self.selector.select
         while True:
+            if self.stop_requested:
+                self.begin_stop()
             timeout = self.run_timers()
             self.end_turn()
             if self.stopping and self.ready_to_stop():
@@ -969,10 +972,17 @@ class Server:
         return time.monotonic() >= self.flush_deadline
 
     def request_stop(self, how):
-        if self.stopping != "now":
-            self.stopping = how
-        self.stop_listening()
+        """Ask the loop to stop ("now" or "graceful"); safe in a signal handler."""
+        if self.stop_requested != "now":
+            self.stop_requested = how
         self.wake()
+
+    def begin_stop(self):
+        if self.stopping != "now":
+            self.stopping = self.stop_requested
+        self.stop_requested = None
+        if self.listeners:
+            self.stop_listening()
 
     def wake(self):
         try:

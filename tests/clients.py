@@ -4,7 +4,7 @@
   the whole group after the test.
 * `RawConn` / `RawWorker`: a tiny binary-protocol client and a threaded worker used to
   set up server state and to drive load without a client library.
-* `wait_until`: poll a condition with a deadline (never a blind sleep).
+* `wait_until` (from conftest): poll a condition with a deadline (never a blind sleep).
 * `gm_hash`: C gearmand's hash, to compute the exact row order of admin lists.
 """
 import os
@@ -13,11 +13,10 @@ import socket
 import struct
 import subprocess
 import threading
-import time
 
 import pytest
 
-from conftest import admin_reply_complete
+from conftest import admin_reply_complete, wait_until  # noqa: F401  (re-exported)
 
 NODENAME = os.uname().nodename
 HANDLE_PREFIX = "H:" + NODENAME   # default job handle prefix of gearmand 1.1.20
@@ -32,19 +31,6 @@ WORK_EXCEPTION, OPTION_REQ, OPTION_RES, WORK_DATA, WORK_WARNING = 25, 26, 27, 28
 GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ = 30, 31
 SUBMIT_JOB_HIGH_BG, SUBMIT_JOB_LOW, SUBMIT_JOB_LOW_BG = 32, 33, 34
 GET_STATUS_UNIQUE, STATUS_RES_UNIQUE = 41, 42
-
-
-def wait_until(predicate, timeout=10.0, what="condition", interval=0.01):
-    """Poll `predicate` until it returns a truthy value; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        last = predicate()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value {last!r}")
-        time.sleep(interval)
 
 
 def wait_status(server, func, expected, timeout=10.0):

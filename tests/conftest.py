@@ -55,6 +55,19 @@ def wait_for_port(port, proc=None, timeout=15.0):
     return False
 
 
+def wait_until(predicate, timeout=10.0, what="condition", interval=0.01):
+    """Poll `predicate` until it returns a truthy value and return that value;
+    fail after `timeout` seconds, naming `what` and the last value seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value {last!r}")
+        time.sleep(interval)
+
+
 def recv_until(sock, predicate, timeout=10.0):
     sock.settimeout(timeout)
     data = b""

@@ -2,12 +2,18 @@
 
 Everything talks to the job server over raw sockets (tests/gearproto.py):
 submit background jobs, drain them with a worker, read `status` and
-`prioritystatus`, run a foreground job, poll a condition with a deadline.
+`prioritystatus`, run a foreground job, poll a condition with a deadline,
+check a replay; and the checks the SQL stores (MySQL, Postgres) share.
 """
 import collections
+import os
+import subprocess
 import time
 
 import gearproto as gp
+from conftest import C_GEARMAND, IMPL, unavailable, wait_until
+
+QUEUE_ERROR = (gp.ERROR, b"QUEUE_ERROR\0QUEUE_ERROR")
 
 HIGH, NORMAL, LOW = 0, 1, 2
 SUBMIT_TYPES = {HIGH: gp.SUBMIT_JOB_HIGH_BG, NORMAL: gp.SUBMIT_JOB_BG, LOW: gp.SUBMIT_JOB_LOW_BG}
@@ -15,18 +21,6 @@ SUBMIT_TYPES = {HIGH: gp.SUBMIT_JOB_HIGH_BG, NORMAL: gp.SUBMIT_JOB_BG, LOW: gp.S
 # One background job: `when` > 0 makes it a SUBMIT_JOB_EPOCH (always NORMAL).
 Job = collections.namedtuple("Job", "function unique data priority when")
 Job.__new__.__defaults__ = (NORMAL, 0)
-
-
-def wait_until(predicate, timeout=10.0, interval=0.05, message="condition"):
-    """Poll `predicate` until it returns something true; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
-        time.sleep(interval)
 
 
 def submit_packet(job):
@@ -189,3 +183,146 @@ def check_replay(server, jobs, priorities=True, epoch_waits=True, timeout=15.0):
         assert ran == [(job.function, job.unique, job.data)]
         if epoch_waits:
             assert time.time() >= job.when - 1
+
+
+def check_replay_any_order(server, jobs):
+    """Like check_replay, for a server that replays in no particular order within a
+    priority: each job runs exactly once with its data, higher priorities first."""
+    functions = {job.function for job in jobs}
+    assert {f: row[:3] for f, row in priority_status(server).items()
+            if f in functions} == expected_priority_status(jobs)
+    by_function = collections.defaultdict(list)
+    for job in jobs:
+        if not job.when:
+            by_function[job.function].append(job)
+    for function, group in by_function.items():
+        ran = drain(server, [function], len(group))
+        assert sorted(ran) == sorted((j.function, j.unique, j.data) for j in group)
+        priority = {(j.function, j.unique, j.data): j.priority for j in group}
+        order = [priority[job] for job in ran]
+        assert order == sorted(order), ran
+    epochs = [job for job in jobs if job.when]
+    if epochs:
+        check_replay(server, epochs)
+
+
+def need_c():
+    if not os.path.exists(C_GEARMAND):
+        unavailable("C gearmand is not installed")
+
+
+def run_once(make_server, *args):
+    """Run a server with `args` to its exit; return (exit code, its stderr lines)."""
+    server = make_server(*args, start=False)
+    result = subprocess.run(server.command(), capture_output=True, timeout=30)
+    return result.returncode, result.stderr.decode().strip().splitlines()
+
+
+# -- SQL stores: the same checks for MySQL and Postgres -------------------------------
+# `options` are the server's queue options, `rows()` reads the table as
+# {(unique, function): (priority, data, when_to_run)}.
+
+def check_refused_writes(server, function, rows, drop_table):
+    """A row the database refuses (a function name longer than VARCHAR(255)) and a
+    missing table answer QUEUE_ERROR; the rest keeps working."""
+    long_name = b"f" * 300
+    replies = submit_all(server, [Job(function, b"a", b"1"), Job(long_name, b"b", b"2"),
+                                  Job(function, b"c", b"3")])
+    assert [r[0] for r in replies] == [gp.JOB_CREATED, gp.ERROR, gp.JOB_CREATED]
+    assert replies[1] == QUEUE_ERROR
+    assert set(rows()) == {(b"a", function), (b"c", function)}
+    assert server.status().get("f" * 300, (0,))[0] == 0
+
+    # Without its table the store can write nothing; the rest keeps working.
+    drop_table()
+    assert submit_one(server, Job(function, b"d", b"4")) == QUEUE_ERROR
+    assert foreground(server, function + b".fg", b"abc") == b"cba"
+    if IMPL == "c":
+        return      # C closes a worker whose WORK_COMPLETE cannot delete the row
+    assert sorted(drain(server, [function], 2)) == [(function, b"a", b"1"), (function, b"c", b"3")]
+
+
+def check_c_writes_we_replay(make_server, options, rows, prefix):
+    """C queues sample jobs and is killed; we replay them all (C stores priority and
+    when_to_run correctly), then delete every row."""
+    need_c()
+    # C refuses a second empty-unique job of a function (duplicate key), so one only.
+    jobs = sample_jobs(prefix, int(time.time()) + 4, empty_uniques=1)
+    c_server = make_server(*options, impl="c")
+    submit_ok(c_server, jobs)
+    assert len(rows()) == len(jobs)
+    c_server.kill()
+    server = make_server(*options, impl="py")
+    check_replay(server, jobs)
+    wait_until(lambda: not rows(), 5, what="done jobs deleted from the table")
+
+
+def we_write_and_c_starts(make_server, options, rows, jobs):
+    """We queue `jobs` and are killed; C starts on the same table. Returns C's server
+    and `jobs` as C sees them: our generated uniques (for empty and `-` uniques) are
+    ordinary ones to it."""
+    need_c()
+    server = make_server(*options, impl="py")
+    submit_ok(server, jobs)
+    server.kill()
+    generated = {data: unique for (unique, _), (_, data, _) in rows().items()}
+    c_server = make_server(*options, impl="c")
+    return c_server, [job._replace(unique=generated[job.data])
+                      if job.unique in (b"", b"-") else job for job in jobs]
+
+
+def check_outage(server, backend_stopped, rows, function, backend):
+    """While the `backend_stopped()` context holds the database down, background
+    submissions fail at once with QUEUE_ERROR and foreground and queued work still
+    runs; when it is back, submissions succeed again by themselves, the failed delete
+    is retried and nothing acknowledged is lost. `backend` names it in messages."""
+    submit_ok(server, [Job(function, b"before1", b"1"), Job(function, b"before2", b"2")])
+
+    with backend_stopped():
+        started = time.monotonic()
+        assert submit_one(server, Job(function, b"during", b"x")) == QUEUE_ERROR
+        assert submit_one(server, Job(function, b"during2", b"y", LOW)) == QUEUE_ERROR
+        assert time.monotonic() - started < 3, f"the store blocked while {backend} was down"
+        assert foreground(server, function + b".fg", b"abc") == b"cba"
+        # Queued work is still handed out; its delete waits for the database.
+        with server.connect() as worker:
+            gp.can_do(worker, function)
+            ptype, body = gp.call(worker, gp.GRAB_JOB_UNIQ)
+            assert ptype == gp.JOB_ASSIGN_UNIQ
+            handle, _, unique, _ = body.split(b"\0", 3)
+            assert unique == b"before1"
+            gp.send(worker, gp.WORK_COMPLETE, handle, b"")
+            gp.sync(worker)
+        assert server.status()[function.decode()][0] == 1
+
+    # Back up: submissions succeed again by themselves, and the delete is retried.
+    attempt = iter(range(10 ** 6))
+
+    def submitted():
+        unique = b"after%d" % next(attempt)
+        reply = submit_one(server, Job(function, unique, unique))
+        return unique if reply[0] == gp.JOB_CREATED else None
+
+    after = wait_until(submitted, 20, what="a background submission to succeed again",
+                       interval=0.1)
+    wait_until(lambda: set(rows()) == {(b"before2", function), (after, function)}, 10,
+               what="the failed delete to be retried")
+
+    # Nothing acknowledged was lost.
+    server.kill()
+    server.start()
+    assert sorted(drain(server, [function], 2)) == [(function, after, after),
+                                                    (function, b"before2", b"2")]
+
+
+def check_bad_settings_exit_1(make_server, arg_sets, store):
+    """Each of `arg_sets` makes the server exit 1 within 10 s; ours logs one line
+    naming the `store`."""
+    for args in arg_sets:
+        server = make_server(*args, start=False)
+        started = time.monotonic()
+        server.start(expect_ready=False)
+        assert server.proc.wait(15) == 1, server.log()
+        assert time.monotonic() - started < 10
+        lines = [line for line in server.log().splitlines() if line.strip()]
+        assert IMPL == "c" or len(lines) == 1 and store in lines[0], server.log()

@@ -1,10 +1,9 @@
 """Text admin protocol, byte for byte as C gearmand 1.1.20 answers it (admin.md)."""
 import re
-import time
 
 import pytest
 
-from conftest import IMPL, admin_reply_complete, recv_until
+from conftest import IMPL, admin_reply_complete, recv_until, wait_until
 from gearproto import (
     CAN_DO, GRAB_JOB, JOB_ASSIGN, NO_JOB, SET_CLIENT_ID, SUBMIT_JOB, SUBMIT_JOB_BG,
     SUBMIT_JOB_HIGH, SUBMIT_JOB_LOW_BG, WORK_COMPLETE, WORK_FAIL, can_do, closed, complete,
@@ -46,13 +45,6 @@ def hash_order(keys_in_creation_order, buckets, key=gm_hash):
     indexed = list(enumerate(keys_in_creation_order))
     indexed.sort(key=lambda e: (key(e[1]) % buckets, -e[0]))
     return [k for _, k in indexed]
-
-
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 def ask(sock, line):

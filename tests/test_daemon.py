@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import C_GEARMAND, IMPL, Server, recv_until
+from conftest import C_GEARMAND, IMPL, Server, recv_until, wait_until
 from gearproto import (
     GRAB_JOB, GRAB_JOB_UNIQ, JOB_ASSIGN, JOB_ASSIGN_UNIQ, NO_JOB, SUBMIT_JOB, WORK_COMPLETE,
     Closed, can_do, expect, recv, send, submit, sync,
@@ -20,16 +20,6 @@ from gearproto import (
 LEVELS = ("FATAL", "ALERT", "CRITICAL", "ERROR", "WARNING", "NOTICE", "INFO", "DEBUG")
 # C prints its argv[0] before its messages; ours prints "gearmand".
 PROGRAM = C_GEARMAND if IMPL == "c" else "gearmand"
-
-
-def wait_until(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
-        time.sleep(0.005)
 
 
 def alive(pid):

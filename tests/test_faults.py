@@ -1,11 +1,10 @@
 """Malformed input (protocol.md §1.1 and §9): the offending connection gets an ERROR or is
 closed without a reply, and nobody else notices."""
 import struct
-import time
 
 import pytest
 
-from conftest import IMPL
+from conftest import IMPL, wait_until
 from gearproto import (
     CAN_DO, CAN_DO_TIMEOUT, ECHO_REQ, ECHO_RES, ERR_INVALID_COMMAND, ERR_INVALID_MAGIC, ERROR,
     GET_STATUS, GET_STATUS_UNIQUE, GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ, JOB_CREATED, OPTION_REQ,
@@ -19,13 +18,6 @@ PREFIX = ("--job-handle-prefix", "T")
 
 def header(ptype, size=0, magic=b"\0REQ"):
     return magic + struct.pack(">II", ptype, size)
-
-
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 @pytest.fixture

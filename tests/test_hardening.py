@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import IMPL
+from conftest import IMPL, wait_until
 from gearproto import (
     CAN_DO, CAN_DO_TIMEOUT, ECHO_REQ, ECHO_RES, GRAB_JOB, GRAB_JOB_UNIQ, JOB_ASSIGN,
     JOB_ASSIGN_UNIQ, NO_JOB, RES, SUBMIT_JOB, SUBMIT_JOB_BG, SUBMIT_JOB_HIGH,
@@ -62,13 +62,6 @@ def nofile_limits(pid):
                 soft, hard = line.split()[3:5]
                 return int(soft), int(hard)
     raise AssertionError("no 'Max open files' line")
-
-
-def wait_until(predicate, timeout=5.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
-        time.sleep(0.01)
 
 
 def reset(sock):

@@ -15,7 +15,7 @@ import time
 import pytest
 
 import gearproto as gp
-from conftest import IMPL, free_port, unavailable, wait_for_port
+from conftest import IMPL, free_port, unavailable, wait_for_port, wait_until
 
 ours_only = pytest.mark.skipif(IMPL == "c", reason="gearmand.py's HTTP/1.1 interface; "
                                                    "C's HTTP module lacks it")
@@ -33,17 +33,6 @@ def start(make_server, *options, impl=IMPL, c_style=False):
     assert wait_for_port(port, server.proc), server.log()
     server.http_port = port
     return server
-
-
-def wait_until(predicate, what, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def connection(server):
@@ -91,7 +80,7 @@ def grab(sock):
 
 def wait_queued(server, function, total):
     wait_until(lambda: server.status().get(function, (0,))[0] == total,
-               f"{total} jobs of {function} in status")
+               what=f"{total} jobs of {function} in status")
 
 
 class Raw:
@@ -553,7 +542,7 @@ def test_foreground_without_a_worker_is_503_at_once(make_server):
     # A worker that registered and left no longer counts.
     sock = worker(server, "gone")
     sock.close()
-    wait_until(lambda: server.status().get("gone") == (0, 0, 0), "the worker to leave")
+    wait_until(lambda: server.status().get("gone") == (0, 0, 0), what="the worker to leave")
     assert request(server, "POST", "/gone", b"x", conn=http_conn)[0] == 503
     # Background jobs need no worker.
     assert request(server, "POST", "/nobody", b"x", BACKGROUND, conn=http_conn)[0] == 200
@@ -639,7 +628,7 @@ def test_client_disconnect_abandons_its_foreground_job(make_server):
         assert jobs[0].split(b"\t")[1:] == [b"0", b"0", b"0"]
         raw.close()
         wait_until(lambda: server.admin("show jobs").split(b"\t")[2:3] == [b"1"],
-                   "the job to be ignored")
+                   what="the job to be ignored")
         ptype, _ = gp.grab(sock)
         assert ptype == gp.NO_JOB
         assert server.status()["f"] == (0, 0, 1)
@@ -736,7 +725,7 @@ def test_metrics_while_jobs_run(make_server):
     # Open: http_conn, fg, w1, w2, wg (admin connections closing are polled away).
     samples = wait_until(lambda: (lambda s: s if sample(s, "gearman_connections") == 5
                                   else None)(metric_samples(server, http_conn)),
-                         "5 open connections")
+                         what="5 open connections")
     assert function_samples(samples, "gearman_jobs") == {"f": 6, "g": 0}
     assert function_samples(samples, "gearman_jobs_running") == {"f": 1, "g": 0}
     assert function_samples(samples, "gearman_jobs_waiting") == {"f": 5, "g": 0}
@@ -780,7 +769,7 @@ def test_metrics_accepted_connections_count_exactly(make_server):
         socket.create_connection(("127.0.0.1", server.port), 5).close()
     socks = [socket.create_connection(("127.0.0.1", server.http_port), 5) for _ in range(2)]
     samples = wait_until(lambda: (lambda s: s if sample(s, "gearman_connections") == 3 else None)(
-        metric_samples(server, http_conn)), "3 open connections")
+        metric_samples(server, http_conn)), what="3 open connections")
     assert sample(samples, "gearman_connections_accepted_total") - before == 7
     for sock in socks:
         sock.close()

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import IMPL
+from conftest import IMPL, wait_until
 from gearproto import (
     ALL_YOURS, CAN_DO, CAN_DO_TIMEOUT, CANT_DO, ECHO_REQ, ECHO_RES, ERR_INVALID_COMMAND,
     ERR_NOT_FOUND_DATA, ERR_NOT_FOUND_EXCEPTION, ERR_NOT_FOUND_RESULT, ERR_QUEUE_FULL,
@@ -27,14 +27,6 @@ BG_TYPES = [SUBMIT_JOB_BG, SUBMIT_JOB_HIGH_BG, SUBMIT_JOB_LOW_BG]
 @pytest.fixture
 def srv(make_server):
     return make_server(*PREFIX)
-
-
-def wait_until(predicate, timeout=5.0):
-    """Poll server-visible state that changes asynchronously (e.g. after a disconnect)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 def sleeping_worker(server, *funcs):

@@ -16,10 +16,9 @@ import pytest
 pytest.register_assert_rewrite("storetools")
 
 import gearproto as gp  # noqa: E402
-from conftest import C_GEARMAND, IMPL, free_port, unavailable  # noqa: E402
-from storetools import (HIGH, LOW, Job, check_replay, drain,  # noqa: E402
-                        expected_priority_status, priority_status, sample_jobs, submit_all,
-                        submit_ok, wait_until)
+from conftest import IMPL, free_port, unavailable  # noqa: E402
+from storetools import (HIGH, LOW, QUEUE_ERROR, Job, check_replay_any_order, drain,  # noqa: E402
+                        need_c, run_once, sample_jobs, submit_all, submit_ok, wait_until)
 
 try:
     from pymemcache.client.base import Client
@@ -30,7 +29,6 @@ pytestmark = pytest.mark.skipif(IMPL == "c",
                                 reason="tests of our memcached store and its C interplay")
 
 ADDRESS = ("127.0.0.1", 11211)
-QUEUE_ERROR = (gp.ERROR, b"QUEUE_ERROR\0QUEUE_ERROR")
 
 
 class FlagsSerde:
@@ -106,32 +104,6 @@ def key_of(prefix, job):
     return (prefix.encode() + job.function + b"-" + job.unique)[:250]
 
 
-def need_c():
-    if not os.path.exists(C_GEARMAND):
-        unavailable("C gearmand is not installed")
-
-
-def check_replay_any_order(server, jobs):
-    """Like check_replay, for a server that replays in no particular order within a
-    priority: each job runs exactly once with its data, higher priorities first."""
-    functions = {job.function for job in jobs}
-    assert {f: row[:3] for f, row in priority_status(server).items()
-            if f in functions} == expected_priority_status(jobs)
-    by_function = collections.defaultdict(list)
-    for job in jobs:
-        if not job.when:
-            by_function[job.function].append(job)
-    for function, group in by_function.items():
-        ran = drain(server, [function], len(group))
-        assert sorted(ran) == sorted((j.function, j.unique, j.data) for j in group)
-        priority = {(j.function, j.unique, j.data): j.priority for j in group}
-        order = [priority[job] for job in ran]
-        assert order == sorted(order), ran
-    epochs = [job for job in jobs if job.when]
-    if epochs:
-        check_replay(server, epochs)
-
-
 def test_background_jobs_survive_kill_9_and_replay_exactly_once(make_server, prefix):
     server = make_server(*options(prefix))
     jobs = sample_jobs(prefix, int(time.time()) + 4)
@@ -156,7 +128,7 @@ def test_background_jobs_survive_kill_9_and_replay_exactly_once(make_server, pre
     server.kill()
     server.start()
     check_replay_any_order(server, jobs)
-    wait_until(lambda: not ours(prefix), 5, message="done jobs deleted from memcached")
+    wait_until(lambda: not ours(prefix), 5, what="done jobs deleted from memcached")
 
 
 def test_cancel_deletes_the_item(make_server, prefix):
@@ -165,7 +137,7 @@ def test_cancel_deletes_the_item(make_server, prefix):
     handle, = submit_ok(server, [Job(function, b"cancel-me", b"x")])
     assert ours(prefix) == {key_of(prefix, Job(function, b"cancel-me", b""))}
     assert server.admin(f"cancel job {handle.decode()}") == b"OK\r\n"
-    wait_until(lambda: not ours(prefix), 5, message="cancelled job's item deleted")
+    wait_until(lambda: not ours(prefix), 5, what="cancelled job's item deleted")
 
 
 def test_key_memcached_refuses_gets_queue_error(make_server, prefix):
@@ -184,11 +156,11 @@ def test_c_writes_and_we_replay(make_server, prefix):
     jobs = sample_jobs(prefix, 0, empty_uniques=1)
     c_server = make_server(*options(prefix), impl="c")
     submit_ok(c_server, jobs)
-    wait_until(lambda: len(ours(prefix)) == len(jobs), 5, message="C's items")
+    wait_until(lambda: len(ours(prefix)) == len(jobs), 5, what="C's items")
     c_server.kill()
     server = make_server(*options(prefix), impl="py")
     check_replay_any_order(server, jobs)
-    wait_until(lambda: not ours(prefix), 5, message="done jobs deleted from memcached")
+    wait_until(lambda: not ours(prefix), 5, what="done jobs deleted from memcached")
 
 
 def test_we_write_and_c_replays_what_cachedump_lists(make_server, prefix):
@@ -205,7 +177,7 @@ def test_we_write_and_c_replays_what_cachedump_lists(make_server, prefix):
         listed = keys & cachedump_keys()
         return listed if len(listed) * 2 >= len(keys) else None
 
-    listed = wait_until(most_listed, 15, 0.2, "memcached to list most of our items")
+    listed = wait_until(most_listed, 15, what="memcached to list most of our items", interval=0.2)
 
     c_server = make_server(*options(prefix), impl="c")
     expected = {(job.function, job.data): job for job in jobs}
@@ -218,14 +190,11 @@ def test_we_write_and_c_replays_what_cachedump_lists(make_server, prefix):
 
 def test_unreachable_memcached_at_start_exits_1_with_one_line(make_server, prefix):
     port = free_port()
-    server = make_server("-q", "libmemcached", f"--libmemcached-servers=127.0.0.1:{port}",
-                         start=False)
-    result = subprocess.run(server.command(), capture_output=True, timeout=30)
-    assert result.returncode == 1
-    lines = result.stderr.decode().strip().splitlines()
+    code, lines = run_once(make_server, "-q", "libmemcached",
+                           f"--libmemcached-servers=127.0.0.1:{port}")
+    assert code == 1
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], lines
 
-    server = make_server("-q", "libmemcached", start=False)
-    result = subprocess.run(server.command(), capture_output=True, timeout=30)
-    assert result.returncode == 1
-    assert "--libmemcached-servers" in result.stderr.decode()
+    code, lines = run_once(make_server, "-q", "libmemcached")
+    assert code == 1
+    assert any("--libmemcached-servers" in line for line in lines)

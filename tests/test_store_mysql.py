@@ -11,10 +11,11 @@ import pytest
 
 pytest.register_assert_rewrite("storetools")
 
-import gearproto as gp  # noqa: E402
-from conftest import C_GEARMAND, IMPL, free_port, unavailable  # noqa: E402
-from storetools import (HIGH, LOW, Job, check_replay, drain, foreground,  # noqa: E402
-                        sample_jobs, submit_all, submit_ok, submit_one, wait_until)
+from conftest import IMPL, free_port, unavailable  # noqa: E402
+from storetools import (HIGH, QUEUE_ERROR, Job, check_bad_settings_exit_1,  # noqa: E402
+                        check_c_writes_we_replay, check_outage, check_refused_writes, check_replay,
+                        drain, sample_jobs, submit_ok, submit_one, wait_until,
+                        we_write_and_c_starts)
 
 try:
     import mysql.connector as mysql_connector
@@ -23,7 +24,6 @@ except ImportError:               # pragma: no cover
 
 MARIADBD = "/usr/sbin/mariadbd"
 PID_FILE = "/run/mysqld/mysqld.pid"
-QUEUE_ERROR = (gp.ERROR, b"QUEUE_ERROR\0QUEUE_ERROR")
 # C refuses a second empty-unique job of a function (duplicate key); we keep both.
 EMPTY_UNIQUES = 1 if IMPL == "c" else 2
 
@@ -98,7 +98,7 @@ def ensure_mariadb_running():
         return
     subprocess.run(["start-stop-daemon", "--start", "--oknodo", "--background",
                     "--exec", MARIADBD], check=True, capture_output=True)
-    wait_until(mariadb_up, 60, 0.1, "MariaDB to accept connections")
+    wait_until(mariadb_up, 60, what="MariaDB to accept connections", interval=0.1)
 
 
 @contextlib.contextmanager
@@ -108,7 +108,8 @@ def mariadb_stopped():
         unavailable("cannot stop and restart MariaDB here (needs root and its pid file)")
     try:
         os.kill(pid, signal.SIGTERM)
-        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 60, 0.05, "MariaDB to stop")
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 60, what="MariaDB to stop",
+                   interval=0.05)
         yield
     finally:
         ensure_mariadb_running()
@@ -135,7 +136,7 @@ def test_background_jobs_survive_kill_and_replay_exactly_once(make_server, table
     server.kill()
     server.start()
     check_replay(server, jobs)
-    wait_until(lambda: not rows(table), 5, message="done jobs deleted from the table")
+    wait_until(lambda: not rows(table), 5, what="done jobs deleted from the table")
 
 
 def test_local_socket_and_cancel(make_server, table):
@@ -144,7 +145,7 @@ def test_local_socket_and_cancel(make_server, table):
     handle, = submit_ok(server, [Job(function, b"cancel-me", b"x")])
     assert (b"cancel-me", function) in rows(table)
     assert server.admin(f"cancel job {handle.decode()}") == b"OK\r\n"
-    wait_until(lambda: not rows(table), 5, message="cancelled job's row deleted")
+    wait_until(lambda: not rows(table), 5, what="cancelled job's row deleted")
 
 
 def test_leftover_row_is_replaced(make_server, table):
@@ -159,100 +160,31 @@ def test_leftover_row_is_replaced(make_server, table):
     # ...but a key that only collates equal to a live job's is refused, as in C.
     assert submit_one(server, Job(function, b"LEFT", b"other")) == QUEUE_ERROR
     assert drain(server, [function], 1) == [(function, b"left", b"new")]
-    wait_until(lambda: not rows(table), 5, message="done job's row deleted")
+    wait_until(lambda: not rows(table), 5, what="done job's row deleted")
 
 
 def test_refused_writes_answer_queue_error(make_server, table):
-    server = make_server(*options(table))
-    function = prefix().encode()
     # Strict mode refuses a function name longer than VARCHAR(255).
-    long_name = b"f" * 300
-    replies = submit_all(server, [Job(function, b"a", b"1"), Job(long_name, b"b", b"2"),
-                                  Job(function, b"c", b"3")])
-    assert [r[0] for r in replies] == [gp.JOB_CREATED, gp.ERROR, gp.JOB_CREATED]
-    assert replies[1] == QUEUE_ERROR
-    assert set(rows(table)) == {(b"a", function), (b"c", function)}
-    assert server.status().get("f" * 300, (0,))[0] == 0
-
-    # Without its table the store can write nothing; the rest keeps working.
-    query(f"DROP TABLE {table}")
-    assert submit_one(server, Job(function, b"d", b"4")) == QUEUE_ERROR
-    assert foreground(server, function + b".fg", b"abc") == b"cba"
-    if IMPL == "c":
-        return      # C closes a worker whose WORK_COMPLETE cannot delete the row
-    assert sorted(drain(server, [function], 2)) == [(function, b"a", b"1"), (function, b"c", b"3")]
+    check_refused_writes(make_server(*options(table)), prefix().encode(), lambda: rows(table),
+                         lambda: query(f"DROP TABLE {table}"))
 
 
 def test_c_writes_and_we_replay(make_server, table):
-    if not os.path.exists(C_GEARMAND):
-        unavailable("C gearmand is not installed")
-    # C refuses a second empty-unique job of a function (duplicate key), so one only.
-    jobs = sample_jobs(prefix(), int(time.time()) + 4, empty_uniques=1)
-    c_server = make_server(*options(table), impl="c")
-    submit_ok(c_server, jobs)
-    assert len(rows(table)) == len(jobs)
-    c_server.kill()
-    server = make_server(*options(table), impl="py")
-    check_replay(server, jobs)
-    wait_until(lambda: not rows(table), 5, message="done jobs deleted from the table")
+    check_c_writes_we_replay(make_server, options(table), lambda: rows(table), prefix())
 
 
 def test_we_write_and_c_replays(make_server, table):
-    if not os.path.exists(C_GEARMAND):
-        unavailable("C gearmand is not installed")
-    jobs = sample_jobs(prefix(), int(time.time()) + 4)
-    server = make_server(*options(table), impl="py")
-    submit_ok(server, jobs)
-    server.kill()
-    c_server = make_server(*options(table), impl="c")
-    # C replays our generated uniques (for empty and `-` uniques) as ordinary ones.
-    generated = {data: unique for (unique, _), (_, data, _) in rows(table).items()}
-    check_replay(c_server, [job._replace(unique=generated[job.data])
-                            if job.unique in (b"", b"-") else job for job in jobs])
-    wait_until(lambda: not rows(table), 5, message="done jobs deleted by C")
+    c_server, jobs = we_write_and_c_starts(make_server, options(table), lambda: rows(table),
+                                           sample_jobs(prefix(), int(time.time()) + 4))
+    check_replay(c_server, jobs)
+    wait_until(lambda: not rows(table), 5, what="done jobs deleted by C")
 
 
 def test_backend_outage(make_server, table):
     if IMPL == "c":
         pytest.skip("C closes a worker whose WORK_COMPLETE cannot delete the row")
-    server = make_server(*options(table))
-    function = prefix().encode()
-    submit_ok(server, [Job(function, b"before1", b"1"), Job(function, b"before2", b"2")])
-
-    with mariadb_stopped():
-        started = time.monotonic()
-        assert submit_one(server, Job(function, b"during", b"x")) == QUEUE_ERROR
-        assert submit_one(server, Job(function, b"during2", b"y", LOW)) == QUEUE_ERROR
-        assert time.monotonic() - started < 3, "the store blocked while MariaDB was down"
-        assert foreground(server, function + b".fg", b"abc") == b"cba"
-        # Queued work is still handed out; its delete waits for MariaDB.
-        with server.connect() as worker:
-            gp.can_do(worker, function)
-            ptype, body = gp.call(worker, gp.GRAB_JOB_UNIQ)
-            assert ptype == gp.JOB_ASSIGN_UNIQ
-            handle, _, unique, _ = body.split(b"\0", 3)
-            assert unique == b"before1"
-            gp.send(worker, gp.WORK_COMPLETE, handle, b"")
-            gp.sync(worker)
-        assert server.status()[function.decode()][0] == 1
-
-    # Back up: submissions succeed again by themselves, and the delete is retried.
-    attempt = iter(range(10 ** 6))
-
-    def submitted():
-        unique = b"after%d" % next(attempt)
-        reply = submit_one(server, Job(function, unique, unique))
-        return unique if reply[0] == gp.JOB_CREATED else None
-
-    after = wait_until(submitted, 20, 0.1, "a background submission to succeed again")
-    wait_until(lambda: set(rows(table)) == {(b"before2", function), (after, function)}, 10,
-               message="the failed delete to be retried")
-
-    # Nothing acknowledged was lost.
-    server.kill()
-    server.start()
-    assert sorted(drain(server, [function], 2)) == [(function, after, after),
-                                                    (function, b"before2", b"2")]
+    check_outage(make_server(*options(table)), mariadb_stopped, lambda: rows(table),
+                 prefix().encode(), "MariaDB")
 
 
 def test_lost_connection_is_replaced_at_once(make_server, table):
@@ -271,14 +203,8 @@ def test_lost_connection_is_replaced_at_once(make_server, table):
 
 def test_bad_settings_exit_1(make_server, table):
     closed_port = free_port()       # nothing listens there
-    for args in (options(table)[:4] + ("--mysql-port", str(closed_port), "--mysql-user", "root",
-                                       "--mysql-db", "test"),
-                 options(table)[:-4] + ("--mysql-db", "no_such_db_here", "--mysql-table", table),
-                 options(table)[:4] + ("--mysql-table", table)):
-        server = make_server(*args, start=False)
-        started = time.monotonic()
-        server.start(expect_ready=False)
-        assert server.proc.wait(15) == 1, server.log()
-        assert time.monotonic() - started < 10
-        lines = [line for line in server.log().splitlines() if line.strip()]
-        assert IMPL == "c" or len(lines) == 1 and "MySQL" in lines[0], server.log()
+    check_bad_settings_exit_1(make_server, (
+        options(table)[:4] + ("--mysql-port", str(closed_port), "--mysql-user", "root",
+                              "--mysql-db", "test"),
+        options(table)[:-4] + ("--mysql-db", "no_such_db_here", "--mysql-table", table),
+        options(table)[:4] + ("--mysql-table", table)), "MySQL")

@@ -13,9 +13,9 @@ import pytest
 pytest.register_assert_rewrite("storetools")
 
 import gearproto as gp  # noqa: E402
-from conftest import C_GEARMAND, IMPL, free_port, unavailable  # noqa: E402
-from storetools import (HIGH, LOW, NORMAL, Job, check_replay, drain,  # noqa: E402
-                        expected_priority_status, foreground, priority_status, sample_jobs,
+from conftest import IMPL, free_port, unavailable  # noqa: E402
+from storetools import (HIGH, LOW, NORMAL, QUEUE_ERROR, Job, check_replay,  # noqa: E402
+                        check_replay_any_order, drain, foreground, need_c, run_once, sample_jobs,
                         submit_ok, submit_one, wait_until)
 
 try:
@@ -25,7 +25,6 @@ except ImportError:               # pragma: no cover
 
 pytestmark = pytest.mark.skipif(IMPL == "c", reason="tests of our redis store and its C interplay")
 
-QUEUE_ERROR = (gp.ERROR, b"QUEUE_ERROR\0QUEUE_ERROR")
 REDIS_START = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1",
                "--port", "6379", "--save", "", "--appendonly", "no", "--dir", "/var/lib/redis",
                "--logfile", "/var/log/redis/ci.log"]
@@ -45,7 +44,7 @@ def redis_up():
 def ensure_redis_running():
     if not redis_up():
         subprocess.run(REDIS_START, check=True, capture_output=True)
-        wait_until(redis_up, 20, 0.05, "Redis to accept connections")
+        wait_until(redis_up, 20, what="Redis to accept connections", interval=0.05)
 
 
 @pytest.fixture
@@ -82,32 +81,6 @@ def key_of(prefix, job):
     return b"%s-%s-%s" % (prefix.encode(), job.function, job.unique)
 
 
-def need_c():
-    if not os.path.exists(C_GEARMAND):
-        unavailable("C gearmand is not installed")
-
-
-def check_replay_any_order(server, jobs):
-    """Like check_replay, for a server that replays in no particular order within a
-    priority: each job runs exactly once with its data, higher priorities first."""
-    functions = {job.function for job in jobs}
-    assert {f: row[:3] for f, row in priority_status(server).items()
-            if f in functions} == expected_priority_status(jobs)
-    by_function = collections.defaultdict(list)
-    for job in jobs:
-        if not job.when:
-            by_function[job.function].append(job)
-    for function, group in by_function.items():
-        ran = drain(server, [function], len(group))
-        assert sorted(ran) == sorted((j.function, j.unique, j.data) for j in group)
-        priority = {(j.function, j.unique, j.data): j.priority for j in group}
-        order = [priority[job] for job in ran]
-        assert order == sorted(order), ran
-    epochs = [job for job in jobs if job.when]
-    if epochs:
-        check_replay(server, epochs)
-
-
 def test_background_jobs_survive_kill_9_and_replay_exactly_once(make_server, prefix):
     server = make_server(*options(prefix))
     jobs = sample_jobs(prefix, int(time.time()) + 4)
@@ -132,7 +105,7 @@ def test_background_jobs_survive_kill_9_and_replay_exactly_once(make_server, pre
     server.kill()
     server.start()
     check_replay(server, jobs)            # in submission order within each priority
-    wait_until(lambda: not records(prefix), 5, message="done jobs deleted from Redis")
+    wait_until(lambda: not records(prefix), 5, what="done jobs deleted from Redis")
     assert client().hlen(index_key(prefix)) == 0
 
 
@@ -160,7 +133,7 @@ def test_cancel_deletes_the_record(make_server, prefix):
     handle, = submit_ok(server, [job])
     assert key_of(prefix, job) in records(prefix)
     assert server.admin(f"cancel job {handle.decode()}") == b"OK\r\n"
-    wait_until(lambda: not records(prefix), 5, message="cancelled job's record deleted")
+    wait_until(lambda: not records(prefix), 5, what="cancelled job's record deleted")
 
 
 def test_c_writes_and_we_replay(make_server, prefix):
@@ -169,7 +142,7 @@ def test_c_writes_and_we_replay(make_server, prefix):
     jobs = sample_jobs(prefix, 0, empty_uniques=1)
     c_server = make_server(*options(prefix), impl="c")
     submit_ok(c_server, jobs)
-    wait_until(lambda: len(records(prefix)) == len(jobs), 5, message="C's records")
+    wait_until(lambda: len(records(prefix)) == len(jobs), 5, what="C's records")
     c_server.kill()
     # gearmand <= 1.1.15 stored the data as a plain string; it replays as a normal job.
     legacy = Job(f"{prefix}.legacy".encode(), b"old", b"plain \0 string")
@@ -177,7 +150,7 @@ def test_c_writes_and_we_replay(make_server, prefix):
 
     server = make_server(*options(prefix), impl="py")
     check_replay_any_order(server, jobs + [legacy])   # binary data and all
-    wait_until(lambda: not records(prefix), 5, message="done jobs deleted from Redis")
+    wait_until(lambda: not records(prefix), 5, what="done jobs deleted from Redis")
 
 
 def test_we_write_and_c_replays(make_server, prefix):
@@ -201,7 +174,7 @@ def test_we_write_and_c_replays(make_server, prefix):
     assert drain(c_server, [epoch.function], 1) == [(epoch.function, epoch.unique, epoch.data)]
     function, unique = f"{prefix}.my".encode(), b"func-u-1"      # C's split of the key
     assert drain(c_server, [function], 1) == [(function, unique, dashed.data)]
-    wait_until(lambda: not records(prefix), 5, message="C deleted the done jobs")
+    wait_until(lambda: not records(prefix), 5, what="C deleted the done jobs")
     c_server.kill()
 
     # Our index still names the jobs C finished; our next start drops those entries.
@@ -220,7 +193,7 @@ def test_redis_outage_fails_submissions_fast_then_recovers(make_server, prefix):
     try:
         subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], capture_output=True,
                        timeout=20)
-        wait_until(lambda: not redis_up(), 10, 0.05, "Redis to stop")
+        wait_until(lambda: not redis_up(), 10, what="Redis to stop", interval=0.05)
         for unique in (b"during-1", b"during-2"):     # the second falls in the retry window
             started = time.monotonic()
             assert submit_one(server, Job(function, unique, b"2")) == QUEUE_ERROR
@@ -231,18 +204,16 @@ def test_redis_outage_fails_submissions_fast_then_recovers(make_server, prefix):
     finally:
         ensure_redis_running()
     after = Job(function, b"after", b"3")
-    wait_until(lambda: submit_one(server, after)[0] == gp.JOB_CREATED, 10, 0.2,
-               "a submission to succeed after Redis came back")
+    wait_until(lambda: submit_one(server, after)[0] == gp.JOB_CREATED, 10,
+               what="a submission to succeed after Redis came back", interval=0.2)
     assert records(prefix) == {key_of(prefix, after): {b"data": b"3", b"priority": b"1"}}
     assert drain(server, [function], 1) == [(function, b"after", b"3")]
 
 
 def test_unreachable_redis_at_start_exits_1_with_one_line(make_server, prefix):
     port = free_port()
-    server = make_server("-q", "redis", "--redis-port", str(port), start=False)
-    result = subprocess.run(server.command(), capture_output=True, timeout=30)
-    assert result.returncode == 1
-    lines = result.stderr.decode().strip().splitlines()
+    code, lines = run_once(make_server, "-q", "redis", "--redis-port", str(port))
+    assert code == 1
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], lines
 
 

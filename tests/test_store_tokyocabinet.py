@@ -11,7 +11,8 @@ import pytest
 pytest.register_assert_rewrite("storetools")
 
 from conftest import IMPL, unavailable  # noqa: E402
-from storetools import HIGH, LOW, Job, check_replay, drain, sample_jobs, submit_ok  # noqa: E402
+from storetools import (HIGH, LOW, Job, check_replay, drain, run_once, sample_jobs,  # noqa: E402
+                        submit_ok)
 
 pytestmark = pytest.mark.skipif(IMPL == "c",
                                 reason="C gearmand in Debian has no Tokyo Cabinet queue")
@@ -104,12 +105,6 @@ def test_b_tree_file_works_too(make_server, tmp_path, db):
     assert set(tcamgr("list", path).split()) == {b"f-x", b"f-y"}
     server.start()
     assert drain(server, [b"f"], 2) == [(b"f", b"y", b"2"), (b"f", b"x", b"1")]
-
-
-def run_once(make_server, *args):
-    server = make_server(*args, start=False)
-    result = subprocess.run(server.command(), capture_output=True, timeout=30)
-    return result.returncode, result.stderr.decode().strip().splitlines()
 
 
 def test_bad_settings_exit_1_with_one_line(make_server, tmp_path, db):
