@@ -5,8 +5,8 @@
 * `RawConn` / `RawWorker`: a tiny binary-protocol client and a threaded worker used to
   set up server state and to drive load without a client library.
 * `wait_until` (from conftest): poll a condition with a deadline (never a blind sleep).
-* `gm_hash`: C gearmand's hash, to compute the exact row order of admin lists.
 """
+import json
 import os
 import signal
 import socket
@@ -106,6 +106,21 @@ def run(argv, input=None, timeout=20, check_rc=True):
     if check_rc:
         assert res.returncode == 0, (argv, res.returncode, res.stdout[-2000:], res.stderr[-2000:])
     return res
+
+
+def run_client_script(procs, argv, background=False):
+    """Run a client-library script: in the background (returns the process), or to
+    completion, asserting it wrote nothing on stderr (returns its JSON output)."""
+    if background:
+        return procs.start(argv)
+    res = run(argv)
+    assert res.stderr == b"", res.stderr
+    return json.loads(res.stdout)
+
+
+def log_lines(path):
+    """The lines a worker script logged to `path` ([] before it wrote any)."""
+    return path.read_text().split("\n")[:-1] if path.exists() else []
 
 
 # --------------------------------------------------------------------------- raw protocol
@@ -250,31 +265,3 @@ def raw_workers():
     yield factory
     for w in started:
         w.stop()
-
-
-# --------------------------------------------------------------------------- ordering
-
-def _s32(x):
-    x &= 0xFFFFFFFF
-    return x - 0x100000000 if x & 0x80000000 else x
-
-
-def gm_hash(b: bytes) -> int:
-    """gearmand's hash (Jenkins one-at-a-time over signed chars, signed 32-bit)."""
-    v = 0
-    for ch in b:
-        v = _s32(v + (ch - 256 if ch >= 128 else ch))
-        v = _s32(v + _s32(v << 10))
-        v = _s32(v ^ (v >> 6))
-    v = _s32(v + _s32(v << 3))
-    v = _s32(v ^ (v >> 11))
-    v = _s32(v + _s32(v << 15))
-    return (v & 0xFFFFFFFF) or 1
-
-
-def hash_order(keys, buckets=991):
-    """Order in which gearmand lists `keys` (bytes) created in the given order:
-    by bucket, newest first inside a bucket."""
-    created = list(enumerate(keys))
-    created.sort(key=lambda ik: (gm_hash(ik[1]) % buckets, -ik[0]))
-    return [k for _, k in created]

@@ -64,7 +64,8 @@ def wait_until(predicate, timeout=10.0, what="condition", interval=0.01):
         if last:
             return last
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value {last!r}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; "
+                                 f"last value {last!r}")
         time.sleep(interval)
 
 

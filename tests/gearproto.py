@@ -2,6 +2,7 @@
 
 Every packet is `magic` + type (uint32 BE) + size (uint32 BE) + payload, where the
 payload is the arguments joined by NUL bytes. Arguments may be str or bytes.
+Also C gearmand's hash (`gm_hash`), which orders the rows of its admin lists.
 """
 import socket
 import struct
@@ -146,6 +147,20 @@ def closed(sock, timeout=5.0):
     return data == b""
 
 
+def read_to_eof(sock, timeout=5.0):
+    """All the server sends until it closes (an RST counts as closing)."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+    except ConnectionResetError:
+        return data
+
+
 # --- client helpers ---------------------------------------------------------
 
 def submit(sock, func, uniq=b"", data=b"", ptype=SUBMIT_JOB_BG):
@@ -185,3 +200,54 @@ def complete(sock, handle, data=b""):
 
 def pre_sleep(sock):
     send(sock, PRE_SLEEP)
+
+
+def work_off(sock):
+    """As a worker that registered its functions: complete every job it is given,
+    until NO_JOB."""
+    while True:
+        send(sock, GRAB_JOB)
+        ptype, body = recv(sock)
+        if ptype == NO_JOB:
+            return
+        assert ptype == JOB_ASSIGN, show((ptype, body))
+        send(sock, WORK_COMPLETE, body.split(b"\0")[0], b"")
+
+
+def round_trip(client, worker, func, unique, data, result):
+    """One foreground job: `client` submits it, `worker` (registered for `func`) gets
+    it and completes it with `result`, and `client` receives that. Returns the handle."""
+    handle = submit(client, func, unique, data, ptype=SUBMIT_JOB)
+    send(worker, GRAB_JOB)
+    expect(worker, JOB_ASSIGN, handle, func, data)
+    send(worker, WORK_COMPLETE, handle, result)
+    expect(client, WORK_COMPLETE, handle, result)
+    return handle
+
+
+# --- C gearmand's hash tables: the order of admin lists ----------------------
+
+def _s32(x):
+    x &= 0xFFFFFFFF
+    return x - 0x100000000 if x & 0x80000000 else x
+
+
+def gm_hash(data):
+    """Jenkins one-at-a-time with C's signed chars and signed 32-bit ints (admin.md §4)."""
+    v = 0
+    for ch in data:
+        v = _s32(v + (ch - 256 if ch >= 128 else ch))
+        v = _s32(v + _s32(v << 10))
+        v = _s32(v ^ (v >> 6))
+    v = _s32(v + _s32(v << 3))
+    v = _s32(v ^ (v >> 11))
+    v = _s32(v + _s32(v << 15))
+    return (v & 0xFFFFFFFF) or 1
+
+
+def hash_order(keys, buckets=991):
+    """Order in which gearmand lists `keys` (bytes) created in the given order:
+    bucket 0 first, the newest entry first inside a bucket."""
+    created = list(enumerate(keys))
+    created.sort(key=lambda ik: (gm_hash(ik[1]) % buckets, -ik[0]))
+    return [k for _, k in created]

@@ -7,7 +7,7 @@ from conftest import IMPL, admin_reply_complete, recv_until, wait_until
 from gearproto import (
     CAN_DO, GRAB_JOB, JOB_ASSIGN, NO_JOB, SET_CLIENT_ID, SUBMIT_JOB, SUBMIT_JOB_BG,
     SUBMIT_JOB_HIGH, SUBMIT_JOB_LOW_BG, WORK_COMPLETE, WORK_FAIL, can_do, closed, complete,
-    expect, grab_handle, recv_exact, send, submit, sync,
+    expect, gm_hash, grab_handle, hash_order, recv_exact, send, submit, sync,
 )
 
 PREFIX = ("--job-handle-prefix", "T")
@@ -20,31 +20,6 @@ BUSY = b"ERR there are still connected workers or executing clients\r\n"
 @pytest.fixture
 def srv(make_server):
     return make_server(*PREFIX)
-
-
-def _s32(x):
-    x &= 0xFFFFFFFF
-    return x - 0x100000000 if x & 0x80000000 else x
-
-
-def gm_hash(data):
-    """Jenkins one-at-a-time with C's signed chars and signed 32-bit ints (admin.md §4)."""
-    v = 0
-    for ch in data:
-        v = _s32(v + (ch - 256 if ch >= 128 else ch))
-        v = _s32(v + _s32(v << 10))
-        v = _s32(v ^ (v >> 6))
-    v = _s32(v + _s32(v << 3))
-    v = _s32(v ^ (v >> 11))
-    v = _s32(v + _s32(v << 15))
-    return (v & 0xFFFFFFFF) or 1
-
-
-def hash_order(keys_in_creation_order, buckets, key=gm_hash):
-    """Bucket 0 first; inside a bucket the newest entry first."""
-    indexed = list(enumerate(keys_in_creation_order))
-    indexed.sort(key=lambda e: (key(e[1]) % buckets, -e[0]))
-    return [k for _, k in indexed]
 
 
 def ask(sock, line):

@@ -6,19 +6,10 @@ import subprocess
 
 import pytest
 
-from conftest import IMPL, recv_until
+from conftest import IMPL, admin_reply_complete, recv_until
 from gearproto import ERR_QUEUE_FULL, ERROR, SUBMIT_JOB_BG, can_do, expect, send, submit, sync
 
 OURS_ONLY = pytest.mark.skipif(IMPL == "c", reason="--admin-allow is an option of ours")
-
-def line_reply(data):
-    """A whole reply: one OK/ERR line, or a listing ending with '.'."""
-    if not data.endswith(b"\n"):
-        return False
-    if data.startswith((b"OK", b"ERR")):
-        return True
-    return data == b".\n" or data.endswith(b"\n.\n")
-
 
 def admin_from(address, port, line, source=None):
     sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
@@ -28,7 +19,7 @@ def admin_from(address, port, line, source=None):
     sock.connect((address, port))
     with sock:
         sock.sendall(line.encode() + b"\r\n")
-        return recv_until(sock, line_reply)
+        return recv_until(sock, admin_reply_complete)
 
 
 def denied(command, ip):

@@ -14,7 +14,7 @@ import pytest
 from conftest import C_GEARMAND, IMPL, Server, recv_until, wait_until
 from gearproto import (
     GRAB_JOB, GRAB_JOB_UNIQ, JOB_ASSIGN, JOB_ASSIGN_UNIQ, NO_JOB, SUBMIT_JOB, WORK_COMPLETE,
-    Closed, can_do, expect, recv, send, submit, sync,
+    Closed, can_do, expect, recv, round_trip, send, submit, sync,
 )
 
 LEVELS = ("FATAL", "ALERT", "CRITICAL", "ERROR", "WARNING", "NOTICE", "INFO", "DEBUG")
@@ -111,11 +111,7 @@ def test_daemon_detaches_and_writes_its_pid(tmp_path, daemons):
     worker = server.connect()
     can_do(worker, "d")
     client = server.connect()
-    handle = submit(client, "d", "", "x", ptype=SUBMIT_JOB)
-    send(worker, GRAB_JOB)
-    expect(worker, JOB_ASSIGN, handle, "d", "x")
-    send(worker, WORK_COMPLETE, handle, "y")
-    expect(client, WORK_COMPLETE, handle, "y")
+    round_trip(client, worker, "d", "", "x", "y")
     # its session is its own: SIGTERM to it stops it and removes the pid file
     assert os.getsid(pid) != os.getsid(0)
     terminate(pid)

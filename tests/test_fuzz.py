@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from conftest import IMPL
 from gearproto import (
-    GRAB_JOB, GRAB_JOB_UNIQ, JOB_ASSIGN, JOB_ASSIGN_UNIQ, NO_JOB, SUBMIT_JOB, WORK_COMPLETE,
-    can_do, expect, recv, send, submit, sync,
+    GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ, WORK_COMPLETE, can_do, expect, round_trip, send, submit, sync,
+    work_off,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -208,16 +208,8 @@ def janitor(server):
     rather than the fuzz's own backlog (far-future epoch jobs stay)."""
     sock = server.connect()
     names = set(FUNCTIONS) | set(status(server)) - {KEEP_FUNCTION.encode()}
-    for name in names:
-        send(sock, 1, name)   # CAN_DO
-    sync(sock)
-    while True:
-        send(sock, GRAB_JOB)
-        ptype, body = recv(sock)
-        if ptype == NO_JOB:
-            break
-        assert ptype == JOB_ASSIGN
-        send(sock, WORK_COMPLETE, body.split(b"\0")[0], b"")
+    can_do(sock, *names)
+    work_off(sock)
     sock.close()
 
 
@@ -323,11 +315,7 @@ def test_fuzz(make_server):
     sync(client)
     sync(worker)
     can_do(worker, "after.fuzz")
-    handle = submit(client, "after.fuzz", "", "ping", ptype=SUBMIT_JOB)
-    send(worker, GRAB_JOB)
-    expect(worker, JOB_ASSIGN, handle, "after.fuzz", "ping")
-    send(worker, WORK_COMPLETE, handle, "pong")
-    expect(client, WORK_COMPLETE, handle, "pong")
+    round_trip(client, worker, "after.fuzz", "", "ping", "pong")
     # drain the kept jobs, in order, byte for byte
     for handle, unique, data in kept:
         send(worker, GRAB_JOB_UNIQ)

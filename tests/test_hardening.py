@@ -14,10 +14,10 @@ import pytest
 
 from conftest import IMPL, wait_until
 from gearproto import (
-    CAN_DO, CAN_DO_TIMEOUT, ECHO_REQ, ECHO_RES, GRAB_JOB, GRAB_JOB_UNIQ, JOB_ASSIGN,
-    JOB_ASSIGN_UNIQ, NO_JOB, RES, SUBMIT_JOB, SUBMIT_JOB_BG, SUBMIT_JOB_HIGH,
-    SUBMIT_JOB_LOW_BG, SUBMIT_REDUCE_JOB_BACKGROUND, WORK_COMPLETE, WORK_EXCEPTION, WORK_STATUS,
-    WORK_WARNING, can_do, closed, expect, pack, recv, recv_exact, send, submit, sync,
+    CAN_DO, CAN_DO_TIMEOUT, ECHO_REQ, ECHO_RES, GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ, RES, SUBMIT_JOB,
+    SUBMIT_JOB_BG, SUBMIT_JOB_HIGH, SUBMIT_JOB_LOW_BG, SUBMIT_REDUCE_JOB_BACKGROUND,
+    WORK_COMPLETE, WORK_EXCEPTION, WORK_STATUS, WORK_WARNING, can_do, closed, expect, pack,
+    read_to_eof, recv, recv_exact, round_trip, send, submit, sync, work_off,
 )
 
 LONG = os.environ.get("GEARMAND_TEST_LONG") == "1"
@@ -116,19 +116,6 @@ def sent_and_closed(server, data, how):
     # the server answers the half-close by closing too, with no reply to the fragment
     assert read_to_eof(sock) == b""
     sock.close()
-
-
-def read_to_eof(sock, timeout=5.0):
-    sock.settimeout(timeout)
-    data = b""
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return data
-            data += chunk
-    except ConnectionResetError:
-        return data
 
 
 # --- malformed input -------------------------------------------------------------
@@ -378,11 +365,7 @@ def test_out_of_descriptors_keeps_serving(make_server):
     answered, waiting = exhaust_descriptors(server)
     assert fd_count(server.pid) == 64
     # old connections are still served, jobs still flow
-    handle = submit(client, "f", "u", "x", ptype=SUBMIT_JOB)
-    send(worker, GRAB_JOB)
-    expect(worker, JOB_ASSIGN, handle, "f", "x")
-    send(worker, WORK_COMPLETE, handle, "done")
-    expect(client, WORK_COMPLETE, handle, "done")
+    round_trip(client, worker, "f", "u", "x", "done")
     for sock in answered:
         sync(sock)
     # once descriptors are free, the waiting connection is served (its ECHO was sent)
@@ -439,11 +422,7 @@ def test_thousands_of_idle_connections(make_server):
     # a job round trip (worker and client connected before them) is still prompt
     for _ in range(20):
         start = time.monotonic()
-        handle = submit(client, "rt", "", "ping", ptype=SUBMIT_JOB)
-        send(worker, GRAB_JOB)
-        expect(worker, JOB_ASSIGN, handle, "rt", "ping")
-        send(worker, WORK_COMPLETE, handle, "pong")
-        expect(client, WORK_COMPLETE, handle, "pong")
+        round_trip(client, worker, "rt", "", "ping", "pong")
         elapsed = time.monotonic() - start
         assert elapsed < 0.5, f"job round trip took {elapsed:.3f} s"
     # every idle connection is alive and answers
@@ -496,13 +475,7 @@ def churn_round(server, i):
 def drain(server, function):
     sock = server.connect()
     can_do(sock, function)
-    while True:
-        send(sock, GRAB_JOB)
-        ptype, body = recv(sock)
-        if ptype == NO_JOB:
-            break
-        assert ptype == JOB_ASSIGN
-        send(sock, WORK_COMPLETE, body.split(b"\0")[0], "")
+    work_off(sock)
     sock.close()
 
 

@@ -9,7 +9,8 @@ import pytest
 from conftest import need_tool
 from clients import (CAN_DO, GRAB_JOB, JOB_ASSIGN, NO_JOB, SET_CLIENT_ID, SUBMIT_JOB_BG,
                      SUBMIT_JOB_HIGH, SUBMIT_JOB_HIGH_BG, SUBMIT_JOB_LOW, SUBMIT_JOB_LOW_BG,
-                     WORK_FAIL, RawConn, hash_order, run, wait_until)
+                     WORK_FAIL, RawConn, run, wait_until)
+from gearproto import hash_order
 
 
 @pytest.fixture

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from conftest import need_tool, unavailable
-from clients import HANDLE_PREFIX, finish, procs, run, status_unique, wait_until  # noqa: F401
+from clients import (HANDLE_PREFIX, finish, log_lines, procs, run, run_client_script,  # noqa: F401
+                     status_unique, wait_until)
 
 WORKER_PL = r"""
 use strict; use warnings;
@@ -53,12 +54,7 @@ def perl(server, tmp_path, procs):
             Perl.counter += 1
             path = tmp_path / f"client{Perl.counter}.pl"
             path.write_text(CLIENT_HEAD + code)
-            argv = [exe, path, server.port, *args]
-            if background:
-                return procs.start(argv)
-            res = run(argv)
-            assert res.stderr == b"", res.stderr
-            return json.loads(res.stdout)
+            return run_client_script(procs, [exe, path, server.port, *args], background)
 
         def worker(self, count):
             path = tmp_path / "worker.pl"
@@ -72,7 +68,7 @@ def perl(server, tmp_path, procs):
             return proc
 
         def log_lines(self):
-            return self.log.read_text().split("\n")[:-1] if self.log.exists() else []
+            return log_lines(self.log)
 
     return Perl()
 

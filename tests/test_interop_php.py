@@ -4,7 +4,8 @@ import json
 import pytest
 
 from conftest import need_tool
-from clients import HANDLE_PREFIX, finish, procs, run, status_unique, wait_until  # noqa: F401
+from clients import (HANDLE_PREFIX, finish, log_lines, procs, run, run_client_script,  # noqa: F401
+                     status_unique, wait_until)
 
 WORKER_PHP = r"""<?php
 // php worker.php PORT COUNT LOGFILE RELEASEFILE
@@ -77,12 +78,9 @@ def php(server, tmp_path, procs):
             return path
 
         def client(self, code, *args, background=False):
-            argv = [exe, "-d", "display_errors=stderr", self.script(CLIENT_HEAD + code), server.port, *args]
-            if background:
-                return procs.start(argv)
-            res = run(argv)
-            assert res.stderr == b"", res.stderr
-            return json.loads(res.stdout)
+            return run_client_script(procs, [exe, "-d", "display_errors=stderr",
+                                             self.script(CLIENT_HEAD + code), server.port, *args],
+                                     background)
 
         def worker(self, count):
             path = tmp_path / "worker.php"
@@ -92,7 +90,7 @@ def php(server, tmp_path, procs):
                                 self.log, self.release])
 
         def log_lines(self):
-            return self.log.read_text().split("\n")[:-1] if self.log.exists() else []
+            return log_lines(self.log)
 
     return Php()
 

@@ -2,12 +2,9 @@
 kill -9 of the job server and replay exactly once, items are C gearmand 1.1.20's,
 and cross-replay with C both ways. (memcached itself keeps nothing across its
 own restarts and may evict: see extras/memcached.py.)"""
-import collections
 import hashlib
-import os
 import secrets
 import socket
-import subprocess
 import time
 import urllib.parse
 

@@ -12,9 +12,10 @@ import pytest
 pytest.register_assert_rewrite("storetools")
 
 from conftest import IMPL, free_port, unavailable  # noqa: E402
-from storetools import (HIGH, Job, check_bad_settings_exit_1, check_c_writes_we_replay,  # noqa: E402
-                        check_outage, check_refused_writes, check_replay, drain, priority_status,
-                        sample_jobs, submit_ok, wait_until, we_write_and_c_starts)
+from storetools import (HIGH, Job, check_bad_settings_exit_1,  # noqa: E402
+                        check_c_writes_we_replay, check_outage, check_refused_writes, check_replay,
+                        drain, priority_status, sample_jobs, submit_ok, wait_until,
+                        we_write_and_c_starts)
 
 try:
     import psycopg2

@@ -1,7 +1,6 @@
 """-q redis against a real Redis on 127.0.0.1:6379: jobs survive kill -9 and
 replay exactly once, records are C gearmand 1.1.20's, cross-replay with C both
 ways, and a Redis outage costs only the background submissions made during it."""
-import collections
 import os
 import secrets
 import shutil

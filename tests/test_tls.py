@@ -16,8 +16,8 @@ import pytest
 
 from conftest import IMPL, ROOT, need_tool
 from gearproto import (
-    ECHO_REQ, ECHO_RES, GRAB_JOB, JOB_ASSIGN, SUBMIT_JOB, WORK_COMPLETE, Closed, can_do,
-    expect, pack, send, submit, sync,
+    ECHO_REQ, ECHO_RES, Closed, can_do, expect, pack, read_to_eof, round_trip, send, submit,
+    sync,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -91,20 +91,6 @@ def admin(sock, line, terminator=b".\n"):
     return data
 
 
-def read_to_eof(sock, timeout=5.0):
-    """All the server sends until it closes (an RST counts as closing)."""
-    sock.settimeout(timeout)
-    data = b""
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return data
-            data += chunk
-    except ConnectionResetError:
-        return data
-
-
 def refused(server, context):
     """True if the server will not talk to a client using `context`: the handshake
     fails, or (TLS 1.3, where the client finishes first) the first read does."""
@@ -137,11 +123,7 @@ def test_job_round_trip_over_tls_raw(tls_server, certs):
     worker = tls_connect(tls_server, context)
     can_do(worker, "rt")
     client = tls_connect(tls_server, context)
-    handle = submit(client, "rt", "", "ping", ptype=SUBMIT_JOB)
-    send(worker, GRAB_JOB)
-    expect(worker, JOB_ASSIGN, handle, "rt", "ping")
-    send(worker, WORK_COMPLETE, handle, "pong")
-    expect(client, WORK_COMPLETE, handle, "pong")
+    round_trip(client, worker, "rt", "", "ping", "pong")
 
 
 def test_large_replies_over_tls_read_late(tls_server, certs):
