@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from conftest import C_GEARMAND, recv_until, admin_reply_complete, unavailable
+from conftest import C_GEARMAND, admin_reply_complete, recv_until, unavailable, wait_until
 
 LISTINGS = ["status", "prioritystatus", "show jobs", "show unique jobs", "workers"]
 PREFIX = "--job-handle-prefix=SBS"
@@ -132,6 +132,9 @@ def test_admin_replies_match_c_through_a_whole_session(servers):
         same_listings(servers, admin)
         other_worker.close()
         worker.close()
+        # Each server notices a close when it reads the FIN: wait until both have.
+        wait_until(lambda: all(reply.count(b"\n") == 3 for reply in admin.line("workers")),
+                   what="both servers to drop the closed workers")
         same_listings(servers, admin)
     finally:
         for pair in (admin, client, worker, other_worker):
