@@ -465,10 +465,13 @@ class SqliteStore(SqlStore):
 
     driver_error = sqlite3.Error
     # Unique and function are bound as TEXT, as C binds them; C refuses BLOBs there on replay.
+    # Many rows go in one statement: executemany would hand the GIL back and forth per row.
     insert_sql = ("INSERT OR REPLACE INTO {table} (unique_key, function_name, priority, data,"
-                  " when_to_run) VALUES (CAST(? AS TEXT), CAST(? AS TEXT), ?, ?, ?)")
-    delete_sql = ("DELETE FROM {table} WHERE unique_key=CAST(? AS TEXT)"
-                  " and function_name=CAST(? AS TEXT)")
+                  " when_to_run) VALUES {rows}")
+    insert_row = "(CAST(? AS TEXT), CAST(? AS TEXT), ?, ?, ?)"
+    delete_sql = ("DELETE FROM {table} WHERE function_name = CAST(? AS TEXT)"
+                  " AND unique_key IN ({uniques})")
+    rows_per_statement = 200          # 1,000 parameters, well under SQLite's limit
     # NULLs (C writes empty data as NULL) become what the loop expects, in SQLite.
     select_sql = ("SELECT IFNULL(unique_key, ''), IFNULL(function_name, ''), priority,"
                   " IFNULL(data, X''), IFNULL(when_to_run, 0) FROM {table} ORDER BY rowid")
@@ -516,13 +519,24 @@ class SqliteStore(SqlStore):
             raise self.error(error) from None
 
     def write_batch(self, adds, dones):
+        step = self.rows_per_statement
+        by_function = {}
+        for unique, function in dones:
+            by_function.setdefault(function, []).append(unique)
         cursor = self.connection.cursor()
         try:
             cursor.execute("BEGIN")
-            if dones:
-                cursor.executemany(self.sql(self.delete_sql), dones)
-            if adds:
-                cursor.executemany(self.sql(self.insert_sql), adds)
+            for function, uniques in by_function.items():
+                for start in range(0, len(uniques), step):
+                    chunk = uniques[start:start + step]
+                    cursor.execute(self.delete_sql.format(
+                        table=self.table, uniques=", ".join(["CAST(? AS TEXT)"] * len(chunk))),
+                        [function] + chunk)
+            for start in range(0, len(adds), step):
+                chunk = adds[start:start + step]
+                cursor.execute(self.insert_sql.format(
+                    table=self.table, rows=", ".join([self.insert_row] * len(chunk))),
+                    [value for row in chunk for value in row])
             cursor.execute("COMMIT")
         finally:
             cursor.close()
@@ -536,10 +550,14 @@ class StoreWriter(threading.Thread):
     """Owns the store after replay. Takes the batches of many loop turns, writes
     them in one transaction (group commit) and hands the outcome back to the loop.
 
-    Deletes that fail are kept and retried with backoff; adds that fail are
-    reported, so their clients get ERROR instead of JOB_CREATED.
+    New jobs are written at once: their clients wait. Deletes wait for company
+    (up to DELETE_DELAY or DELETE_BATCH keys), since nobody waits for them; a crash
+    in between only runs a finished job again. Deletes that fail are retried with
+    backoff; adds that fail are reported, so their clients get ERROR.
     """
 
+    DELETE_DELAY = 0.05
+    DELETE_BATCH = 2000
     RETRY_DELAY_MAX = 5.0
 
     def __init__(self, store, on_done, log, stats):
@@ -549,20 +567,21 @@ class StoreWriter(threading.Thread):
         self.log = log
         self.stats = stats
         self.batches = queue.Queue()
-        self.unfinished_dones = []
 
     def submit(self, batch):
         """batch = (jobs to add, keys to delete); None stops the thread."""
         self.batches.put(batch)
 
     def run(self):
-        delay = 0.05
+        dones = []                        # keys waiting for company, or for a retry
+        due = None                        # when they must be written
+        retry_delay = self.DELETE_DELAY
         while True:
             try:
-                first = self.batches.get(timeout=delay if self.unfinished_dones else None)
+                timeout = None if due is None else max(due - time.monotonic(), 0)
+                batches = [self.batches.get(timeout=timeout)]
             except queue.Empty:
-                first = ([], [])
-            batches = [first]
+                batches = []
             while True:
                 try:
                     batches.append(self.batches.get_nowait())
@@ -570,18 +589,24 @@ class StoreWriter(threading.Thread):
                     break
             stop = None in batches
             batches = [batch for batch in batches if batch is not None]
+            for _, keys in batches:
+                dones.extend(keys)
+            if dones and due is None:
+                due = time.monotonic() + self.DELETE_DELAY
             adds = [job.store_record() for jobs, _ in batches for job in jobs]
-            dones = self.unfinished_dones + [key for _, keys in batches for key in keys]
+            if not (adds or stop or len(dones) >= self.DELETE_BATCH
+                    or (dones and time.monotonic() >= due)):
+                continue
             failed = self.write(adds, dones, batches)
             if failed is None:
-                self.unfinished_dones = []
-                delay = 0.05
+                dones, due, retry_delay = [], None, self.DELETE_DELAY
             else:
                 # Rows written one by one since replaced what these deletes aimed at.
                 written = {job.store_key() for jobs, _ in batches for job in jobs
                            if job not in failed}
-                self.unfinished_dones = [key for key in dones if key not in written]
-                delay = min(delay * 2, self.RETRY_DELAY_MAX)
+                dones = [key for key in dones if key not in written]
+                retry_delay = min(retry_delay * 2, self.RETRY_DELAY_MAX)
+                due = time.monotonic() + retry_delay if dones else None
             for batch in batches:
                 if batch[0]:
                     self.on_done(batch, failed or ())
