@@ -312,6 +312,33 @@ class Store:
         pass
 
 
+class Backoff:
+    """Fails fast while a backend is down: after a failed attempt, calls fail at
+    once for a while (0.1 s, doubling up to 5 s); then one is let through to try."""
+
+    def __init__(self, minimum=0.1, maximum=5.0):
+        self.minimum = minimum
+        self.maximum = maximum
+        self.delay = minimum
+        self.until = 0.0
+        self.message = ""
+
+    def check(self):
+        if time.monotonic() < self.until:
+            raise StoreError(self.message, unavailable=True)
+
+    def failed(self, message):
+        """Start or lengthen the wait; return the StoreError to raise."""
+        self.message = message
+        self.until = time.monotonic() + self.delay
+        self.delay = min(self.delay * 2, self.maximum)
+        return StoreError(message, unavailable=True)
+
+    def succeeded(self):
+        self.delay = self.minimum
+        self.until = 0.0
+
+
 class SqlStore(Store):
     """What the SQL stores share. A dialect supplies connect(), table_exists(),
     its statements, and says which driver errors mean a lost connection; the
@@ -320,8 +347,6 @@ class SqlStore(Store):
 
     durable = True
     driver_error = Exception          # the driver's base exception class
-    retry_delay_min = 0.1             # after a failed reconnect, writes fail at once this long,
-    retry_delay_max = 5.0             # doubling up to this
     # C gearmand's table; {table} is interpolated unquoted, as C does.
     create_sql = ("CREATE TABLE {table} ( unique_key TEXT, function_name TEXT, priority INTEGER,"
                   " data BLOB, when_to_run INTEGER, PRIMARY KEY (unique_key, function_name))")
@@ -335,9 +360,7 @@ class SqlStore(Store):
         self.table = table
         self.label = label            # names the database in messages, never a password
         self.connection = None
-        self.retry_at = 0.0
-        self.retry_delay = self.retry_delay_min
-        self.last_error = ""
+        self.backoff = Backoff()
 
     # -- what a dialect provides
 
@@ -419,28 +442,20 @@ class SqlStore(Store):
                 if not self.lost(error):
                     self.rollback()
                     raise self.error(error) from None
+                self.drop()
                 if fresh:
-                    self.backoff(error)
-                self.drop()           # an old connection died (idle timeout, restart): retry now
+                    raise self.backoff.failed(str(self.error(error))) from None
+                # An old connection died (idle timeout, restart): try a new one now.
 
     def reconnect(self):
         """Open a new connection, unless the last attempt failed moments ago."""
-        if time.monotonic() < self.retry_at:
-            raise StoreError(self.last_error, unavailable=True)
+        self.backoff.check()
         try:
             self.connection = self.connect()
         except self.driver_error as error:
-            self.backoff(error)
-        self.retry_delay = self.retry_delay_min
-        self.retry_at = 0.0
-
-    def backoff(self, error):
-        failure = self.error(error, unavailable=True)
-        self.last_error = str(failure)
-        self.retry_at = time.monotonic() + self.retry_delay
-        self.retry_delay = min(self.retry_delay * 2, self.retry_delay_max)
-        self.drop()
-        raise failure from None
+            self.drop()
+            raise self.backoff.failed(str(self.error(error))) from None
+        self.backoff.succeeded()
 
     def rollback(self):
         try:

@@ -34,12 +34,10 @@ from pymemcache.client.base import Client
 from pymemcache.exceptions import (MemcacheClientError, MemcacheError, MemcacheServerError,
                                    MemcacheUnexpectedCloseError)
 
-from gearmand import Store, StoreError
+from gearmand import Backoff, Store, StoreError
 
 KEY_MAX = 250                # memcached's key limit; C cuts its keys there
 SOCKET_TIMEOUT = 2.0         # seconds a connect, or one reply, may take
-RETRY_DELAY_MIN = 0.1        # after a failed attempt, write() fails at once for this long,
-RETRY_DELAY_MAX = 5.0        # doubling up to this
 GET_KEYS = 100               # keys per `get` during replay
 DEFAULT_PORT = 11211
 
@@ -87,9 +85,7 @@ class MemcachedStore(Store):
         self.extra = extra if not extra.startswith(prefix) else b"#" + extra
         self.client = Client(server, serde=FlagsSerde(), connect_timeout=SOCKET_TIMEOUT,
                              timeout=SOCKET_TIMEOUT, no_delay=True, default_noreply=False)
-        self.retry_at = 0.0
-        self.retry_delay = RETRY_DELAY_MIN
-        self.last_error = ""
+        self.backoff = Backoff()          # while memcached is down, write() fails at once
 
     @classmethod
     def open(cls, options):
@@ -119,9 +115,7 @@ class MemcachedStore(Store):
     # -- writing
 
     def write(self, adds, dones):
-        now = time.monotonic()
-        if now < self.retry_at:
-            raise StoreError(self.last_error, unavailable=True)
+        self.backoff.check()
         try:
             try:
                 self.send(adds, dones)
@@ -137,7 +131,7 @@ class MemcachedStore(Store):
         except (MemcacheError, OSError) as error:
             self.client.close()
             self.unavailable(error)
-        self.retry_delay = RETRY_DELAY_MIN
+        self.backoff.succeeded()
 
     def send(self, adds, dones):
         """Delete the finished jobs' items, then set the new ones: two round trips."""
@@ -157,10 +151,7 @@ class MemcachedStore(Store):
                 raise StoreError(f"memcached {self.where}: not stored: {failed[0]!r}")
 
     def unavailable(self, error):
-        self.last_error = f"memcached {self.where}: {describe(error)}"
-        self.retry_at = time.monotonic() + self.retry_delay
-        self.retry_delay = min(self.retry_delay * 2, RETRY_DELAY_MAX)
-        raise StoreError(self.last_error, unavailable=True) from error
+        raise self.backoff.failed(f"memcached {self.where}: {describe(error)}") from error
 
     # -- replay
 

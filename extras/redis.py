@@ -29,17 +29,14 @@ Legacy records of gearmand <= 1.1.15 (a plain string: the data) replay as
 normal-priority jobs, as in C.
 """
 import struct
-import time
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gearmand import Store, StoreError, atoi
+from gearmand import Backoff, Store, StoreError, atoi
 
 SOCKET_TIMEOUT = 2.0         # seconds a connect, or one reply, may take
-RETRY_DELAY_MIN = 0.1        # after a failed attempt, write() fails at once for this long,
-RETRY_DELAY_MAX = 5.0        # doubling up to this
 SCAN_COUNT = 1000            # keys per SCAN / HSCAN step, and per replay round trip
 
 # One write() as one EVALSHA: ARGV[1] is the index's
@@ -100,9 +97,7 @@ class RedisStore(Store):
         self.index = index if not index.startswith(prefix) else b"#" + index
         self.script = client.register_script(WRITE_SCRIPT)
         self.sequence = 0
-        self.retry_at = 0.0
-        self.retry_delay = RETRY_DELAY_MIN
-        self.last_error = ""
+        self.backoff = Backoff()          # while Redis is down, write() fails at once
 
     @classmethod
     def open(cls, options):
@@ -129,9 +124,7 @@ class RedisStore(Store):
     # -- writing
 
     def write(self, adds, dones):
-        now = time.monotonic()
-        if now < self.retry_at:
-            raise StoreError(self.last_error, unavailable=True)
+        self.backoff.check()
         if not adds and not dones:
             return
         parts = []
@@ -160,13 +153,10 @@ class RedisStore(Store):
             self.unavailable(error)           # OOM, READONLY, MISCONF...: Redis refuses writes
         except (redis.RedisError, OSError) as error:
             self.unavailable(error)
-        self.retry_delay = RETRY_DELAY_MIN
+        self.backoff.succeeded()
 
     def unavailable(self, error):
-        self.last_error = f"Redis {self.where}: {describe(error)}"
-        self.retry_at = time.monotonic() + self.retry_delay
-        self.retry_delay = min(self.retry_delay * 2, RETRY_DELAY_MAX)
-        raise StoreError(self.last_error, unavailable=True) from error
+        raise self.backoff.failed(f"Redis {self.where}: {describe(error)}") from error
 
     # -- replay
 

@@ -71,9 +71,10 @@ def index_key(prefix):
 
 
 def records(prefix):
-    """{key: hash} of every job record under `prefix`."""
+    """{key: hash} of every job record under `prefix` (a legacy record: its string)."""
     db = client()
-    return {key: db.hgetall(key) for key in db.scan_iter(match=prefix + "*")}
+    return {key: db.hgetall(key) if db.type(key) == b"hash" else db.get(key)
+            for key in db.scan_iter(match=prefix + "*")}
 
 
 def key_of(prefix, job):
