@@ -42,8 +42,15 @@ def test_python_dash_m_gearmand_works_from_the_files_directory(tmp_path):
 
 
 def test_a_backend_missing_next_to_a_plain_copy_is_one_line(tmp_path):
+    """The driver is there, the backend module is not (no extras/ beside the copy, and
+    python -S hides an installed gearmand_extras)."""
     shutil.copy(ROOT / "gearmand.py", tmp_path / "gearmand.py")
-    result = run(["gearmand.py", "-q", "redis", "-p", str(free_port())], tmp_path)
+    (tmp_path / "drivers" / "redis").mkdir(parents=True)
+    (tmp_path / "drivers" / "redis" / "__init__.py").write_text("")
+    result = subprocess.run(
+        [sys.executable, "-S", "gearmand.py", "-q", "redis", "-L", "127.0.0.1",
+         "-p", str(free_port())], cwd=tmp_path, capture_output=True, timeout=20,
+        env={"PYTHONPATH": str(tmp_path / "drivers")})
     assert result.returncode == 1
     assert one_line(result) == ("gearmand: queue type redis needs extras/redis.py next to "
                                 "gearmand.py: copy it there, or pip install 'gearmand-py[redis]'")
