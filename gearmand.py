@@ -856,6 +856,8 @@ class Server:
         self.buckets = options.hashtable_buckets
         self.max_packet = options.max_packet_size
         self.max_output = options.max_output
+        self.max_input_buffer = options.max_input_buffer
+        self.gathering = 0                # bytes of large packets still arriving, all peers
         # With --store-queue-on-shutdown jobs are written only when the server stops.
         self.write_ahead = store.durable and not options.store_queue_on_shutdown
         self.functions = {}               # name -> FunctionQueue
@@ -1099,10 +1101,16 @@ class Server:
             # A large packet is arriving: gather its pieces and join them once.
             conn.chunks.append(data)
             conn.chunks_size += len(data)
+            self.gathering += len(data)
+            if self.gathering > self.max_input_buffer:
+                self.log.warning(f"{conn.peer}: large packets being received hold over "
+                                 f"--max-input-buffer, closing")
+                self.close(conn)
+                return
             if conn.chunks_size < conn.need:
                 return
             data = b"".join(conn.chunks)
-            conn.chunks = None
+            self.stop_gathering(conn)
         elif conn.inbuf:
             data = conn.inbuf + data
         try:
@@ -1115,6 +1123,17 @@ class Server:
             self.log.error(f"{conn.peer}: closing after an internal error:\n"
                            + traceback.format_exc())
             self.close(conn)
+
+    def gather(self, conn, first, need):
+        """Collect the pieces of a large packet until `need` bytes are in."""
+        conn.chunks = [first]
+        conn.chunks_size = len(first)
+        conn.need = need
+        self.gathering += len(first)
+
+    def stop_gathering(self, conn):
+        self.gathering -= conn.chunks_size
+        conn.chunks = None
 
     def parse(self, conn, data):
         """Run every complete packet and text line in `data`; keep the rest."""
@@ -1137,9 +1156,7 @@ class Server:
                     return
                 if end - start - 12 < size:
                     if size > 65536:
-                        conn.chunks = [data[start:]]
-                        conn.chunks_size = end - start
-                        conn.need = 12 + size
+                        self.gather(conn, data[start:], 12 + size)
                         conn.inbuf = b""
                         return
                     break
@@ -1264,6 +1281,8 @@ class Server:
         self.selector.unregister(conn.sock)
         del self.connections[conn.fd]
         self.holding.discard(conn)
+        if conn.chunks is not None:
+            self.stop_gathering(conn)
         conn.sock.close()
         self.set_wakeable(conn, False)
         running, conn.running = conn.running, []
@@ -2266,9 +2285,7 @@ class Http:
             if len(buffer) < start + length:
                 if start + length > 65536:
                     # A large body: let read() gather its pieces and join them once.
-                    conn.chunks = [buffer]
-                    conn.chunks_size = len(buffer)
-                    conn.need = start + length
+                    self.server.gather(conn, buffer, start + length)
                     exchange.buffer = b""
                 return
             body = buffer[start:start + length]
@@ -2605,6 +2622,10 @@ def build_parser():
                          help="Who may use the admin commands that change the server (shutdown, "
                               "cancel job, drop function, create function, maxqueue): any "
                               "peer (default, as C), loopback peers only, or none.")
+    general.add_argument("--max-input-buffer", type=int, default=512 << 20,
+                         help="Bytes of large packets still arriving that all connections "
+                              "together may hold; past it the connection adding more is "
+                              "closed (default 512 MiB).")
     general.add_argument("--max-output", type=int, default=256 << 20,
                          help="Close connections that leave more unread replies (bytes; "
                               "default 256 MiB).")
@@ -2738,8 +2759,9 @@ def parse_options(argv):
         options.mysql_password = options.libdrizzle_password
         options.mysql_db = options.libdrizzle_db
         options.mysql_table = options.libdrizzle_table
-    if options.max_packet_size <= 0 or options.max_output <= 0:
-        raise OptionError("--max-packet-size and --max-output must be positive")
+    if min(options.max_packet_size, options.max_output, options.max_input_buffer) <= 0:
+        raise OptionError("--max-packet-size, --max-input-buffer and --max-output "
+                          "must be positive")
     return options
 
 

@@ -8,6 +8,7 @@ GEARMAND_TEST_LONG=1 runs the many-peers and churn tests at full size.
 import os
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -16,7 +17,7 @@ from conftest import IMPL, wait_until
 from gearproto import (
     CAN_DO, CAN_DO_TIMEOUT, ECHO_REQ, ECHO_RES, GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ, RES, SUBMIT_JOB,
     SUBMIT_JOB_BG, SUBMIT_JOB_HIGH, SUBMIT_JOB_LOW_BG, SUBMIT_REDUCE_JOB_BACKGROUND,
-    WORK_COMPLETE, WORK_EXCEPTION, WORK_STATUS, WORK_WARNING, can_do, closed, expect, pack,
+    WORK_COMPLETE, WORK_EXCEPTION, WORK_STATUS, WORK_WARNING, Closed, can_do, closed, expect, pack,
     read_to_eof, recv, recv_exact, round_trip, send, submit, sync, work_off,
 )
 
@@ -272,6 +273,41 @@ def test_max_packet_size_is_exact(make_server, limit):
     expect(sock, ECHO_RES, b"a" * limit)
     sock.sendall(pack(ECHO_REQ, b"b" * (limit + 1)))
     assert closed(sock), f"a packet of {limit + 1} bytes was accepted"
+    sync(server.connect())
+
+
+@OURS_ONLY
+def test_max_input_buffer_bounds_large_packets_of_all_connections_together(make_server):
+    """Each peer may send packets up to --max-packet-size, but together the large packets
+    still arriving may hold at most --max-input-buffer: the peer that would pass it is
+    closed, the others go on."""
+    server = make_server("--max-packet-size", str(8 * MiB), "--max-input-buffer",
+                         str(12 * MiB), "--verbose", "WARNING")
+    peers = [server.connect(), server.connect()]
+    payload = b"p" * (8 * MiB)
+    part = 7 * MiB + MiB // 2              # two of these are over the 12 MiB budget
+
+    def stream(sock):
+        try:
+            sock.sendall(header(ECHO_REQ, len(payload)) + payload[:part])
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    threads = [threading.Thread(target=stream, args=(sock,)) for sock in peers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    wait_until(lambda: "over --max-input-buffer" in server.log(), what="one peer closed")
+    survivors = []
+    for sock in peers:
+        try:
+            sock.sendall(payload[part:])
+            expect(sock, ECHO_RES, payload)
+            survivors.append(sock)
+        except (BrokenPipeError, ConnectionResetError, Closed):
+            pass
+    assert len(survivors) == 1, f"{len(survivors)} of the two peers got their packet through"
     sync(server.connect())
 
 
