@@ -1,12 +1,14 @@
 """Starting the server as users do: a plain copy of the file, `python -m gearmand`,
 config files, and backends that are chosen but cannot be loaded."""
 import shutil
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from conftest import IMPL, ROOT, Server, free_port
+from conftest import (IMPL, ROOT, Server, admin_reply_complete, free_port, recv_until,
+                      wait_for_port)
 
 pytestmark = pytest.mark.skipif(IMPL == "c", reason="how gearmand.py itself is started")
 
@@ -130,3 +132,36 @@ def test_bad_values_are_one_line_and_exit_1(tmp_path, args, message):
 def test_check_args_validates_and_exits_0(tmp_path):
     result = run([str(ROOT / "gearmand.py"), "--check-args", "-p", "4730"], tmp_path)
     assert result.returncode == 0 and result.stderr == b""
+
+
+def ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def workers_seen_from(host, port):
+    with socket.create_connection((host, port), 5) as sock:
+        sock.sendall(b"workers\r\n")
+        return recv_until(sock, admin_reply_complete)
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.parametrize("listen", [[], ["-L", "127.0.0.1", "-L", "::1"]],
+                         ids=["every address by default", "-L twice"])
+def test_listens_on_ipv4_and_ipv6(tmp_path, listen):
+    with socket.socket(socket.AF_INET6) as probe:       # a port free on both families
+        probe.bind(("::", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "gearmand.py"), "-p", str(port),
+                             "-l", "none", "-P", str(tmp_path / "pid")] + listen)
+    try:
+        assert wait_for_port(port, proc)
+        assert workers_seen_from("127.0.0.1", port).endswith(b" 127.0.0.1 - :\n.\n")
+        assert workers_seen_from("::1", port).endswith(b" ::1 - :\n.\n")
+    finally:
+        proc.kill()
+        proc.wait()
