@@ -218,7 +218,7 @@ class Job:
         self.when = when                  # epoch seconds; 0 = now
         self.reducer = reducer
         self.retries = 0
-        self.worker = None                # the Connection running it
+        self.worker = None                # the Registration whose worker runs it
         self.clients = None               # Connections waiting for its result
         self.ignore = False               # abandoned or cancelled: discarded at the next grab
         self.background = background      # a background submission owns it
@@ -236,14 +236,17 @@ class Job:
 
 
 class Registration:
-    """One CAN_DO (or CAN_DO_TIMEOUT) of one connection; duplicates are allowed."""
+    """One CAN_DO (or CAN_DO_TIMEOUT) of one connection; duplicates are allowed.
+    Jobs belong to the registration that grabbed them, as in C: it decides the
+    order in which a departing worker's jobs go back to the queue."""
 
-    __slots__ = ("connection", "function", "timeout")
+    __slots__ = ("connection", "function", "timeout", "jobs")
 
     def __init__(self, connection, function, timeout):
         self.connection = connection
         self.function = function
         self.timeout = timeout            # milliseconds; 0 = none
+        self.jobs = []                    # jobs it is running, oldest first
 
 
 class FunctionQueue:
@@ -776,8 +779,8 @@ class Connection:
 
     __slots__ = ("sock", "fd", "peer", "tls", "handshaking", "http", "inbuf", "chunks",
                  "chunks_size", "need", "out", "out_size", "held", "writing", "closed",
-                 "registrations", "running", "client_jobs", "sleeping", "noop_sent",
-                 "exceptions", "client_id")
+                 "registrations", "client_jobs", "sleeping", "noop_sent", "exceptions",
+                 "client_id")
 
     def __init__(self, sock, peer, exceptions, tls=False, http=None):
         self.sock = sock
@@ -796,7 +799,6 @@ class Connection:
         self.writing = False              # registered for EVENT_WRITE
         self.closed = False
         self.registrations = []           # newest first, as C grabs
-        self.running = []                 # jobs assigned here, oldest first
         self.client_jobs = []             # jobs whose results this peer waits for
         self.sleeping = False
         self.noop_sent = False
@@ -1003,7 +1005,8 @@ class Server:
         if self.stopping == "now":
             return True
         connections = self.connections.values()
-        if self.writes_in_flight or any(conn.running for conn in connections):
+        if self.writes_in_flight or any(registration.jobs for conn in connections
+                                        for registration in conn.registrations):
             return False
         # Let the last results reach their clients, for at most FLUSH_PATIENCE seconds.
         if not any(conn.out for conn in connections):
@@ -1285,12 +1288,8 @@ class Server:
             self.stop_gathering(conn)
         conn.sock.close()
         self.set_wakeable(conn, False)
-        running, conn.running = conn.running, []
-        for job in reversed(running):
-            self.requeue(job)
-        for registration in conn.registrations:
-            self.remove_registration(registration)
-        conn.registrations = []
+        registrations, conn.registrations = conn.registrations, []
+        self.drop(registrations)
         for job in conn.client_jobs:
             self.detach_client(job, conn)
         conn.client_jobs = []
@@ -1430,9 +1429,9 @@ class Server:
         return None, None
 
     def assign(self, conn, job, registration):
-        job.worker = conn
+        job.worker = registration
         job.function.running += 1
-        conn.running.append(job)
+        registration.jobs.append(job)
         timeout = registration.timeout
         if timeout > 0:
             self.timeouts[job] = self.add_timer(max(timeout, 1000) / 1000.0,
@@ -1440,14 +1439,13 @@ class Server:
 
     def job_timed_out(self, job):
         del self.timeouts[job]
-        conn = job.worker
-        if conn is not None:
-            conn.running.remove(job)
+        if job.worker is not None:
+            job.worker.jobs.remove(job)
             self.requeue(job)
 
     def requeue(self, job):
-        """A worker left or timed out holding this job (the caller took it off the
-        worker's list): run it again, or drop it after -j tries. Only dropping
+        """A worker left or timed out holding this job (the caller took it off its
+        registration's list): run it again, or drop it after -j tries. Only dropping
         deletes its stored row."""
         job.retries = (job.retries + 1) & 0xFF
         self.unassign(job)
@@ -1483,7 +1481,7 @@ class Server:
     def finish(self, job):
         """The job is over (done, failed, dropped): forget it and delete its row."""
         if job.worker is not None:
-            job.worker.running.remove(job)
+            job.worker.jobs.remove(job)
         self.unassign(job)
         self.discard(job)
 
@@ -1712,18 +1710,19 @@ class Server:
         self.drop_registrations(conn, lambda registration: True)
 
     def drop_registrations(self, conn, matches):
-        """Forget some registrations; jobs running for their functions are requeued."""
         dropped = [r for r in conn.registrations if matches(r)]
-        if not dropped:
-            return
-        kept = [r for r in conn.registrations if not matches(r)]
-        for registration in dropped:
+        if dropped:
+            conn.registrations = [r for r in conn.registrations if not matches(r)]
+            self.drop(dropped)
+
+    def drop(self, registrations):
+        """Forget registrations and requeue their jobs, in C's order: newest
+        registration first, and each one's most recently assigned job first."""
+        for registration in registrations:
             self.remove_registration(registration)
-        conn.registrations = kept
-        functions = {registration.function for registration in dropped}
-        if not any(r.function in functions for r in kept):
-            for job in reversed([job for job in conn.running if job.function in functions]):
-                conn.running.remove(job)
+        for registration in registrations:
+            jobs, registration.jobs = registration.jobs, []
+            for job in reversed(jobs):
                 self.requeue(job)
 
     def pre_sleep(self, conn, args):
@@ -1735,8 +1734,9 @@ class Server:
                     self.send(conn, NOOP_PACKET)
                     return
         if self.timeouts:
-            for job in conn.running:
-                self.cancel_timeout(job)      # C cancels a sleeping worker's timer
+            for registration in conn.registrations:
+                for job in registration.jobs:
+                    self.cancel_timeout(job)  # C cancels a sleeping worker's timer
         if conn.noop_sent:
             conn.sleeping = True          # one NOOP per sleep until the next grab
         else:
@@ -1786,8 +1786,8 @@ class Server:
         that client is told JOB_CREATED and may never ask again (C does not)."""
         if self.write_ahead:
             self.store_add(job, WRITING)
-        else:
-            job.store_state = STORED
+        elif self.store.durable:
+            job.store_state = STORED      # --store-queue-on-shutdown writes it at the end
 
     def attach_client(self, job, conn):
         if job.clients is None:
@@ -1833,7 +1833,9 @@ class Server:
 
     def running_job(self, conn, handle):
         job = self.jobs.get(handle)
-        return job if job is not None and job.worker is conn else None
+        if job is None or job.worker is None or job.worker.connection is not conn:
+            return None
+        return job
 
     def work_status(self, conn, args):
         job = self.running_job(conn, args[0])
@@ -2402,7 +2404,7 @@ class Http:
                      for f in server.admin.functions_in_c_order()]
         workers = [{"fd": conn.fd, "address": conn.peer, "id": text(conn.client_id),
                     "functions": [text(r.function.name) for r in conn.registrations],
-                    "running": len(conn.running)}
+                    "running": sum(len(r.jobs) for r in conn.registrations)}
                    for conn in server.connections.values() if conn.registrations]
         error_age = time.time() - stats.store_last_error_time
         return {

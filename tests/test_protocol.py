@@ -961,3 +961,23 @@ def test_maxqueue_limits_per_priority(srv):
     assert submit(c, "f", "", "x", SUBMIT_JOB_HIGH) == b"T:4"
     assert srv.admin("maxqueue f") == b"OK\r\n"  # back to unlimited
     assert submit(c, "f", "", "x", SUBMIT_JOB_LOW) == b"T:5"
+
+
+def test_departing_worker_requeues_by_registration_newest_first(make_server):
+    """C keeps a worker's jobs per registration (CAN_DO) and, when the worker goes,
+    takes its newest registration first, then each one's newest job: with -j 1 the
+    client hears WORK_FAIL for the f2 job before the f1 job assigned after it."""
+    server = make_server("-j", "1", *PREFIX)
+    client = server.connect()
+    f2_job = submit(client, "f2", "a", "A", ptype=SUBMIT_JOB)
+    f1_job = submit(client, "f1", "b", "B", ptype=SUBMIT_JOB)
+    worker = server.connect()
+    can_do(worker, "f1")
+    can_do(worker, "f2")                       # the newest registration: grabbed from first
+    send(worker, GRAB_JOB)
+    expect(worker, JOB_ASSIGN, f2_job, "f2", "A")
+    send(worker, GRAB_JOB)
+    expect(worker, JOB_ASSIGN, f1_job, "f1", "B")
+    worker.close()
+    expect(client, WORK_FAIL, f2_job)
+    expect(client, WORK_FAIL, f1_job)
