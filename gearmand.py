@@ -1288,8 +1288,7 @@ class Server:
             self.stop_gathering(conn)
         conn.sock.close()
         self.set_wakeable(conn, False)
-        registrations, conn.registrations = conn.registrations, []
-        self.drop(registrations)
+        self.drop(conn, list(conn.registrations))
         for job in conn.client_jobs:
             self.detach_client(job, conn)
         conn.client_jobs = []
@@ -1710,20 +1709,18 @@ class Server:
         self.drop_registrations(conn, lambda registration: True)
 
     def drop_registrations(self, conn, matches):
-        dropped = [r for r in conn.registrations if matches(r)]
-        if dropped:
-            conn.registrations = [r for r in conn.registrations if not matches(r)]
-            self.drop(dropped)
+        self.drop(conn, [r for r in conn.registrations if matches(r)])
 
-    def drop(self, registrations):
-        """Forget registrations and requeue their jobs, in C's order: newest
-        registration first, and each one's most recently assigned job first."""
-        for registration in registrations:
-            self.remove_registration(registration)
+    def drop(self, conn, registrations):
+        """Forget registrations in C's order: each in turn, newest first, requeues
+        its jobs (most recently assigned first) while it is still registered, so
+        a sleeping worker dropping a function hears the NOOP its own job makes."""
         for registration in registrations:
             jobs, registration.jobs = registration.jobs, []
             for job in reversed(jobs):
                 self.requeue(job)
+            conn.registrations.remove(registration)
+            self.remove_registration(registration)
 
     def pre_sleep(self, conn, args):
         for registration in conn.registrations:
