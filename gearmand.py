@@ -2886,6 +2886,8 @@ def run(options):
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop("now"))
     signal.signal(signal.SIGINT, lambda *_: server.request_stop("now"))
     signal.signal(signal.SIGUSR1, lambda *_: server.request_stop("graceful"))
+    # A signal the kernel hands to the writer thread must still end the main thread's select().
+    signal.set_wakeup_fd(server.wake_writer.fileno(), warn_on_full_buffer=False)
     server.start_writer()
     log.notice(f"gearmand.py {__version__} ready, port {options.port}")
     try:
