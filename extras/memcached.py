@@ -22,9 +22,14 @@ Differences from C, on purpose:
   start with the prefix), so C would run such a job at once with the right data.
 * The same companion keeps a function name containing `-`, or a key cut at 250
   bytes, exact; C splits the key at the first `-` after the prefix.
-* Only the first server of --libmemcached-servers is used; C spreads keys over
-  all of them, so share a queue with C through a single server.
+
+With several servers (`--libmemcached-servers=a:11211,b:11211`) each key goes
+where libmemcached's defaults put it, the server numbered one_at_a_time(key)
+modulo the number of servers, in the order given; replay lists every server.
+So C and ours find each other's items as long as both list the same servers
+in the same order.
 """
+import collections
 import hashlib
 import socket
 import time
@@ -53,11 +58,11 @@ class FlagsSerde:
 
 
 def parse_servers(text):
-    """The first server of a libmemcached list (`host:port,host2 ...`), as an address."""
-    entries = [entry for entry in text.replace(" ", ",").split(",") if entry]
-    if not entries:
-        return None
-    entry = entries[0]
+    """The servers of a libmemcached list (`host:port,host2 ...`), as addresses."""
+    return [parse_server(entry) for entry in text.replace(" ", ",").split(",") if entry]
+
+
+def parse_server(entry):
     if entry.startswith("/"):
         return entry                      # a Unix socket
     if entry.startswith("["):             # [v6 address]:port
@@ -73,38 +78,62 @@ def parse_servers(text):
     return host or "localhost", int(port) if port else DEFAULT_PORT
 
 
+def one_at_a_time(key):
+    """libmemcached's default key hash (Jenkins' one-at-a-time over signed chars)."""
+    value = 0
+    for byte in key:
+        value = (value + (byte if byte < 128 else byte + 0xFFFFFF00)) & 0xFFFFFFFF
+        value = (value + (value << 10)) & 0xFFFFFFFF
+        value ^= value >> 6
+    value = (value + (value << 3)) & 0xFFFFFFFF
+    value ^= value >> 11
+    return (value + (value << 15)) & 0xFFFFFFFF
+
+
+def address_text(server):
+    return server if isinstance(server, str) else "%s:%d" % server
+
+
 class MemcachedStore(Store):
     durable = True
 
-    def __init__(self, server, prefix):
-        self.server = server
-        self.where = server if isinstance(server, str) else "%s:%d" % server
+    def __init__(self, servers, prefix):
+        self.servers = servers
+        self.where = ",".join(address_text(server) for server in servers)
         self.prefix = prefix
         # A namespace that never starts with the prefix, so C's replay skips it.
         extra = b"gearmand.py-extra:" + prefix + b":"
         self.extra = extra if not extra.startswith(prefix) else b"#" + extra
-        self.client = Client(server, serde=FlagsSerde(), connect_timeout=SOCKET_TIMEOUT,
-                             timeout=SOCKET_TIMEOUT, no_delay=True, default_noreply=False)
+        self.clients = [Client(server, serde=FlagsSerde(), connect_timeout=SOCKET_TIMEOUT,
+                               timeout=SOCKET_TIMEOUT, no_delay=True, default_noreply=False)
+                        for server in servers]
         self.backoff = Backoff()          # while memcached is down, write() fails at once
 
     @classmethod
     def open(cls, options):
-        server = parse_servers(options.libmemcached_servers or "")
-        if server is None:
+        servers = parse_servers(options.libmemcached_servers or "")
+        if not servers:
             raise StoreError("libmemcached queue: missing --libmemcached-servers "
                              "(for example --libmemcached-servers=127.0.0.1:11211)")
         prefix = (options.libmemcached_prefix or "").encode("utf-8", "surrogateescape")
         if not prefix or len(prefix.split()) > 1 or prefix != prefix.strip() or len(prefix) > 180:
             raise StoreError("libmemcached queue: --libmemcached-prefix must be 1 to 180 bytes "
                              "without spaces")
-        store = cls(server, prefix)
-        try:
-            store.client.version()
-        except (MemcacheError, OSError) as error:
-            store.close()
-            raise StoreError(f"libmemcached queue: cannot use memcached at {store.where}: "
-                             f"{describe(error)}") from error
+        store = cls(servers, prefix)
+        for server, client in zip(servers, store.clients):
+            try:
+                client.version()
+            except (MemcacheError, OSError) as error:
+                store.close()
+                raise StoreError(f"libmemcached queue: cannot use memcached at "
+                                 f"{address_text(server)}: {describe(error)}") from error
         return store
+
+    def client_for(self, key):
+        clients = self.clients
+        if len(clients) == 1:
+            return clients[0]
+        return clients[one_at_a_time(key) % len(clients)]
 
     def key(self, function, unique):
         return (self.prefix + function + b"-" + unique)[:KEY_MAX]
@@ -123,30 +152,38 @@ class MemcachedStore(Store):
                 # Maybe only the old connection died (memcached restarted): try a new one.
                 self.send(adds, dones)
         except (MemcacheClientError, MemcacheServerError) as error:
-            self.client.close()
+            self.close()
             if not isinstance(error, MemcacheUnexpectedCloseError):
                 # A key memcached refuses (spaces, control bytes) or an item too large.
                 raise StoreError(f"memcached {self.where}: {describe(error)}") from error
             self.unavailable(error)
         except (MemcacheError, OSError) as error:
-            self.client.close()
+            self.close()
             self.unavailable(error)
         self.backoff.succeeded()
 
     def send(self, adds, dones):
-        """Delete the finished jobs' items, then set the new ones: two round trips."""
-        if dones:
-            keys = [self.key(function, unique) for unique, function in dones]
-            self.client.delete_many(keys + [self.extra_key(key) for key in keys])
-        values = {}
+        """Delete the finished jobs' items, then set the new ones: two round trips
+        to each server concerned."""
+        deletes = collections.defaultdict(list)
+        for unique, function in dones:
+            key = self.key(function, unique)
+            deletes[self.client_for(key)].append(key)
+            extra_key = self.extra_key(key)
+            deletes[self.client_for(extra_key)].append(extra_key)
+        for client, keys in deletes.items():
+            client.delete_many(keys)
+        sets = collections.defaultdict(dict)
         for unique, function, priority, data, when in adds:
             key = self.key(function, unique)
-            values[key] = (data, priority)
+            sets[self.client_for(key)][key] = (data, priority)
             cut = len(self.prefix) + len(function) + 1 + len(unique) > KEY_MAX
             if when or b"-" in function or cut:
-                values[self.extra_key(key)] = (b"%s\0%s\0%d" % (function, unique, when), 0)
-        if values:
-            failed = self.client.set_many(values)
+                extra_key = self.extra_key(key)
+                sets[self.client_for(extra_key)][extra_key] = \
+                    (b"%s\0%s\0%d" % (function, unique, when), 0)
+        for client, values in sets.items():
+            failed = client.set_many(values)
             if failed:
                 raise StoreError(f"memcached {self.where}: not stored: {failed[0]!r}")
 
@@ -162,17 +199,21 @@ class MemcachedStore(Store):
             raise StoreError(f"memcached {self.where}: {describe(error)}") from error
 
     def read_all(self):
-        listed = self.list_keys()
+        listed = {}                       # key -> the client of the server that lists it
+        for server, client in zip(self.servers, self.clients):
+            listed.update(dict.fromkeys(list_keys(server), client))
         extras = {}                       # job key -> (function, unique, when, companion key)
-        for extra_key, (value, _) in self.get_many(k for k in listed if k.startswith(self.extra)):
+        companions = [(key, client) for key, client in listed.items()
+                      if key.startswith(self.extra)]
+        for extra_key, (value, _) in self.get_many(companions):
             parts = value.split(b"\0")
             if len(parts) == 3 and parts[2].isdigit():
                 key = self.key(parts[0], parts[1])
                 if self.extra_key(key) == extra_key:
                     extras[key] = (parts[0], parts[1], int(parts[2]), extra_key)
         # A companion also finds a job that a capped listing left out.
-        keys = [key for key in listed if key.startswith(self.prefix)]
-        keys += [key for key in extras if key not in listed]
+        keys = [(key, client) for key, client in listed.items() if key.startswith(self.prefix)]
+        keys += [(key, self.client_for(key)) for key in extras if key not in listed]
         found = set()
         for key, (data, flags) in self.get_many(keys):
             found.add(key)
@@ -184,47 +225,54 @@ class MemcachedStore(Store):
                     continue
                 when = 0
             yield (unique, function, flags if flags in (0, 1, 2) else 1, data, when)
-        orphans = [extra[3] for key, extra in extras.items() if key not in found]
-        if orphans:
-            self.client.delete_many(orphans)
+        for key, extra in extras.items():
+            if key not in found:
+                listed.get(extra[3], self.client_for(extra[3])).delete(extra[3])
 
-    def get_many(self, keys):
-        """Yield (key, (value, flags)) for those of `keys` memcached still has."""
-        keys = list(keys)
-        for start in range(0, len(keys), GET_KEYS):
-            yield from self.client.get_many(keys[start:start + GET_KEYS]).items()
-
-    def list_keys(self):
-        """Every key memcached holds (one connection of its own, as it may take a while)."""
-        if isinstance(self.server, str):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(SOCKET_TIMEOUT)
-            sock.connect(self.server)
-        else:
-            sock = socket.create_connection(self.server, SOCKET_TIMEOUT)
-        with sock:
-            sock.settimeout(10 * SOCKET_TIMEOUT)
-            lines = Lines(sock)
-            for _ in range(20):
-                keys = lines.command(b"lru_crawler metadump all")
-                if keys is not None:
-                    return {urllib.parse.unquote_to_bytes(line.split(b" ", 1)[0][4:])
-                            for line in keys if line.startswith(b"key=")}
-                if not lines.busy:
-                    break
-                time.sleep(0.05)          # another crawl is running
-            # memcached older than 1.4.31, or its LRU crawler is off: C's way.
-            slabs = {line.split(b":")[1] for line in lines.command(b"stats items") or ()
-                     if line.startswith(b"STAT items:")}
-            keys = set()
-            for slab in sorted(slabs, key=int):
-                for line in lines.command(b"stats cachedump %s 0" % slab) or ():
-                    if line.startswith(b"ITEM "):
-                        keys.add(line[5:].rsplit(b" [", 1)[0])
-            return keys
+    def get_many(self, pairs):
+        """Yield (key, (value, flags)) for those of the (key, client) pairs whose
+        server still has the key."""
+        by_client = collections.defaultdict(list)
+        for key, client in pairs:
+            by_client[client].append(key)
+        for client, keys in by_client.items():
+            for start in range(0, len(keys), GET_KEYS):
+                yield from client.get_many(keys[start:start + GET_KEYS]).items()
 
     def close(self):
-        self.client.close()
+        for client in self.clients:
+            client.close()
+
+
+def list_keys(server):
+    """Every key a memcached server holds (one connection of its own, as it may take
+    a while)."""
+    if isinstance(server, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(SOCKET_TIMEOUT)
+        sock.connect(server)
+    else:
+        sock = socket.create_connection(server, SOCKET_TIMEOUT)
+    with sock:
+        sock.settimeout(10 * SOCKET_TIMEOUT)
+        lines = Lines(sock)
+        for _ in range(20):
+            keys = lines.command(b"lru_crawler metadump all")
+            if keys is not None:
+                return {urllib.parse.unquote_to_bytes(line.split(b" ", 1)[0][4:])
+                        for line in keys if line.startswith(b"key=")}
+            if not lines.busy:
+                break
+            time.sleep(0.05)          # another crawl is running
+        # memcached older than 1.4.31, or its LRU crawler is off: C's way.
+        slabs = {line.split(b":")[1] for line in lines.command(b"stats items") or ()
+                 if line.startswith(b"STAT items:")}
+        keys = set()
+        for slab in sorted(slabs, key=int):
+            for line in lines.command(b"stats cachedump %s 0" % slab) or ():
+                if line.startswith(b"ITEM "):
+                    keys.add(line[5:].rsplit(b" [", 1)[0])
+        return keys
 
 
 class Lines:

@@ -4,7 +4,9 @@ and cross-replay with C both ways. (memcached itself keeps nothing across its
 own restarts and may evict: see extras/memcached.py.)"""
 import hashlib
 import secrets
+import shutil
 import socket
+import subprocess
 import time
 import urllib.parse
 
@@ -36,13 +38,14 @@ class FlagsSerde:
         return value, flags
 
 
-def client():
-    return Client(ADDRESS, serde=FlagsSerde(), connect_timeout=2, timeout=2, default_noreply=False)
+def client(address=ADDRESS):
+    return Client(address, serde=FlagsSerde(), connect_timeout=2, timeout=2,
+                  default_noreply=False)
 
 
-def command(line):
+def command(line, address=ADDRESS):
     """Send one text command; return the reply's lines up to END."""
-    with socket.create_connection(ADDRESS, 2) as sock:
+    with socket.create_connection(address, 2) as sock:
         sock.settimeout(10)
         sock.sendall(line + b"\r\n")
         reply = b""
@@ -54,9 +57,10 @@ def command(line):
     return reply.replace(b"\r\n", b"\n").split(b"\n")[:-2]
 
 
-def all_keys():
+def all_keys(address=ADDRESS):
     return {urllib.parse.unquote_to_bytes(line.split(b" ", 1)[0][4:])
-            for line in command(b"lru_crawler metadump all") if line.startswith(b"key=")}
+            for line in command(b"lru_crawler metadump all", address)
+            if line.startswith(b"key=")}
 
 
 def cachedump_keys():
@@ -195,3 +199,86 @@ def test_unreachable_memcached_at_start_exits_1_with_one_line(make_server, prefi
     code, lines = run_once(make_server, "-q", "libmemcached")
     assert code == 1
     assert any("--libmemcached-servers" in line for line in lines)
+
+
+# --- several servers ------------------------------------------------------------
+
+@pytest.fixture
+def memcached_servers(prefix):
+    """Three memcached servers of our own, on free ports."""
+    binary = shutil.which("memcached")
+    if binary is None:
+        unavailable("the memcached program is not installed")
+    addresses, processes = [], []
+    try:
+        for _ in range(3):
+            port = free_port()
+            processes.append(subprocess.Popen([binary, "-u", "root", "-l", "127.0.0.1",
+                                               "-p", str(port), "-m", "16"]))
+            addresses.append(("127.0.0.1", port))
+        for address in addresses:
+            wait_until(lambda: answers(address), 5, what=f"memcached on {address}")
+        yield addresses
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
+def answers(address):
+    try:
+        return client(address).version()
+    except OSError:
+        return False
+
+
+def servers_option(addresses):
+    return "--libmemcached-servers=" + ",".join("%s:%d" % address for address in addresses)
+
+
+def job_items(addresses, prefix):
+    """Each server's keys under `prefix` (job items only)."""
+    return [{key for key in all_keys(address) if key.startswith(prefix.encode())}
+            for address in addresses]
+
+
+def test_c_spreads_over_two_servers_and_we_replay_and_delete_each(make_server, prefix,
+                                                                  memcached_servers):
+    """C puts each key on the server libmemcached's hash picks; ours must find it
+    there to replay it and, above all, to delete it when the job is done."""
+    need_c()
+    two = memcached_servers[:2]
+    options = ("-q", "libmemcached", servers_option(two), "--libmemcached-prefix", prefix)
+    function = prefix.encode()
+    jobs = [Job(function, b"u%d" % i, b"d%d" % i) for i in range(40)]
+    c_server = make_server(*options, impl="c")
+    submit_ok(c_server, jobs)
+    wait_until(lambda: sum(map(len, job_items(two, prefix))) == len(jobs), 5,
+               what="C's items")
+    first, second = job_items(two, prefix)
+    assert first and second, "C put every item on one server"
+    c_server.kill()
+
+    server = make_server(*options, impl="py")
+    check_replay_any_order(server, jobs)
+    wait_until(lambda: job_items(two, prefix) == [set(), set()], 5,
+               what="every done job deleted from the server C put it on")
+
+
+def test_jobs_spread_over_three_servers_survive_kill_9(make_server, prefix, memcached_servers):
+    options = ("-q", "libmemcached", servers_option(memcached_servers),
+               "--libmemcached-prefix", prefix)
+    server = make_server(*options)
+    jobs = sample_jobs(prefix, int(time.time()) + 4)
+    jobs += [Job(prefix.encode(), b"u%d" % i, b"d%d" % i) for i in range(30)]
+    submit_ok(server, jobs)
+    placed = job_items(memcached_servers, prefix)
+    assert all(placed), f"items per server: {[len(keys) for keys in placed]}"
+    # each key on exactly one server
+    assert sum(map(len, placed)) == len(set().union(*placed))
+
+    server.kill()
+    server.start()
+    check_replay_any_order(server, jobs)
+    wait_until(lambda: not any(all_keys(address) for address in memcached_servers), 5,
+               what="done jobs and their companions deleted from every server")
