@@ -564,18 +564,21 @@ class SqliteStore(SqlStore):
             super().rollback()
 
 
+# Nobody waits for a delete, so the loop keeps them until DELETE_DELAY has passed
+# or DELETE_BATCH have gathered, unless new jobs go to the writer anyway: the
+# writer thread then wakes some twenty times a second during a drain, not at every
+# loop turn. A crash in between only runs a finished job again.
+DELETE_DELAY = 0.05
+DELETE_BATCH = 2000
+
+
 class StoreWriter(threading.Thread):
     """Owns the store after replay. Takes the batches of many loop turns, writes
     them in one transaction (group commit) and hands the outcome back to the loop.
-
-    New jobs are written at once: their clients wait. Deletes wait for company
-    (up to DELETE_DELAY or DELETE_BATCH keys), since nobody waits for them; a crash
-    in between only runs a finished job again. Deletes that fail are retried with
-    backoff; adds that fail are reported, so their clients get ERROR.
+    Deletes that fail are retried with backoff; adds that fail are reported, so
+    their clients get ERROR.
     """
 
-    DELETE_DELAY = 0.05
-    DELETE_BATCH = 2000
     RETRY_DELAY_MAX = 5.0
 
     def __init__(self, store, on_done, log, stats):
@@ -591,9 +594,9 @@ class StoreWriter(threading.Thread):
         self.batches.put(batch)
 
     def run(self):
-        dones = []                        # keys waiting for company, or for a retry
-        due = None                        # when they must be written
-        retry_delay = self.DELETE_DELAY
+        dones = []                        # keys whose delete failed, to retry
+        due = None                        # when to retry them
+        retry_delay = DELETE_DELAY
         while True:
             try:
                 timeout = None if due is None else max(due - time.monotonic(), 0)
@@ -607,17 +610,15 @@ class StoreWriter(threading.Thread):
                     break
             stop = None in batches
             batches = [batch for batch in batches if batch is not None]
+            retrying = due is not None and time.monotonic() < due
             for _, keys in batches:
                 dones.extend(keys)
-            if dones and due is None:
-                due = time.monotonic() + self.DELETE_DELAY
             adds = [job.store_record() for jobs, _ in batches for job in jobs]
-            if not (adds or stop or len(dones) >= self.DELETE_BATCH
-                    or (dones and time.monotonic() >= due)):
+            if not (adds or stop or (dones and not retrying)):
                 continue
             failed = self.write(adds, dones, batches)
             if failed is None:
-                dones, due, retry_delay = [], None, self.DELETE_DELAY
+                dones, due, retry_delay = [], None, DELETE_DELAY
             else:
                 # Rows written one by one since replaced what these deletes aimed at.
                 written = {job.store_key() for jobs, _ in batches for job in jobs
@@ -877,7 +878,8 @@ class Server:
         self.dirty = []                   # connections with output to send this turn
         self.holding = set()              # connections whose output waits for the store
         self.batch_adds = []              # jobs to store in this turn's batch
-        self.batch_dones = []             # keys to delete in this turn's batch
+        self.batch_dones = []             # keys to delete, kept for DELETE_DELAY
+        self.dones_timer = None           # sends them when DELETE_DELAY has passed
         self.writes_in_flight = 0
         self.finished_batches = collections.deque()   # filled by the writer thread
         self.writer = None
@@ -984,12 +986,10 @@ class Server:
         """Hand this turn's store work to the writer, then send every reply at once."""
         if self.http.resuming:
             self.http.resume()
-        if self.batch_adds or self.batch_dones:
-            if self.batch_adds:
-                self.writes_in_flight += 1
-            self.writer.submit((self.batch_adds, self.batch_dones))
-            self.batch_adds = []
-            self.batch_dones = []
+        if self.batch_adds or len(self.batch_dones) >= DELETE_BATCH:
+            self.send_batch()
+        elif self.batch_dones and self.dones_timer is None:
+            self.dones_timer = self.add_timer(DELETE_DELAY, self.send_dones, None)
         dirty = self.dirty
         if dirty:
             self.dirty = []
@@ -1000,6 +1000,22 @@ class Server:
                     self.log.warning(f"{conn.peer}: not reading its replies "
                                      f"({conn.out_size} bytes waiting), closing")
                     self.close(conn)
+
+    def send_batch(self):
+        """Hand the new jobs and the keys to delete to the writer thread."""
+        if self.batch_adds:
+            self.writes_in_flight += 1
+        self.writer.submit((self.batch_adds, self.batch_dones))
+        self.batch_adds = []
+        self.batch_dones = []
+        if self.dones_timer is not None:
+            self.dones_timer[4] = False
+            self.dones_timer = None
+
+    def send_dones(self, _):
+        self.dones_timer = None
+        if self.batch_dones:
+            self.send_batch()
 
     def ready_to_stop(self):
         if self.stopping == "now":
@@ -1636,6 +1652,8 @@ class Server:
         """Stop the writer, store the queue if asked to, close everything."""
         self.end_turn()
         if self.writer is not None:
+            if self.batch_dones:
+                self.send_batch()
             self.writer.submit(None)
             self.writer.join()
             self.writer = None

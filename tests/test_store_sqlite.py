@@ -10,10 +10,11 @@ import struct
 import subprocess
 import threading
 import time
+import urllib.request
 
 import pytest
 
-from conftest import C_GEARMAND, IMPL, Server, unavailable, wait_for_port
+from conftest import C_GEARMAND, IMPL, Server, free_port, unavailable, wait_for_port, wait_until
 
 REQ = b"\0REQ"
 SUBMIT_JOB_BG, SUBMIT_JOB_HIGH_BG, SUBMIT_JOB_LOW_BG, SUBMIT_JOB_EPOCH = 18, 32, 34, 36
@@ -129,6 +130,32 @@ def test_completed_failed_and_cancelled_jobs_leave_the_store(make_server, tmp_pa
     assert server.admin("cancel job " + handle.decode()) == b"OK\r\n"
     assert drain(server, b"f", 3) == [(b"a", b"a"), (b"b", b"b"), (b"c", b"c")]
     assert rows_become(db, []) == []
+
+
+def store_commits(http_port):
+    """How many store transactions the server has committed, from /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith("gearman_store_batch_size_count "):
+                return int(float(line.split()[1]))
+    raise AssertionError("no gearman_store_batch_size_count in /metrics")
+
+
+def test_deletes_of_jobs_finished_one_by_one_share_transactions(make_server, tmp_path):
+    db = tmp_path / "q.db"
+    http_port = free_port()
+    server = make_server("--queue-type=sqlite", f"--sqlite-db={db}", "--http-port", str(http_port))
+    jobs = 400
+    with server.connect() as sock:
+        sock.sendall(b"".join(request(SUBMIT_JOB_BG, b"f", b"u%d" % i, b"d") for i in range(jobs)))
+        reader = PacketReader(sock)
+        assert all(reader.next()[0] == JOB_CREATED for _ in range(jobs))
+    before = store_commits(http_port)
+    assert len(drain(server, b"f", jobs)) == jobs      # one round trip per job
+    assert rows_become(db, []) == []
+    deletes = wait_until(lambda: store_commits(http_port) - before, what="the delete commits")
+    # One commit per DELETE_DELAY (50 ms) at most: 80 would mean 10 ms per round trip.
+    assert deletes <= jobs // 5, f"{jobs} deletes took {deletes} transactions"
 
 
 def test_replay_keeps_priority_order_data_and_epoch(make_server, tmp_path):
