@@ -15,6 +15,13 @@ Differences from C, on purpose:
 * Replay reads the table with an un-ORDERed SELECT as C does. InnoDB has no
   usable clustered key in this schema (the unique key is nullable), so it scans
   by its hidden row id: insertion order, which is the FIFO order we want.
+
+As C does (libmysqlclient with the default group `gearmand`), the MySQL option
+files /etc/my.cnf, /etc/mysql/my.cnf and ~/.my.cnf supply, from their [client]
+and [gearmand] groups, the user and database that the command line leaves out
+and the socket of host `localhost`. Unlike C, which passes an empty password
+when --mysql-password is not given, the password there goes with the user there:
+it is used when neither --mysql-user nor --mysql-password is given.
 """
 import binascii
 import getpass
@@ -22,6 +29,7 @@ import os
 
 import mysql.connector
 from mysql.connector import constants as mysql_constants
+from mysql.connector.optionfiles import MySQLOptionsParser
 
 from gearmand import SqlStore, StoreError
 
@@ -33,6 +41,9 @@ DELETE_KEYS_MAX = 1000       # keys per multi-row DELETE
 # Error numbers that mean the connection is gone (client errors are 2000-2999).
 SERVER_GONE = {1040, 1053, 1077, 1152, 1153, 1158, 1159, 1160, 1161, 1927, 4031}
 COLLISION = 1242             # our ON DUPLICATE KEY guard: the key collates equal to another job's
+
+OPTION_FILES = ("/etc/my.cnf", "/etc/mysql/my.cnf", "~/.my.cnf")
+OPTION_GROUPS = ("client", "client-server", "client-mariadb", "gearmand")   # later ones win
 
 SOCKET_PATHS = ("/run/mysqld/mysqld.sock", "/var/run/mysqld/mysqld.sock",
                 "/var/lib/mysql/mysql.sock", "/tmp/mysql.sock")
@@ -47,6 +58,17 @@ def local_socket():
         if os.path.exists(path):
             return path
     return SOCKET_PATHS[0]
+
+
+def option_file_settings():
+    """The options of the MySQL option files' client groups, as a dict."""
+    files = [path for path in map(os.path.expanduser, OPTION_FILES) if os.path.isfile(path)]
+    if not files:
+        return {}
+    try:
+        return MySQLOptionsParser(files=files, keep_dashes=False).get_groups(*OPTION_GROUPS)
+    except (ValueError, OSError) as error:
+        raise StoreError(f"MySQL queue: cannot read the MySQL option files: {error}") from None
 
 
 class MySQLStore(SqlStore):
@@ -74,8 +96,13 @@ class MySQLStore(SqlStore):
     @classmethod
     def open(cls, options):
         host = options.mysql_host or "localhost"
-        settings = dict(user=options.mysql_user or getpass.getuser(),
-                        password=options.mysql_password,
+        defaults = option_file_settings()
+        database = options.mysql_db or defaults.get("database", "")
+        password = options.mysql_password
+        if not (options.mysql_user or password):
+            password = defaults.get("password", "")
+        settings = dict(user=options.mysql_user or defaults.get("user") or getpass.getuser(),
+                        password=password,
                         charset="utf8mb4", collation="utf8mb4_general_ci",
                         use_unicode=False, autocommit=False, use_pure=True,
                         connection_timeout=CONNECT_TIMEOUT, get_warnings=False)
@@ -83,17 +110,18 @@ class MySQLStore(SqlStore):
             settings.update(read_timeout=IO_TIMEOUT, write_timeout=IO_TIMEOUT)
         else:       # before 9.x connection_timeout also bounds every read and write
             settings["connection_timeout"] = IO_TIMEOUT
-        if options.mysql_db:
-            settings["database"] = options.mysql_db
+        if database:
+            settings["database"] = database
         if host == "localhost" or host.startswith("/"):
-            settings["unix_socket"] = host if host.startswith("/") else local_socket()
+            settings["unix_socket"] = host if host.startswith("/") else \
+                defaults.get("socket") or local_socket()
             place = settings["unix_socket"]
         else:
             settings.update(host=host, port=options.mysql_port)
             place = f"{host}:{options.mysql_port}"
-        where = f"{settings['user']}@{place}/{options.mysql_db}"
+        where = f"{settings['user']}@{place}/{database}"
         store = cls(options.mysql_table, settings, where)
-        if not options.mysql_db and "." not in store.table:
+        if not database and "." not in store.table:
             raise StoreError("MySQL queue: missing --mysql-db (the database of the queue table)")
         store.setup()
         return store

@@ -14,6 +14,7 @@ pytest.register_assert_rewrite("storetools")
 from conftest import IMPL, free_port, unavailable  # noqa: E402
 from storetools import (HIGH, QUEUE_ERROR, Job, check_bad_settings_exit_1,  # noqa: E402
                         check_c_writes_we_replay, check_outage, check_refused_writes, check_replay,
+                        check_replay_any_order,
                         drain, sample_jobs, submit_ok, submit_one, wait_until,
                         we_write_and_c_starts)
 
@@ -199,6 +200,56 @@ def test_lost_connection_is_replaced_at_once(make_server, table):
         query(f"KILL {connection_id}")
     submit_ok(server, [Job(function, b"two", b"2")])
     assert set(rows(table)) == {(b"one", function), (b"two", function)}
+
+
+@pytest.fixture
+def option_file_home(table, tmp_path):
+    """A MariaDB user with a password, and a HOME for ~/.my.cnf: (user, password, home, env)."""
+    user, password = "gq_" + secrets.token_hex(4), secrets.token_hex(8)
+    for host in ("%", "localhost"):
+        query(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY '{password}'")
+        query(f"GRANT ALL ON test.* TO '{user}'@'{host}'")
+    home = tmp_path / "home"
+    home.mkdir()
+    yield user, password, home, dict(os.environ, HOME=str(home))
+    for host in ("%", "localhost"):
+        query(f"DROP USER IF EXISTS '{user}'@'{host}'")
+
+
+def connected_as(user):
+    return query("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s",
+                 (user,))[0][0]
+
+
+def test_option_files_give_user_and_database_as_in_c(make_server, table, option_file_home):
+    """libmysqlclient reads ~/.my.cnf for C gearmand ([client] and [gearmand]):
+    the user and database left off the command line come from there."""
+    user, password, home, env = option_file_home
+    (home / ".my.cnf").write_text(f"[client]\nuser={user}\n[gearmand]\ndatabase=test\n")
+    server = make_server("-q", "MySQL", "--mysql-host", "127.0.0.1", "--mysql-password", password,
+                         "--mysql-table", table, env=env)
+    function = prefix().encode()
+    submit_ok(server, [Job(function, b"u", b"x")])
+    assert rows(table) == {(b"u", function): (1, b"x", 0)}
+    assert connected_as(user)
+    server.kill()
+    # the command line wins over the file
+    server = make_server(*options(table), env=env)
+    check_replay_any_order(server, [Job(function, b"u", b"x")])
+    wait_until(lambda: not connected_as(user), 5, what=f"no connection as {user}")
+
+
+@pytest.mark.skipif(IMPL == "c", reason="C passes an empty password, never the file's")
+def test_option_file_password_goes_with_its_user(make_server, table, option_file_home):
+    user, password, home, env = option_file_home
+    (home / ".my.cnf").write_text(f"[gearmand]\nuser={user}\npassword={password}\n"
+                                  f"database=test\n")
+    server = make_server("-q", "MySQL", "--mysql-host", "127.0.0.1", "--mysql-table", table,
+                         env=env)
+    function = prefix().encode()
+    submit_ok(server, [Job(function, b"u", b"x")])
+    assert rows(table) == {(b"u", function): (1, b"x", 0)}
+    assert connected_as(user)
 
 
 def test_bad_settings_exit_1(make_server, table):
