@@ -67,8 +67,10 @@ def option_file_settings():
         return {}
     try:
         return MySQLOptionsParser(files=files, keep_dashes=False).get_groups(*OPTION_GROUPS)
-    except (ValueError, OSError) as error:
-        raise StoreError(f"MySQL queue: cannot read the MySQL option files: {error}") from None
+    except (ValueError, OSError):
+        # Unreadable for this user (after -u) or not understood: like libmysqlclient,
+        # go on without them; the connection says what is missing, if anything is.
+        return {}
 
 
 class MySQLStore(SqlStore):
