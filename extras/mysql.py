@@ -24,6 +24,7 @@ when --mysql-password is not given, the password there goes with the user there:
 it is used when neither --mysql-user nor --mysql-password is given.
 """
 import binascii
+import configparser
 import getpass
 import os
 
@@ -67,7 +68,7 @@ def option_file_settings():
         return {}
     try:
         return MySQLOptionsParser(files=files, keep_dashes=False).get_groups(*OPTION_GROUPS)
-    except (ValueError, OSError):
+    except (ValueError, OSError, configparser.Error):
         # Unreadable for this user (after -u) or not understood: like libmysqlclient,
         # go on without them; the connection says what is missing, if anything is.
         return {}
