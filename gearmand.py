@@ -1009,7 +1009,7 @@ class Server:
         self.batch_adds = []
         self.batch_dones = []
         if self.dones_timer is not None:
-            self.dones_timer[4] = False
+            self.cancel_timer(self.dones_timer)
             self.dones_timer = None
 
     def send_dones(self, _):
@@ -1067,6 +1067,10 @@ class Server:
         timer = [time.monotonic() + delay, self.timer_sequence, callback, argument, True]
         heapq.heappush(self.timers, timer)
         return timer
+
+    @staticmethod
+    def cancel_timer(timer):
+        timer[4] = False                  # run_timers drops it when it comes up
 
     def run_timers(self):
         """Fire due timers; return the select timeout until the next one."""
@@ -1484,7 +1488,7 @@ class Server:
     def cancel_timeout(self, job):
         timer = self.timeouts.pop(job, None)
         if timer is not None:
-            timer[4] = False
+            self.cancel_timer(timer)
 
     def notify(self, job, ptype, payload):
         """Send a result packet to every client waiting for the job, newest first."""
