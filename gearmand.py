@@ -2877,6 +2877,11 @@ def run(options):
     ports = [(options.port, False)]
     if options.protocol == "http" or options.http_port is not None:
         ports.append((options.http_port or 8080, True))
+    # Once the port accepts, signals may come at any time: before the log is open
+    # SIGHUP has nothing to reopen, and a stop request simply ends the start-up.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for stop_signal in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(stop_signal, lambda *_: sys.exit(0))
     listeners = []
     for port, http in ports:
         try:
@@ -2890,10 +2895,8 @@ def run(options):
     if options.log_file not in ("stderr", "none"):
         options.log_file = os.path.abspath(options.log_file)
     log = Log(options.log_file, options.verbose, options.syslog)
-    # The port accepts already: a logrotate SIGHUP or a SIGTERM may come during a long replay.
+    # A logrotate SIGHUP may come during a long replay.
     signal.signal(signal.SIGHUP, lambda *_: log.reopen())
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     try:
         server = Server(options, cls.open(options), log, context)
         for sockets, http in listeners:

@@ -232,6 +232,21 @@ def test_sighup_while_replaying_the_queue(make_server, tmp_path):
     wait_until(replayed, timeout=60, what="queue replayed")
 
 
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+def test_stop_signal_while_replaying_exits_0_and_keeps_the_queue(make_server, tmp_path, sig):
+    db = tmp_path / "queue.db"
+    make_queue(db, 50_000)
+    queue = ("-q", "libsqlite3", "--libsqlite3-db", str(db))
+    server = make_server(*queue, start=False)
+    server.start(expect_ready=False)
+    wait_until(lambda: accepts(server.port) or server.proc.poll() is not None,
+               what="port bound")
+    server.proc.send_signal(sig)
+    assert server.proc.wait(15) == 0
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM gearman_queue").fetchone()[0] == 50_000
+
+
 def test_syslog_is_accepted(make_server):
     server = make_server("--syslog", "--verbose", "NOTICE")
     client = server.connect()
