@@ -210,17 +210,22 @@ def make_queue(path, jobs):
                        ((f"u{i}", b"d") for i in range(jobs)))
 
 
-def test_sighup_while_replaying_the_queue(make_server, tmp_path):
-    """logrotate may send SIGHUP at any time, also while a big queue is replayed after
-    the port is bound: the server must reopen its log, not die."""
-    db = tmp_path / "queue.db"
+def start_replaying(make_server, db, *options):
+    """A server started on a queue of 50,000 jobs, returned once its port is bound:
+    the replay has begun, or is about to."""
     make_queue(db, 50_000)
-    log = tmp_path / "gearmand.log"
-    queue = ("-q", "libsqlite3", "--libsqlite3-db", str(db))
-    server = make_server("-l", str(log), *queue, start=False)
+    server = make_server(*options, "-q", "libsqlite3", "--libsqlite3-db", str(db), start=False)
     server.start(expect_ready=False)
     wait_until(lambda: accepts(server.port) or server.proc.poll() is not None,
                what="port bound")
+    return server
+
+
+def test_sighup_while_replaying_the_queue(make_server, tmp_path):
+    """logrotate may send SIGHUP at any time, also while a big queue is replayed after
+    the port is bound: the server must reopen its log, not die."""
+    server = start_replaying(make_server, tmp_path / "queue.db",
+                             "-l", str(tmp_path / "gearmand.log"))
     server.proc.send_signal(signal.SIGHUP)
 
     def replayed():
@@ -238,12 +243,7 @@ def test_sighup_while_replaying_the_queue(make_server, tmp_path):
     pytest.param(signal.SIGTERM, id="TERM")])
 def test_stop_signal_while_replaying_exits_0_and_keeps_the_queue(make_server, tmp_path, sig):
     db = tmp_path / "queue.db"
-    make_queue(db, 50_000)
-    queue = ("-q", "libsqlite3", "--libsqlite3-db", str(db))
-    server = make_server(*queue, start=False)
-    server.start(expect_ready=False)
-    wait_until(lambda: accepts(server.port) or server.proc.poll() is not None,
-               what="port bound")
+    server = start_replaying(make_server, db)
     server.proc.send_signal(sig)
     assert server.proc.wait(15) == 0
     with sqlite3.connect(db) as conn:
