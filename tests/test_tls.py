@@ -32,11 +32,15 @@ def openssl(*args, cwd):
 def make_ca(directory, name):
     openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
-            "-subj", f"/CN={name}", cwd=directory)
+            "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
 
 
 def make_cert(directory, name, ca, extensions):
-    (directory / f"{name}.ext").write_text(extensions + "\n")
+    # Python 3.13's default client context checks strictly (VERIFY_X509_STRICT): the
+    # key identifiers, and the CA's key usage above, must be there.
+    (directory / f"{name}.ext").write_text(extensions + "\nsubjectKeyIdentifier=hash\n"
+                                           "authorityKeyIdentifier=keyid\n")
     openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}",
             cwd=directory)
