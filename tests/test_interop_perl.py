@@ -5,16 +5,20 @@ import pytest
 
 from conftest import need_tool, unavailable
 from clients import (HANDLE_PREFIX, finish, log_lines, procs, run, run_client_script,  # noqa: F401
-                     status_unique, wait_until)
+                     status_unique, wait_status, wait_until)
 
 WORKER_PL = r"""
 use strict; use warnings;
 use Gearman::Worker;
 $| = 1;
-my ($port, $count, $logfile) = @ARGV;
+my ($port, $count, $logfile, $release) = @ARGV;
 my $w = Gearman::Worker->new(job_servers => ["127.0.0.1:$port"]);
 my $done = 0;
 sub logit { open(my $fh, ">>", $logfile) or die; print $fh $_[0], "\n"; close $fh; }
+sub await_release {
+    my $end = time + 20;
+    select(undef, undef, undef, 0.005) until -e $release || time > $end;
+}
 $w->register_function(reverse => sub { $done++; return scalar reverse ${ $_[0]->argref }; });
 $w->register_function(log => sub { $done++; logit(${ $_[0]->argref }); return "ok:" . ${ $_[0]->argref }; });
 $w->register_function(progress => sub {
@@ -25,10 +29,22 @@ $w->register_function(progress => sub {
 });
 $w->register_function(dies => sub { $done++; die "worker died\n"; });
 $w->register_function(fails => sub { $done++; return undef; });
+$w->register_function(hold => sub {
+    my $job = shift; $done++;
+    $job->set_status(2, 5);
+    await_release();
+    return "held";
+});
+$w->register_function(overrun => 1, sub {    # CAN_DO_TIMEOUT: 1 ms, which gearmand makes 1 s
+    my $job = shift; $done++;
+    logit(${ $job->argref });
+    await_release();
+    return "overran";
+});
 $w->work(stop_if => sub { $done >= $count });
 """
 
-PERL_FUNCTIONS = ("reverse", "log", "progress", "dies", "fails")
+PERL_FUNCTIONS = ("reverse", "log", "progress", "dies", "fails", "hold", "overrun")
 
 CLIENT_HEAD = r"""
 use strict; use warnings;
@@ -48,6 +64,7 @@ def perl(server, tmp_path, procs):
 
     class Perl:
         log = tmp_path / "perl-worker.log"
+        release = tmp_path / "perl-release"
         counter = 0
 
         def client(self, code, *args, background=False):
@@ -59,7 +76,7 @@ def perl(server, tmp_path, procs):
         def worker(self, count):
             path = tmp_path / "worker.pl"
             path.write_text(WORKER_PL)
-            return procs.start([exe, path, server.port, count, self.log])
+            return procs.start([exe, path, server.port, count, self.log, self.release])
 
         def idle_worker(self, count):
             proc = self.worker(count)
@@ -104,6 +121,34 @@ print $json->encode([$st->known, $st->running]);
 """, handle)
     assert out == ["0", "0"]
     assert server.status()["log"] == (0, 0, 0)
+
+
+POLL_STATUS = r"""
+# poll get_status(HANDLE) until its JSON is EXPECTED (or 10 s pass); print the last answer
+my ($handle, $expected) = @ARGV;
+my ($got, $end) = ("", time + 10);
+while (time < $end) {
+    my $st = $c->get_status($handle);
+    $got = $json->encode([$st->known, $st->running, $st->progress]);
+    last if $got eq $expected;
+    select(undef, undef, undef, 0.01);
+}
+print $got;
+"""
+
+
+def test_perl_get_status_reports_the_progress_a_worker_set(server, perl):
+    handle = perl.client(r"""print $json->encode($c->dispatch_background(hold => "h"));""")
+
+    def status_becomes(expected):
+        return perl.client(POLL_STATUS, handle, json.dumps(expected, separators=(",", ":")))
+
+    assert status_becomes(["1", "0", ["0", "0"]]) == ["1", "0", ["0", "0"]]
+    perl.worker(1)
+    assert status_becomes(["1", "1", ["2", "5"]]) == ["1", "1", ["2", "5"]]
+    assert server.status()["hold"] == (1, 1, 1)
+    perl.release.touch()
+    assert status_becomes(["0", "0", ["0", "0"]]) == ["0", "0", ["0", "0"]]
 
 
 def test_perl_background_priorities_run_high_normal_low(server, perl):
@@ -213,3 +258,20 @@ def test_perl_worker_serves_gearman_cli_client(server, perl):
     res = run([gm, "-h", "127.0.0.1", "-p", server.port, "-f", "reverse", "--", "cli to perl"])
     assert res.stdout == b"lrep ot ilc"
     assert finish(worker)[0] == 0
+
+
+def test_perl_worker_outliving_its_timeout_dies_on_the_error_and_job_reruns(server, perl):
+    perl.client(r"""print $json->encode($c->dispatch_background(overrun => "o"));""")
+    first = perl.worker(2)                        # 2: it grabs again after the first run
+    wait_until(lambda: perl.log_lines() == ["o"], 10, "the first run started")
+    wait_status(server, "overrun", (1, 0, 1))     # queued again while the first run goes on
+    perl.release.touch()
+    # its late WORK_COMPLETE is refused; Gearman::Worker dies on the ERROR at its next grab
+    rc, out, err = finish(first)
+    assert (rc, out) == (255, b"")
+    assert err == (b"unexpected packet type: error "
+                   b"[JOB_NOT_FOUND -- Job given in work result not found]\n")
+    wait_status(server, "overrun", (1, 0, 0))
+    assert finish(perl.worker(1))[0] == 0
+    assert perl.log_lines() == ["o", "o"]
+    wait_status(server, "overrun", (0, 0, 0))

@@ -1,11 +1,12 @@
 """Interop: PHP's gearman extension (pecl gearman on libgearman 1.1.20) as client and worker."""
 import json
+import re
 
 import pytest
 
 from conftest import need_tool
 from clients import (HANDLE_PREFIX, finish, log_lines, procs, run, run_client_script,  # noqa: F401
-                     status_unique, wait_until)
+                     status_unique, wait_status, wait_until)
 
 WORKER_PHP = r"""<?php
 // php worker.php PORT COUNT LOGFILE RELEASEFILE
@@ -55,11 +56,36 @@ $c->addServer("127.0.0.1", $port);
 $c->setTimeout(15000);
 """
 
+WORKER_HEAD = r"""<?php
+$port = (int)$argv[1];
+$w = new GearmanWorker();
+$w->addServer("127.0.0.1", $port);
+"""
+
+POLL_STATUS = r"""
+// poll $c->METHOD(KEY) until its JSON is EXPECTED (or 10 s pass); print the last answer
+[$method, $key, $expected] = array_slice($argv, 2);
+$deadline = microtime(true) + 10;
+do {
+    $s = $c->$method($key);
+    if (json_encode($s) === $expected) break;
+    usleep(10000);
+} while (microtime(true) < $deadline);
+echo json_encode($s);
+"""
+
+
+@pytest.fixture
+def server(make_server, request):
+    """The job server; a test may give it gearmand options by indirect parametrization."""
+    return make_server(*getattr(request, "param", ()))
+
 
 @pytest.fixture
 def php(server, tmp_path, procs):
     """php.client(code, *args) runs a client script and returns its JSON output;
-    php.worker(count) starts the worker script (log in php.log, release file php.release)."""
+    php.worker(count) starts the worker script (log in php.log, release file php.release);
+    php.start_worker(code, *args) starts WORKER_HEAD + code."""
     exe = need_tool("php")
     probe = run([exe, "-r", 'echo class_exists("GearmanClient") ? "yes" : "no";'], check_rc=False)
     if probe.stdout != b"yes":
@@ -88,6 +114,10 @@ def php(server, tmp_path, procs):
                 path.write_text(WORKER_PHP)
             return procs.start([exe, "-d", "display_errors=stderr", path, server.port, count,
                                 self.log, self.release])
+
+        def start_worker(self, code, *args):
+            return procs.start([exe, "-d", "display_errors=stderr",
+                                self.script(WORKER_HEAD + code), server.port, *args])
 
         def log_lines(self):
             return log_lines(self.log)
@@ -174,19 +204,110 @@ echo json_encode([$h, $c->returnCode()]);
 def test_php_job_status_reports_running_job_progress(server, php):
     handle = php.client(r"""echo json_encode($c->doBackground("slowstatus", "x"));""")
     php.worker(1)
-    poll = r"""
-$deadline = microtime(true) + 10;
-do {
-    $s = $c->jobStatus($argv[2]);
-    if (json_encode($s) === $argv[3]) break;
-    usleep(10000);
-} while (microtime(true) < $deadline);
-echo json_encode($s);
-"""
-    assert php.client(poll, handle, "[true,true,3,7]") == [True, True, 3, 7]
+    assert php.client(POLL_STATUS, "jobStatus", handle, "[true,true,3,7]") == [True, True, 3, 7]
     assert server.status()["slowstatus"] == (1, 1, 1)
     php.release.touch()
-    assert php.client(poll, handle, "[false,false,0,0]") == [False, False, 0, 0]
+    gone = php.client(POLL_STATUS, "jobStatus", handle, "[false,false,0,0]")
+    assert gone == [False, False, 0, 0]
+
+
+def test_php_job_status_by_unique_key_follows_a_background_job(server, php):
+    out = php.client(r"""
+$h = $c->doBackground("slowstatus", "x", "php-uniq-1");
+echo json_encode([$h, $c->jobStatusByUniqueKey("php-uniq-1"),
+                  $c->jobStatusByUniqueKey("no-such-unique")]);
+""")
+    assert out == [f"{HANDLE_PREFIX}:1", [True, False, 0, 0], [False, False, 0, 0]]
+    php.worker(1)
+    running = php.client(POLL_STATUS, "jobStatusByUniqueKey", "php-uniq-1", "[true,true,3,7]")
+    assert running == [True, True, 3, 7]
+    php.release.touch()
+    gone = php.client(POLL_STATUS, "jobStatusByUniqueKey", "php-uniq-1", "[false,false,0,0]")
+    assert gone == [False, False, 0, 0]
+    assert server.status()["slowstatus"] == (0, 0, 0)
+
+
+def test_php_client_and_worker_ping_echo_their_payload(server, php):
+    out = php.client(r"""
+$w = new GearmanWorker();
+$w->addServer("127.0.0.1", $port);
+echo json_encode([$c->ping("hello"), $c->ping(str_repeat("\0\xffping", 20000)),
+                  $w->ping("from a worker"), $c->returnCode(), $w->returnCode()]);
+""")
+    assert out == [True, True, True, 0, 0]   # libgearman checks the echo is the payload
+
+
+def test_php_worker_set_id_is_listed_by_admin_workers(server, php):
+    php.start_worker(r"""
+$w->setId("php-worker-7");
+$w->addFunction("alpha", function ($job) { return "a"; });
+$w->addFunction("beta", function ($job) { return "b"; }, null, 5);
+$w->addFunction("gamma", function ($job) { return "g"; });
+$w->work();
+""")
+    line = re.compile(rb"\d+ 127\.0\.0\.1 php-worker-7 : alpha beta gamma")
+    wait_until(lambda: any(line.fullmatch(row) for row in server.admin("workers").split(b"\n")),
+               10, "the worker listed with its id and functions")
+
+
+OVERRUN_WORKER = r"""
+// args: PORT WORKS LOGFILE RELEASEFILE; the first run outlasts the 1 s timeout
+[$works, $logfile, $release] = array_slice($argv, 2);
+$runs = 0;
+$w->addFunction("overrun", function ($job) use (&$runs, $logfile, $release) {
+    file_put_contents($logfile, $job->handle() . "\n", FILE_APPEND);
+    $runs++;
+    $deadline = microtime(true) + 20;
+    while ($runs == 1 && !file_exists($release) && microtime(true) < $deadline) { usleep(5000); }
+    return "run:$runs";
+}, null, 1);
+$works_done = [];
+for ($i = 0; $i < (int)$works; $i++) { $works_done[] = [@$w->work(), $w->returnCode()]; }
+echo json_encode($works_done);
+"""
+
+
+def start_overrun(php, server, works):
+    """Start OVERRUN_WORKER and a doNormal("overrun") client; return (worker, client) once
+    the worker holds the job in its first, blocked run."""
+    worker = php.start_worker(OVERRUN_WORKER, works, php.log, php.release)
+    wait_until(lambda: workers_of(server, "overrun") == 1, 10, "overrun worker registered")
+    client = php.client(r"""
+echo json_encode([$c->doNormal("overrun", "x"), $c->returnCode()]);
+""", background=True)
+    wait_until(lambda: php.log_lines() == [f"{HANDLE_PREFIX}:1"], 10, "the first run started")
+    return worker, client
+
+
+def test_php_worker_timeout_requeues_the_job_and_the_client_gets_the_rerun(server, php):
+    # libgearman sends addFunction's timeout as is; gearmand reads milliseconds and
+    # waits at least 1 s before it takes the job back
+    worker, client = start_overrun(php, server, 3)
+    wait_status(server, "overrun", (1, 0, 1))     # queued again while the first run goes on
+    php.release.touch()
+    rc, out, err = finish(client)
+    assert (rc, err) == (0, b"")
+    assert json.loads(out) == ["run:2", 0]
+    # the late WORK_COMPLETE is refused with ERROR; the next work() reads it and fails
+    rc, out, err = finish(worker)
+    assert (rc, err) == (0, b"")
+    assert json.loads(out) == [[True, 0], [False, 11], [True, 0]]   # GEARMAN_UNEXPECTED_PACKET
+    assert php.log_lines() == [f"{HANDLE_PREFIX}:1"] * 2
+    wait_status(server, "overrun", (0, 0, 0))
+
+
+@pytest.mark.parametrize("server", [("-j", "1")], indirect=True, ids=["job-retries-1"])
+def test_php_worker_timeout_with_job_retries_fails_the_client(server, php):
+    worker, client = start_overrun(php, server, 2)
+    rc, out, err = finish(client)
+    assert (rc, err) == (0, b"")
+    assert json.loads(out) == ["", 24]            # GEARMAN_WORK_FAIL, before the run ends
+    wait_status(server, "overrun", (0, 0, 1))    # dropped, the worker still running it
+    php.release.touch()
+    rc, out, err = finish(worker)
+    assert (rc, err) == (0, b"")
+    assert json.loads(out) == [[True, 0], [False, 11]]
+    assert php.log_lines() == [f"{HANDLE_PREFIX}:1"]
 
 
 CALLBACKS = r"""
