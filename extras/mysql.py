@@ -2,8 +2,8 @@
 mysql-connector-python.
 
 The table is C gearmand 1.1.20's, so either server replays what the other wrote.
-Each write() is one transaction: one multi-row DELETE and one multi-row INSERT
-(split only to stay under max_allowed_packet), then COMMIT.
+Each write() is one transaction: multi-row DELETEs (DELETE_KEYS_MAX keys each)
+and multi-row INSERTs, each under max_allowed_packet, then COMMIT.
 
 Differences from C, on purpose:
 * INSERT ... ON DUPLICATE KEY UPDATE, so a row left over from an earlier run
@@ -27,6 +27,7 @@ import binascii
 import configparser
 import getpass
 import os
+import re
 
 import mysql.connector
 from mysql.connector import constants as mysql_constants
@@ -45,6 +46,11 @@ COLLISION = 1242             # our ON DUPLICATE KEY guard: the key collates equa
 
 OPTION_FILES = ("/etc/my.cnf", "/etc/mysql/my.cnf", "~/.my.cnf")
 OPTION_GROUPS = ("client", "client-server", "client-mariadb", "gearmand")   # later ones win
+
+# Escapes in option file values; libmariadb keeps an unknown one as it is.
+OPTION_ESCAPE = re.compile(r"\\(.)")
+OPTION_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "s": " ", '"': '"', "'": "'",
+                  "\\": "\\"}
 
 SOCKET_PATHS = ("/run/mysqld/mysqld.sock", "/var/run/mysqld/mysqld.sock",
                 "/var/lib/mysql/mysql.sock", "/tmp/mysql.sock")
@@ -67,11 +73,22 @@ def option_file_settings():
     if not files:
         return {}
     try:
-        return MySQLOptionsParser(files=files, keep_dashes=False).get_groups(*OPTION_GROUPS)
+        settings = MySQLOptionsParser(files=files, keep_dashes=False).get_groups(*OPTION_GROUPS)
     except (ValueError, OSError, configparser.Error):
         # Unreadable for this user (after -u) or not understood: like libmysqlclient,
         # go on without them; the connection says what is missing, if anything is.
         return {}
+    return {name: option_value(value) for name, value in settings.items()}
+
+
+def option_value(text):
+    """An option file's value as libmariadb (C gearmand's client library) reads it: a
+    leading quote dropped and then a trailing one (of either kind), escapes decoded."""
+    if text[:1] in ("'", '"'):
+        text = text[1:]
+        if text[-1:] in ("'", '"'):
+            text = text[:-1]
+    return OPTION_ESCAPE.sub(lambda match: OPTION_ESCAPES.get(match[1], match[0]), text)
 
 
 class MySQLStore(SqlStore):
@@ -88,7 +105,6 @@ class MySQLStore(SqlStore):
                   " VALUES(priority), (SELECT 1 UNION SELECT 2)),"
                   " data = VALUES(data), when_to_run = VALUES(when_to_run)")
     delete_sql = "DELETE FROM {table} WHERE (unique_key, function_name) IN (%s)"
-    select_sql = "SELECT unique_key, function_name, priority, data, when_to_run FROM {table}"
 
     def __init__(self, table, settings, where):
         super().__init__(table, f"MySQL queue {where}")

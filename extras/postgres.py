@@ -1,8 +1,9 @@
 """PostgreSQL persistent queue (-q Postgres, also postgresql and libpq), with psycopg2.
 
 The table is C gearmand 1.1.20's, so either server replays what the other wrote.
-Each write() is one transaction: one DELETE ... USING (VALUES ...) and multi-row
-INSERTs (psycopg2.extras.execute_values), then COMMIT.
+Each write() is one transaction: DELETE ... USING (VALUES ...) and multi-row
+INSERT statements, of up to PAGE_SIZE rows each (psycopg2.extras.execute_values),
+then COMMIT.
 
 Differences from C, on purpose:
 * INSERT ... ON CONFLICT DO UPDATE, so a row left over from an earlier run never
@@ -16,6 +17,8 @@ Differences from C, on purpose:
 * Replay is an un-ORDERed SELECT, as in C. There is no rowid, so the order is the
   heap's: insertion order until deleted space is reused, not guaranteed.
 """
+import os
+
 import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
@@ -23,7 +26,12 @@ import psycopg2.extras
 from gearmand import SqlStore, StoreError
 
 CONNECT_TIMEOUT = 2          # seconds to open a connection
-IO_TIMEOUT_MS = 10000        # unacknowledged data on a TCP connection fails it after this
+# A statement (its lock waits included), or unacknowledged data on the TCP
+# connection, fails after this: as long as MySQL's IO_TIMEOUT.
+IO_TIMEOUT_MS = 10000
+# TCP keepalives find a server gone silent (its host down, a dropped route) while
+# we wait for a reply, which neither timeout above sees: after 5 + 5 x 1 s.
+KEEPALIVES = {"keepalives_idle": 5, "keepalives_interval": 1, "keepalives_count": 5}
 PAGE_SIZE = 1000             # rows per multi-row statement
 REPLAY_FETCH = 5000          # rows fetched at once by the replay's server-side cursor
 
@@ -50,7 +58,6 @@ class PostgresStore(SqlStore):
                   " when_to_run = EXCLUDED.when_to_run")
     delete_sql = ("DELETE FROM {table} AS q USING (VALUES %s) AS d (u, f)"
                   " WHERE q.unique_key = d.u AND q.function_name = d.f")
-    select_sql = "SELECT unique_key, function_name, priority, data, when_to_run FROM {table}"
 
     def __init__(self, table, conninfo, settings, label):
         super().__init__(table, label)
@@ -70,6 +77,11 @@ class PostgresStore(SqlStore):
             settings["connect_timeout"] = CONNECT_TIMEOUT
         if "tcp_user_timeout" not in given and psycopg2.extensions.libpq_version() >= 120000:
             settings["tcp_user_timeout"] = IO_TIMEOUT_MS
+        settings.update((name, value) for name, value in KEEPALIVES.items() if name not in given)
+        # Without a timeout a write waits as long as a lock is held, and its client with
+        # it. Ours go first, so the user's own options (or PGOPTIONS) win.
+        settings["options"] = (f"-c statement_timeout={IO_TIMEOUT_MS} "
+                               + given.get("options", os.environ.get("PGOPTIONS", "")))
         if "application_name" not in given:
             settings["application_name"] = "gearmand.py"
         shown = " ".join(f"{k}={v}" for k, v in given.items() if k != "password")

@@ -2,10 +2,10 @@
 
 Records are C gearmand 1.1.20's, so either server replays what the other wrote:
 one hash per job at `<prefix>-<function>-<unique>` with the fields `data` and
-`priority` (0 high, 1 normal, 2 low). Each write() is one round trip: a Lua
-script (EVALSHA), which Redis runs with no other command in between, deletes
-the finished jobs, then stores the new ones. So it needs Redis 4.0 or later,
-standalone (not Cluster), with scripting allowed.
+`priority` (0 high, 1 normal, 2 low). Each write() is one Lua script (EVALSHA;
+redis-py loads it first where Redis lacks it), which Redis runs with no other
+command in between: it deletes the finished jobs, then stores the new ones. So
+it needs Redis 4.0 or later, standalone (not Cluster), with scripting allowed.
 
 The index is one more hash, `gearmand.py-index:<prefix>` (C never reads it: its
 name does not start with the prefix), with a field per job of ours: its
@@ -144,8 +144,10 @@ class RedisStore(Store):
         try:
             try:
                 self.script(args=args)
-            except (redis.ConnectionError, OSError):
-                # Maybe only the old connection died (Redis restarted): try a new one at once.
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                # Maybe only the old connection died (Redis restarted) or its reply was
+                # late: try a new one at once. The script is idempotent, so running it
+                # twice is harmless.
                 self.script(args=args)
         except redis.ResponseError as error:
             if "WRONGTYPE" in str(error):     # a key of another type: only its job fails

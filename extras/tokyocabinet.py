@@ -8,8 +8,8 @@ key = `<function>-<unique>`, value = `<function>\\0<unique>\\0` + one priority
 digit (0 high, 1 normal, 2 low) + the decimal epoch time + `\\0` + the data.
 `tcamgr list FILE` lists the keys.
 
-Each write() puts and deletes the records of a batch, then calls tcadbsync()
-once (fsync), where C syncs after every job. --libtokyocabinet-optimize
+Each write() deletes the finished jobs' records, puts the new ones, then calls
+tcadbsync() once (fsync), where C syncs after every job. --libtokyocabinet-optimize
 (default true, as in C) runs tcadboptimize() when the file is opened.
 Unlike C, the file is locked without waiting: a second server on the same file
 fails at once instead of hanging. The Debian build of C gearmand has no Tokyo
@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import re
 
 from gearmand import Store, StoreError
 
@@ -27,6 +28,7 @@ ADBOHDB, ADBOBDB = 3, 4      # tcadbomode(): a hash or a B+ tree database
 TCENOREC = 22                # tcerrmsg() code: no record found
 PRIORITY_DIGITS = (b"0", b"1", b"2")
 FALSE_WORDS = ("false", "0", "no", "off")
+WHEN = re.compile(rb"-?[0-9]+")
 
 _library = None
 
@@ -81,12 +83,12 @@ def parse(value):
         return None
     function, unique, rest = parts
     priority = {b"0": 0, b"2": 2}.get(rest[:1], 1)
-    digits = rest[1:]
-    end = 0
-    while end < len(digits) and digits[end:end + 1].isdigit():
-        end += 1
-    when = int(digits[:end]) if end else 0
-    return unique, function, priority, digits[end + 1:], when   # +1 skips the NUL
+    # The time, as C reads it with strtoul(): a leading `-` is taken (C writes a
+    # negative time with %lld; strtoul's wrap-around and the cast back give it back).
+    number = WHEN.match(rest, 1)
+    end = number.end() if number else 1
+    when = int(number.group()) if number else 0
+    return unique, function, priority, rest[end + 1:], when     # +1 skips the NUL
 
 
 class TokyoCabinetStore(Store):

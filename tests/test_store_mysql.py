@@ -252,6 +252,36 @@ def test_option_file_password_goes_with_its_user(make_server, table, option_file
     assert connected_as(user)
 
 
+def test_option_file_values_lose_their_quotes_as_in_c(make_server, table, option_file_home):
+    """libmariadb (C's client library) drops the quotes around an option file's value."""
+    user, password, home, env = option_file_home
+    (home / ".my.cnf").write_text(f'[client]\nuser="{user}"\n[gearmand]\ndatabase = \'test\'\n')
+    server = make_server("-q", "MySQL", "--mysql-host", "127.0.0.1", "--mysql-password", password,
+                         "--mysql-table", table, env=env)
+    function = prefix().encode()
+    submit_ok(server, [Job(function, b"u", b"x")])
+    assert rows(table) == {(b"u", function): (1, b"x", 0)}
+    assert connected_as(user)
+
+
+@pytest.mark.skipif(IMPL == "c", reason="C passes an empty password, never the file's")
+def test_option_file_escapes_as_in_libmariadb(make_server, table, option_file_home):
+    """Backslash escapes in a value are decoded as libmariadb does:
+    \\s is a space, \\" a quote, \\\\ a backslash, an unknown one stays as it is."""
+    user, _, home, env = option_file_home
+    password = 'a b"c\\d\\e'
+    for host in ("%", "localhost"):
+        query(f"ALTER USER '{user}'@'{host}' IDENTIFIED BY %s", (password,))
+    (home / ".my.cnf").write_text(f"[gearmand]\nuser={user}\ndatabase=test\n"
+                                  f'password="a\\sb\\"c\\\\d\\e"\n')
+    server = make_server("-q", "MySQL", "--mysql-host", "127.0.0.1", "--mysql-table", table,
+                         env=env)
+    function = prefix().encode()
+    submit_ok(server, [Job(function, b"u", b"x")])
+    assert rows(table) == {(b"u", function): (1, b"x", 0)}
+    assert connected_as(user)
+
+
 def test_bad_settings_exit_1(make_server, table):
     closed_port = free_port()       # nothing listens there
     check_bad_settings_exit_1(make_server, (

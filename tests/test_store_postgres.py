@@ -1,21 +1,24 @@
 """-q Postgres against a real PostgreSQL (127.0.0.1:5432, trust, database `test`,
 user root), and cross-replay with C gearmand 1.1.20."""
 import contextlib
+import importlib.util
 import os
 import secrets
 import shutil
+import socket
 import subprocess
+import sys
 import time
 
 import pytest
 
 pytest.register_assert_rewrite("storetools")
 
-from conftest import IMPL, free_port, unavailable  # noqa: E402
-from storetools import (HIGH, Job, check_bad_settings_exit_1,  # noqa: E402
+from conftest import IMPL, ROOT, free_port, unavailable  # noqa: E402
+from storetools import (HIGH, QUEUE_ERROR, Job, check_bad_settings_exit_1,  # noqa: E402
                         check_c_writes_we_replay, check_outage, check_refused_writes, check_replay,
-                        drain, priority_status, sample_jobs, submit_ok, wait_until,
-                        we_write_and_c_starts)
+                        drain, foreground, priority_status, sample_jobs, submit_ok, submit_one,
+                        wait_until, we_write_and_c_starts)
 
 try:
     import psycopg2
@@ -192,3 +195,53 @@ def test_bad_settings_exit_1(make_server, table):
             f"host=127.0.0.1 port={closed_port} dbname=test user=root",
             "host=127.0.0.1 dbname=no_such_db_here user=root",
             "host=127.0.0.1 nonsense")], "Postgres")
+
+
+def load(monkeypatch, name, path):
+    """The module at `path` (of this checkout, not an installed copy) as `name`, for
+    this test only."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_write_blocked_by_a_lock_answers_queue_error(make_server, table, monkeypatch):
+    """A write waiting for a lock (LOCK TABLE, a long transaction) or a server that
+    went silent ends in QUEUE_ERROR, never in a client waiting for ever."""
+    if IMPL == "c":
+        pytest.skip("C sets no timeout: its write waits as long as the lock is held")
+    # The user's own options (a shorter lock wait here) are kept beside ours.
+    conninfo = CONNINFO + " options='-c lock_timeout=200'"
+
+    # Our store's connection: statements (lock waits included) are cut off after
+    # 10 s, as MySQL's reads are, and TCP keepalives find a silent server dead.
+    gearmand = load(monkeypatch, "gearmand", ROOT / "gearmand.py")
+    postgres = load(monkeypatch, "gearmand_extras.postgres", ROOT / "extras" / "postgres.py")
+    store = postgres.PostgresStore.open(gearmand.parse_options(options(table, conninfo)))
+    try:
+        with store.connection.cursor() as cursor:
+            cursor.execute("SELECT current_setting('statement_timeout'),"
+                           " current_setting('lock_timeout')")
+            assert cursor.fetchone() == (b"10s", b"200ms")
+        with socket.fromfd(store.connection.fileno(), socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            assert tcp.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+            assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) <= 10
+    finally:
+        store.close()
+
+    # A real lock: the write gives up, the client hears so, the server goes on.
+    server = make_server(*options(table, conninfo))
+    function = prefix().encode()
+    locker = psycopg2.connect(CONNINFO, connect_timeout=2)
+    try:
+        locker.cursor().execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        assert submit_one(server, Job(function, b"blocked", b"1")) == QUEUE_ERROR
+        assert time.monotonic() - started < 3
+        assert foreground(server, function + b".fg", b"abc") == b"cba"
+    finally:
+        locker.close()
+    submit_ok(server, [Job(function, b"after", b"2")])
+    assert set(rows(table)) == {(b"after", function)}

@@ -4,7 +4,9 @@ ways, and a Redis outage costs only the background submissions made during it.""
 import os
 import secrets
 import shutil
+import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -229,3 +231,77 @@ def test_a_key_of_another_type_fails_only_its_job(make_server, prefix):
     server.kill()
     server.start()                        # replay passes over the list
     assert sorted(drain(server, [function], 2)) == [(function, b"a", b"1"), (function, b"c", b"3")]
+
+
+class SilencingProxy:
+    """A TCP proxy to the Redis on 127.0.0.1:6379. Once `armed`, it passes the next
+    EVALSHA on to Redis and drops Redis's reply: the write is done, but its reply is
+    lost as if it came too late. `connections` counts the connections accepted."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.armed = False
+        self.connections = 0
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:
+                return                        # closed
+            self.connections += 1
+            upstream = socket.create_connection(("127.0.0.1", 6379))
+            silenced = threading.Event()
+            for source, target, requests in ((downstream, upstream, True),
+                                             (upstream, downstream, False)):
+                threading.Thread(target=self.pipe, args=(source, target, requests, silenced),
+                                 daemon=True).start()
+
+    def pipe(self, source, target, requests, silenced):
+        try:
+            while True:
+                chunk = source.recv(65536)
+                if not chunk:
+                    break
+                if requests and self.armed and b"EVALSHA" in chunk:
+                    silenced.set()            # before Redis can answer
+                    self.armed = False
+                if requests or not silenced.is_set():
+                    target.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.fixture
+def proxy():
+    silencer = SilencingProxy()
+    yield silencer
+    silencer.close()
+
+
+def test_a_reply_lost_to_a_timeout_is_retried_not_an_error(make_server, prefix, proxy):
+    """The write script is idempotent, so a timed-out write is sent again on a new
+    connection: the client gets JOB_CREATED for the job that Redis did store."""
+    server = make_server("-q", "redis", "--redis-server", "127.0.0.1",
+                         "--redis-port", str(proxy.port), "--redis-prefix", prefix)
+    function = prefix.encode()
+    first, late = Job(function, b"first", b"1"), Job(function, b"late", b"2")
+    submit_ok(server, [first])                # Redis has the script now: one EVALSHA a write
+    proxy.armed = True
+    reply = submit_one(server, late)
+    assert not proxy.armed, "no write went through the proxy"
+    assert reply[0] == gp.JOB_CREATED, gp.show(reply)
+    assert proxy.connections == 2             # the retry came on a new connection
+    assert set(records(prefix)) == {key_of(prefix, first), key_of(prefix, late)}
+    assert drain(server, [function], 2) == [(function, b"first", b"1"), (function, b"late", b"2")]

@@ -11,8 +11,8 @@ import pytest
 pytest.register_assert_rewrite("storetools")
 
 from conftest import IMPL, unavailable  # noqa: E402
-from storetools import (HIGH, LOW, Job, check_replay, drain, run_once, sample_jobs,  # noqa: E402
-                        submit_ok)
+from storetools import (HIGH, LOW, NORMAL, Job, check_replay, drain, run_once,  # noqa: E402
+                        sample_jobs, submit_ok)
 
 pytestmark = pytest.mark.skipif(IMPL == "c",
                                 reason="C gearmand in Debian has no Tokyo Cabinet queue")
@@ -123,3 +123,15 @@ def test_second_server_on_the_same_file_fails_at_once(make_server, db):
     code, lines = run_once(make_server, *options(db))
     assert code == 1 and len(lines) == 1 and "locked by another process" in lines[0]
     assert time.monotonic() - started < 10
+
+
+def test_negative_epoch_time_replays_intact(make_server, db):
+    """SUBMIT_JOB_EPOCH takes a negative time (due at once). C writes it with %lld and
+    reads it back with strtoul(), which takes the `-`: so do we, keeping the data whole."""
+    job = Job(b"f", b"past", b"data", NORMAL, -5)
+    server = make_server(*options(db))
+    submit_ok(server, [job])
+    server.kill()
+    assert records(db) == dict([c_record(job)])       # b"f\0past\0" b"1-5\0data"
+    server.start()
+    assert drain(server, [b"f"], 1) == [(b"f", b"past", b"data")]
