@@ -5,7 +5,8 @@ A drop-in replacement for the C gearmand 1.1.20: the same binary protocol, the
 same text admin protocol byte for byte, the same command line, and the same
 persistent-queue schemas, so a store written by one replays in the other.
 Background jobs are written to the store before the client hears JOB_CREATED,
-in one transaction per loop turn, by a writer thread that never stalls the loop.
+the jobs of one or more loop turns in one transaction, by a writer thread that
+never stalls the loop.
 
 Run it:  python gearmand.py --queue-type=sqlite --sqlite-db=queue.db
 """
@@ -353,8 +354,6 @@ class SqlStore(Store):
     # C gearmand's table; {table} is interpolated unquoted, as C does.
     create_sql = ("CREATE TABLE {table} ( unique_key TEXT, function_name TEXT, priority INTEGER,"
                   " data BLOB, when_to_run INTEGER, PRIMARY KEY (unique_key, function_name))")
-    insert_sql = None
-    delete_sql = None
     select_sql = "SELECT unique_key, function_name, priority, data, when_to_run FROM {table}"
 
     def __init__(self, table, label):
@@ -383,15 +382,7 @@ class SqlStore(Store):
 
     def write_batch(self, adds, dones):
         """One transaction: the deletes, then the inserts, then commit."""
-        cursor = self.connection.cursor()
-        try:
-            if dones:
-                cursor.executemany(self.sql(self.delete_sql), dones)
-            if adds:
-                cursor.executemany(self.sql(self.insert_sql), adds)
-            self.connection.commit()
-        finally:
-            cursor.close()
+        raise NotImplementedError
 
     def replay_cursor(self):
         return self.connection.cursor()
@@ -449,6 +440,10 @@ class SqlStore(Store):
                 if fresh:
                     raise self.backoff.failed(str(self.error(error))) from None
                 # An old connection died (idle timeout, restart): try a new one now.
+            except Exception:
+                # Never leave half a transaction for the next write to commit.
+                self.rollback()
+                raise
 
     def reconnect(self):
         """Open a new connection, unless the last attempt failed moments ago."""
@@ -527,7 +522,9 @@ class SqliteStore(SqlStore):
                 connection.execute(self.sql("ALTER TABLE {table} ADD COLUMN when_to_run INTEGER"))
 
     def table_exists(self, cursor):
-        cursor.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (self.table,))
+        schema, _, name = self.table.rpartition(".")     # "main.queue" is allowed
+        master = schema + ".sqlite_master" if schema else "sqlite_master"
+        cursor.execute(f"SELECT 1 FROM {master} WHERE type='table' AND name=?", (name,))
         return cursor.fetchone() is not None
 
     def replay(self):
@@ -698,16 +695,22 @@ def store_class(queue_type):
     # Next to this file in a checkout or a plain copy; gearmand_extras when pip-installed.
     name = "gearmand_extras." + module_name
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "extras", module_name + ".py")
-    if name not in sys.modules and os.path.isfile(path):
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
     try:
+        if name not in sys.modules and os.path.isfile(path):
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        elif importlib.util.find_spec("gearmand_extras") is None:
+            raise StoreError(f"queue type {title} needs extras/{module_name}.py next to "
+                             f"gearmand.py: copy it there, or pip install "
+                             f"'gearmand-py[{extra or 'all'}]'")
         return getattr(importlib.import_module(name), class_name)
-    except ModuleNotFoundError:
-        raise StoreError(f"queue type {title} needs extras/{module_name}.py next to gearmand.py: "
-                         f"copy it there, or pip install 'gearmand-py[{extra or 'all'}]'") from None
+    except ImportError as error:
+        # The driver is there but does not load (too old, a missing system library).
+        sys.modules.pop(name, None)
+        raise StoreError(f"queue type {title}: cannot load its driver ({error}): "
+                         f"pip install --upgrade 'gearmand-py[{extra or 'all'}]'") from None
 
 
 # --- logging ------------------------------------------------------------------
@@ -808,7 +811,7 @@ class Connection:
 
 
 class Histogram:
-    """Cumulative buckets for the Prometheus exposition; observed from any thread."""
+    """Cumulative buckets for the Prometheus exposition; the writer thread observes."""
 
     def __init__(self, bounds):
         self.bounds = bounds
@@ -875,6 +878,7 @@ class Server:
         self.selector = selectors.DefaultSelector()
         self.timers = []                  # heap of [when, sequence, callback, argument, active]
         self.timer_sequence = 0
+        self.cancelled_timers = 0         # still in the heap
         self.dirty = []                   # connections with output to send this turn
         self.holding = set()              # connections whose output waits for the store
         self.batch_adds = []              # jobs to store in this turn's batch
@@ -884,6 +888,7 @@ class Server:
         self.finished_batches = collections.deque()   # filled by the writer thread
         self.writer = None
         self.stopping = None              # None, "now" or "graceful"
+        self.assigning = True             # False once a graceful stop keeps the queue stored
         self.stop_requested = None        # set by signal handlers, applied by the loop
         self.flush_deadline = None        # graceful stop: give up on unread output then
         self.accept_paused = False
@@ -966,11 +971,12 @@ class Server:
         while True:
             if self.stop_requested:
                 self.begin_stop()
-            timeout = self.run_timers()
+            self.run_timers()
             self.end_turn()
             if self.stopping and self.ready_to_stop():
                 return
-            for key, mask in select(timeout):
+            # Measured after end_turn, which may have added a timer.
+            for key, mask in select(self.next_timeout()):
                 target = key.data
                 if target.__class__ is Connection:
                     if target.handshaking:
@@ -990,8 +996,10 @@ class Server:
             self.send_batch()
         elif self.batch_dones and self.dones_timer is None:
             self.dones_timer = self.add_timer(DELETE_DELAY, self.send_dones, None)
-        dirty = self.dirty
-        if dirty:
+        # Closing a connection here requeues its jobs, whose NOOPs and WORK_FAILs
+        # make more output: send until there is none.
+        while self.dirty:
+            dirty = self.dirty
             self.dirty = []
             for conn in dirty:
                 if not conn.closed and not conn.writing and conn.out:
@@ -1041,6 +1049,9 @@ class Server:
     def begin_stop(self):
         if self.stopping != "now":
             self.stopping = self.stop_requested
+        if self.stopping == "graceful" and self.store.durable:
+            # Running jobs finish; queued ones wait in the store for the next start.
+            self.assigning = False
         self.stop_requested = None
         if self.listeners:
             self.stop_listening()
@@ -1068,25 +1079,40 @@ class Server:
         heapq.heappush(self.timers, timer)
         return timer
 
-    @staticmethod
-    def cancel_timer(timer):
-        timer[4] = False                  # run_timers drops it when it comes up
+    def cancel_timer(self, timer):
+        """Let go of what the timer holds. It stays in the heap until it comes up,
+        unless cancelled timers make up most of the heap (hour-long CAN_DO_TIMEOUTs)."""
+        if not timer[4]:
+            return                        # it has fired already
+        timer[2:] = [None, None, False]
+        self.cancelled_timers += 1
+        timers = self.timers
+        if self.cancelled_timers > 1000 and self.cancelled_timers * 2 > len(timers):
+            timers[:] = [live for live in timers if live[4]]
+            heapq.heapify(timers)
+            self.cancelled_timers = 0
 
     def run_timers(self):
-        """Fire due timers; return the select timeout until the next one."""
+        """Fire due timers."""
         timers = self.timers
-        while timers:
-            timer = timers[0]
-            if not timer[4]:
-                heapq.heappop(timers)
-                continue
-            delay = timer[0] - time.monotonic()
-            if delay > 0:
-                return min(delay, TIMER_WAIT_MAX)
+        now = time.monotonic()
+        while timers and (timers[0][0] <= now or not timers[0][4]):
+            timer = heapq.heappop(timers)
+            if timer[4]:
+                timer[4] = False
+                timer[2](timer[3])
+            else:
+                self.cancelled_timers -= 1
+
+    def next_timeout(self):
+        """The select timeout until the next live timer (None: no timer)."""
+        timers = self.timers
+        while timers and not timers[0][4]:
             heapq.heappop(timers)
-            timer[4] = False
-            timer[2](timer[3])
-        return None
+            self.cancelled_timers -= 1
+        if not timers:
+            return None
+        return min(max(timers[0][0] - time.monotonic(), 0), TIMER_WAIT_MAX)
 
     # -- input
 
@@ -1356,7 +1382,7 @@ class Server:
     def wake_workers(self, function):
         """NOOP sleeping workers of a function, walking its ring from where the
         last walk stopped; at most -w of them (0 = all)."""
-        if not function.wakeable:
+        if not function.wakeable or not self.assigning:
             return
         ring = function.registrations
         count = len(ring)
@@ -1447,7 +1473,7 @@ class Server:
                     return jobs.popleft(), registration
         return None, None
 
-    def assign(self, conn, job, registration):
+    def assign(self, job, registration):
         job.worker = registration
         job.function.running += 1
         registration.jobs.append(job)
@@ -1548,12 +1574,16 @@ class Server:
     # -- the persistent store
 
     def store_add(self, job, state):
+        self.name_row(job)
+        job.store_state = state
+        self.batch_adds.append(job)
+
+    def name_row(self, job):
+        """A job without a unique of its own gets a generated one: a row of its own."""
         if job.store_unique is None and (job.unique == b"" or job.unique == b"-"):
             job.store_unique = b"%s%s.%d" % (
                 STORE_PAYLOAD_UNIQUE if job.unique else STORE_NO_UNIQUE,
                 self.run_id, handle_number(job))
-        job.store_state = state
-        self.batch_adds.append(job)
 
     def store_done(self, job):
         """The job ended or was cancelled: delete its row. A row still being
@@ -1588,20 +1618,23 @@ class Server:
     def key_taken(self, job):
         """Does a newer job hold this job's store key (its row replaced this one's)?"""
         other = self.coalesce(job.function, job.unique, job.data)
-        return other is not None and other is not job and other.store_state >= STORED
+        return (other is not None and other is not job and other.store_state >= STORED
+                and other.store_key() == job.store_key())
 
     def write_failed(self, job):
-        """Its submitters get ERROR instead of JOB_CREATED. A new job is dropped; a
-        foreground job that a background submission joined goes on as it was."""
+        """Its background submitters get ERROR instead of JOB_CREATED. The job goes
+        on as a foreground job if a client waits for it, else it is dropped."""
         new = job.store_state == WRITING_NEW
         job.store_state = FAILED
-        if new:
+        job.background = False
+        if job.clients:
+            if new:
+                self.enqueue(job)
+        elif new:
             self.discard(job)
         else:
-            job.background = False
-            if not job.clients:
-                job.ignore = True
-                self.unindex(job)
+            job.ignore = True
+            self.unindex(job)
 
     def replay(self):
         """Load every stored job before the first connection is served."""
@@ -1661,13 +1694,20 @@ class Server:
             self.writer.submit(None)
             self.writer.join()
             self.writer = None
+            # Jobs that ended while their batch was being written leave rows to delete.
+            while self.finished_batches:
+                self.batch_written(*self.finished_batches.popleft())
+        records = []
         if self.options.store_queue_on_shutdown and self.store.durable:
-            records = [job.store_record() for job in self.jobs.values()
-                       if job.store_state == STORED]
+            for job in self.jobs.values():
+                if job.store_state == STORED:
+                    self.name_row(job)
+                    records.append(job.store_record())
+        if records or self.batch_dones:
             try:
-                self.store.write(records, [])
+                self.store.write(records, self.batch_dones)
             except StoreError as error:
-                self.log.error(f"could not store the queue on shutdown: {error}")
+                self.log.error(f"could not write to the store on shutdown: {error}")
         self.store.close()
         for conn in list(self.connections.values()):
             conn.sock.close()
@@ -1745,7 +1785,7 @@ class Server:
             self.remove_registration(registration)
 
     def pre_sleep(self, conn, args):
-        for registration in conn.registrations:
+        for registration in conn.registrations if self.assigning else ():
             for jobs in registration.function.queues:
                 while jobs and jobs[0].ignore:
                     self.discard(jobs.popleft())
@@ -1778,7 +1818,7 @@ class Server:
                     self.keep(job)
             elif not background:
                 self.attach_client(job, conn)
-            if job.store_state >= WRITING:
+            if background and job.store_state >= WRITING:
                 self.hold(conn, job)
             else:
                 self.send(conn, packet(JOB_CREATED, job.handle))
@@ -1833,11 +1873,14 @@ class Server:
         if conn.sleeping:
             self.set_wakeable(conn, False)
             conn.sleeping = conn.noop_sent = False
+        if not self.assigning:
+            self.send(conn, NO_JOB_PACKET)
+            return
         job, registration = self.take_job(conn)
         if job is None:
             self.send(conn, NO_JOB_PACKET)
             return
-        self.assign(conn, job, registration)
+        self.assign(job, registration)
         function = job.function.name
         if reply == JOB_ASSIGN_ALL and not job.reducer:
             reply = JOB_ASSIGN_UNIQ
@@ -2793,7 +2836,6 @@ def daemonize():
     os.setsid()
     if os.fork():
         os._exit(0)
-    os.chdir("/")
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
@@ -2876,7 +2918,7 @@ def run(options):
     context = tls_context(options)
     ports = [(options.port, False)]
     if options.protocol == "http" or options.http_port is not None:
-        ports.append((options.http_port or 8080, True))
+        ports.append((8080 if options.http_port is None else options.http_port, True))
     # Once the port accepts, signals may come at any time: before the log is open
     # SIGHUP has nothing to reopen, and a stop request simply ends the start-up.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -2905,8 +2947,17 @@ def run(options):
     except StoreError as error:
         raise OptionError(str(error)) from None
     if options.daemon:
-        options.pid_file = os.path.abspath(options.pid_file)   # daemonize() changes to /
+        options.pid_file = os.path.abspath(options.pid_file)
+        # A store connection must not cross a fork (SQLite's locks stay with the
+        # parent): the daemon opens its own, before leaving the start directory.
+        server.store.close()
         daemonize()
+        try:
+            server.store = cls.open(options)
+        except StoreError as error:
+            log.error(str(error))
+            return 1
+        os.chdir("/")
     pid_written = write_pid_file(options.pid_file, "/var/gearmand.pid")
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop("now"))
     signal.signal(signal.SIGINT, lambda *_: server.request_stop("now"))

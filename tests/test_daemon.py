@@ -141,6 +141,26 @@ def test_daemon_relative_pid_file_is_in_the_launch_directory(tmp_path, daemons):
             os.unlink(stray)
 
 
+def test_daemon_holds_its_sqlite_store(tmp_path, daemons):
+    """The daemon opens the store after the fork, so another SQLite connection that
+    closes does not take the WAL from under it: a job acknowledged after that
+    survives kill -9."""
+    db = tmp_path / "queue.db"
+    pid_path = tmp_path / "daemon.pid"
+    server, pid = start_daemon(tmp_path, daemons, str(pid_path), pid_path,
+                               "-q", "libsqlite3", "--libsqlite3-db", str(db))
+    client = server.connect()
+    submit(client, "f", "A", "a")
+    reader = sqlite3.connect(db)           # an operator looks at the queue, and leaves
+    assert reader.execute("SELECT unique_key FROM gearman_queue").fetchall() == [("A",)]
+    reader.close()
+    submit(client, "f", "B", "b")
+    terminate(pid, signal.SIGKILL)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT unique_key FROM gearman_queue ORDER BY rowid").fetchall() \
+            == [("A",), ("B",)]
+
+
 # --- -u -----------------------------------------------------------------------------
 
 def test_user_switch_to_nobody(make_server):
@@ -348,3 +368,27 @@ def test_sigusr1_finishes_running_jobs_keeps_queued_ones(make_server, tmp_path, 
         send(drainer, WORK_COMPLETE, body.split(b"\0")[0], "")
     send(drainer, GRAB_JOB)
     assert recv(drainer)[0] == NO_JOB
+
+
+@pytest.mark.skipif(IMPL == "c", reason="C's SIGUSR1 waits until no job at all is left, "
+                                        "queued ones included")
+def test_sigusr1_gives_a_worker_no_queued_job(make_server, tmp_path):
+    """After SIGUSR1 a worker's GRAB_JOB gets NO_JOB though jobs of its function are
+    queued; the running job finishes and the queued ones wait in the store."""
+    db = tmp_path / "queue.db"
+    server = make_server("--queue-type=sqlite", f"--sqlite-db={db}", "--job-handle-prefix", "T")
+    client = server.connect()
+    for i in range(3):
+        submit(client, "f", f"u{i}", f"d{i}")
+    worker = server.connect()
+    can_do(worker, "f")
+    send(worker, GRAB_JOB)
+    expect(worker, JOB_ASSIGN, "T:1", "f", "d0")
+    server.proc.send_signal(signal.SIGUSR1)
+    wait_until(lambda: refused(server.port), what="listening socket closed", interval=0.05)
+    send(worker, GRAB_JOB)
+    expect(worker, NO_JOB)
+    send(worker, WORK_COMPLETE, "T:1", "")
+    assert server.proc.wait(15) == 0
+    server.start()
+    assert server.status() == {"f": (2, 0, 0)}

@@ -15,10 +15,11 @@ import pytest
 
 from conftest import IMPL, wait_until
 from gearproto import (
-    CAN_DO, CAN_DO_TIMEOUT, ECHO_REQ, ECHO_RES, GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ, RES, SUBMIT_JOB,
-    SUBMIT_JOB_BG, SUBMIT_JOB_HIGH, SUBMIT_JOB_LOW_BG, SUBMIT_REDUCE_JOB_BACKGROUND,
-    WORK_COMPLETE, WORK_EXCEPTION, WORK_STATUS, WORK_WARNING, Closed, can_do, closed, expect, pack,
-    read_to_eof, recv, recv_exact, round_trip, send, submit, sync, work_off,
+    CAN_DO, CAN_DO_TIMEOUT, ECHO_REQ, ECHO_RES, GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ, NOOP, PRE_SLEEP,
+    RES, SUBMIT_JOB, SUBMIT_JOB_BG, SUBMIT_JOB_HIGH, SUBMIT_JOB_LOW_BG,
+    SUBMIT_REDUCE_JOB_BACKGROUND, WORK_COMPLETE, WORK_EXCEPTION, WORK_STATUS, WORK_WARNING,
+    Closed, can_do, closed, expect, pack, read_to_eof, recv, recv_exact, round_trip, send,
+    submit, sync, work_off,
 )
 
 LONG = os.environ.get("GEARMAND_TEST_LONG") == "1"
@@ -360,6 +361,54 @@ def test_max_output_spares_a_peer_that_reads_late(make_server):
     for i in range(3):
         expect(sock, ECHO_RES, bytes([65 + i]) * MiB)
     sync(sock)
+
+
+@OURS_ONLY
+def test_max_output_close_wakes_a_sleeping_worker_at_once(make_server):
+    """A worker closed over --max-output at the end of a turn gives its job back: a
+    sleeping worker gets its NOOP then, not when some other packet arrives."""
+    server = make_server("--max-output", str(MiB), *PREFIX)
+    sleeper = server.connect()
+    can_do(sleeper, "f")
+    client = server.connect()
+    assert submit(client, "f", "u", "data") == b"T:1"
+    hog = socket.socket()
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hog.connect(("127.0.0.1", server.port))
+    can_do(hog, "f")
+    send(hog, GRAB_JOB_UNIQ)
+    expect(hog, JOB_ASSIGN_UNIQ, "T:1", "f", "u", "data")
+    send(sleeper, PRE_SLEEP)
+    sync(sleeper)                          # nothing to do: it sleeps
+    hog.sendall(pack(ECHO_REQ, b"e" * (16 * MiB)))   # a reply it never reads
+    assert recv(sleeper, timeout=2) == (NOOP, b"")
+    send(sleeper, GRAB_JOB_UNIQ)
+    expect(sleeper, JOB_ASSIGN_UNIQ, "T:1", "f", "u", "data")
+
+
+def test_completed_jobs_under_can_do_timeout_are_freed(make_server):
+    """A completed assignment's CAN_DO_TIMEOUT timer lets go of its job at once, not
+    when the timeout would have come: 200 jobs of 1 MiB under a one-hour timeout,
+    while another one keeps running, leave the RSS about where it was."""
+    jobs = 200
+    server = make_server(*PREFIX)
+    client, slow, worker = server.connect(), server.connect(), server.connect()
+    for sock in (slow, worker):
+        send(sock, CAN_DO_TIMEOUT, "f", "3600000")
+        sync(sock)
+    assert submit(client, "f", "slow", "s") == b"T:1"
+    send(slow, GRAB_JOB_UNIQ)
+    expect(slow, JOB_ASSIGN_UNIQ, "T:1", "f", "slow", "s")
+    before = rss_kb(server.pid)
+    data = b"d" * MiB
+    for i in range(jobs):
+        handle = submit(client, "f", "u%d" % i, data)
+        send(worker, GRAB_JOB_UNIQ)
+        expect(worker, JOB_ASSIGN_UNIQ, handle, "f", "u%d" % i, data)
+        send(worker, WORK_COMPLETE, handle, "")
+    sync(worker)
+    growth = rss_kb(server.pid) - before
+    assert growth < jobs * 1024 // 4, f"RSS grew by {growth} KiB after {jobs} jobs of 1 MiB"
 
 
 # --- running out of descriptors ---------------------------------------------------

@@ -4,6 +4,7 @@ import collections
 import os
 import random
 import resource
+import signal
 import socket
 import sqlite3
 import struct
@@ -17,6 +18,7 @@ import pytest
 from conftest import C_GEARMAND, IMPL, Server, free_port, unavailable, wait_for_port, wait_until
 
 REQ = b"\0REQ"
+SUBMIT_JOB = 7
 SUBMIT_JOB_BG, SUBMIT_JOB_HIGH_BG, SUBMIT_JOB_LOW_BG, SUBMIT_JOB_EPOCH = 18, 32, 34, 36
 JOB_CREATED, ERROR, NO_JOB, NOOP = 8, 19, 10, 6
 CAN_DO, GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ, WORK_COMPLETE, PRE_SLEEP = 1, 30, 31, 13, 4
@@ -156,6 +158,86 @@ def test_deletes_of_jobs_finished_one_by_one_share_transactions(make_server, tmp
     deletes = wait_until(lambda: store_commits(http_port) - before, what="the delete commits")
     # One commit per DELETE_DELAY (50 ms) at most: 80 would mean 10 ms per round trip.
     assert deletes <= jobs // 5, f"{jobs} deletes took {deletes} transactions"
+
+
+def test_finished_job_row_is_deleted_without_further_traffic(make_server, tmp_path):
+    """The delete of a finished job's row is committed on its own: nothing more
+    has to reach the server after the WORK_COMPLETE."""
+    db = tmp_path / "q.db"
+    server = make_server("--queue-type=sqlite", f"--sqlite-db={db}")
+    assert submit(server, b"f", b"u", b"d")[0] == JOB_CREATED
+    with server.connect() as worker:
+        reader = PacketReader(worker)
+        worker.sendall(request(CAN_DO, b"f") + request(GRAB_JOB_UNIQ))
+        ptype, payload = reader.next()
+        assert ptype == JOB_ASSIGN_UNIQ
+        # The last packet anyone sends: the worker stays connected and silent.
+        worker.sendall(request(WORK_COMPLETE, payload.split(b"\0")[0], b""))
+        assert rows_become(db, [], timeout=2) == []
+
+
+def running_foreground_job(server, unique, data):
+    """A foreground job of function f that a worker holds: (the client's reader,
+    the worker, the worker's reader, the handle)."""
+    client, worker = server.connect(), server.connect()
+    client_reader, worker_reader = PacketReader(client), PacketReader(worker)
+    client.sendall(request(SUBMIT_JOB, b"f", unique, data))
+    ptype, handle = client_reader.next()
+    assert ptype == JOB_CREATED
+    worker.sendall(request(CAN_DO, b"f") + request(GRAB_JOB_UNIQ))
+    assert worker_reader.next()[0] == JOB_ASSIGN_UNIQ
+    return client_reader, worker, worker_reader, handle
+
+
+def test_dash_job_ending_while_its_row_is_written_leaves_no_row(make_server, tmp_path):
+    """A "-" job ends while the row a background submission gave it is being written,
+    and a new "-" job with the same payload comes in: the new job has a row of its
+    own, so the old row is still deleted and does not run again after a restart."""
+    db = tmp_path / "q.db"
+    server = make_server("--queue-type=sqlite", f"--sqlite-db={db}")
+    client_reader, worker, worker_reader, first = running_foreground_job(server, b"-", b"P")
+    # In one read: a background submission joins it (its row is written), it completes
+    # while that write is in flight, and the same payload is submitted again.
+    worker.sendall(request(SUBMIT_JOB_BG, b"f", b"-", b"P") + request(WORK_COMPLETE, first, b"done")
+                   + request(SUBMIT_JOB_BG, b"f", b"-", b"P"))
+    assert worker_reader.next() == (JOB_CREATED, first)
+    ptype, second = worker_reader.next()
+    assert ptype == JOB_CREATED and second != first
+    assert client_reader.next() == (WORK_COMPLETE, first + b"\0done")
+    worker.sendall(request(GRAB_JOB_UNIQ))
+    ptype, payload = worker_reader.next()
+    assert ptype == JOB_ASSIGN_UNIQ and payload.split(b"\0")[0] == second
+    worker.sendall(request(WORK_COMPLETE, second, b"") + request(16, b"sync"))
+    assert worker_reader.next() == (17, b"sync")
+    assert server.stop() == 0              # a clean stop commits the pending deletes
+    assert rows(db) == []
+
+
+def refused(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+    except (ConnectionRefusedError, ConnectionResetError):
+        return True                       # reset: it was in the backlog when the listener closed
+    return False
+
+
+def test_stop_during_a_write_deletes_the_row_of_a_job_that_ended(make_server, tmp_path):
+    """SIGTERM while a job's row is being written, the job having ended meanwhile:
+    the server finishes the write, then deletes that row before it exits."""
+    db = tmp_path / "q.db"
+    server = make_server("--queue-type=sqlite", f"--sqlite-db={db}")
+    client_reader, worker, worker_reader, handle = running_foreground_job(server, b"u", b"d")
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")        # the server's next write waits for this lock
+    # A background submission joins the job (its row is written), then the job ends.
+    worker.sendall(request(SUBMIT_JOB_BG, b"f", b"u", b"d") + request(WORK_COMPLETE, handle, b"ok"))
+    assert client_reader.next() == (WORK_COMPLETE, handle + b"\0ok")
+    server.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: refused(server.port), what="listening socket closed")
+    lock.execute("ROLLBACK")
+    lock.close()
+    assert server.proc.wait(15) == 0
+    assert rows(db) == []
 
 
 def test_replay_keeps_priority_order_data_and_epoch(make_server, tmp_path):
@@ -417,6 +499,35 @@ def test_dropped_table_gets_error_then_server_goes_on(make_server, tmp_path):
     assert server.status()["f"] == (1, 0, 0)
 
 
+def test_foreground_submission_joining_a_failed_write_gets_its_result(make_server, tmp_path):
+    """A background submission joins a foreground job and the write of its row fails:
+    that submission gets ERROR, and a foreground one that joined the job meanwhile
+    gets JOB_CREATED and then the result, as the first client does."""
+    db = tmp_path / "q.db"
+    server = make_server("--queue-type=sqlite", f"--sqlite-db={db}")
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TRIGGER fail BEFORE INSERT ON gearman_queue WHEN"
+                     " NEW.function_name = 'bad' BEGIN SELECT RAISE(ABORT, 'injected'); END")
+    conn.close()
+    client, joiner, worker = server.connect(), server.connect(), server.connect()
+    client_reader, joiner_reader = PacketReader(client), PacketReader(joiner)
+    client.sendall(request(SUBMIT_JOB, b"bad", b"u", b"data"))
+    ptype, handle = client_reader.next()
+    assert ptype == JOB_CREATED
+    joiner.sendall(request(SUBMIT_JOB_BG, b"bad", b"u", b"data")
+                   + request(SUBMIT_JOB, b"bad", b"u", b"data"))
+    assert joiner_reader.next() == (ERROR, b"QUEUE_ERROR\0QUEUE_ERROR")
+    assert joiner_reader.next() == (JOB_CREATED, handle)
+    worker_reader = PacketReader(worker)
+    worker.sendall(request(CAN_DO, b"bad") + request(GRAB_JOB_UNIQ))
+    ptype, payload = worker_reader.next()
+    assert ptype == JOB_ASSIGN_UNIQ and payload.split(b"\0")[0] == handle
+    worker.sendall(request(WORK_COMPLETE, handle, b"result"))
+    assert client_reader.next() == (WORK_COMPLETE, handle + b"\0result")
+    assert joiner_reader.next() == (WORK_COMPLETE, handle + b"\0result")
+    assert rows(db) == []
+
+
 def test_unopenable_database_exits_1_with_one_line(tmp_path):
     db = tmp_path / "q.db"
     db.write_bytes(b"this is not an SQLite database, it is garbage" * 100)
@@ -444,3 +555,16 @@ def test_store_queue_on_shutdown_writes_only_at_shutdown(make_server, tmp_path):
     assert [r[:4] for r in rows(db)] == [(b"a", b"f", 1, b"A")]
     server.start()
     assert drain(server, b"f", 1) == [(b"a", b"A")]
+
+
+def test_store_queue_on_shutdown_keeps_every_job_without_a_unique(make_server, tmp_path):
+    """Jobs with an empty or a "-" unique each get a row of their own at shutdown."""
+    db = tmp_path / "q.db"
+    server = make_server("--queue-type=sqlite", f"--sqlite-db={db}", "--store-queue-on-shutdown")
+    jobs = [(b"", b"empty%d" % i) for i in range(3)] + [(b"-", b"dash%d" % i) for i in range(3)]
+    for unique, data in jobs:
+        assert submit(server, b"f", unique, data)[0] == JOB_CREATED
+    assert server.stop() == 0
+    assert len(rows(db)) == len(jobs)
+    server.start()
+    assert drain(server, b"f", len(jobs)) == jobs
