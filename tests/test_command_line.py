@@ -58,6 +58,25 @@ def test_a_backend_missing_next_to_a_plain_copy_is_one_line(tmp_path):
                                 "gearmand.py: copy it there, or pip install 'gearmand-py[redis]'")
 
 
+@pytest.mark.parametrize("failure", [
+    'raise ImportError("libpq.so.5: cannot open shared object file")',
+    "from redis.backoff import ExponentialBackoff",   # redis-py 3.x has no redis.backoff
+])
+def test_a_driver_that_does_not_load_is_one_line(tmp_path, failure):
+    """The driver is installed but its import fails (a missing system library, a
+    release too old for the backend): one line, exit 1, no traceback."""
+    (tmp_path / "redis").mkdir()
+    (tmp_path / "redis" / "__init__.py").write_text(failure + "\n")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "gearmand.py"), "-q", "redis", "-L", "127.0.0.1",
+         "-p", str(free_port())], cwd=tmp_path, capture_output=True, timeout=20,
+        env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 1
+    line = one_line(result)
+    assert line.startswith("gearmand: queue type redis: cannot load its driver (")
+    assert line.endswith("): pip install --upgrade 'gearmand-py[redis]'")
+
+
 @pytest.mark.parametrize("queue_type, message", [
     ("MySQL", "queue type MySQL needs mysql-connector-python: pip install 'gearmand-py[mysql]'"),
     ("libdrizzle", "queue type MySQL needs mysql-connector-python: "

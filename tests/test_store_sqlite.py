@@ -123,6 +123,17 @@ def test_table_schema_is_c_gearmands(make_server, tmp_path):
                    " data BLOB, when_to_run INTEGER, PRIMARY KEY (unique_key, function_name))")
 
 
+def test_schema_qualified_table_is_found_again_at_the_next_start(make_server, tmp_path):
+    db = tmp_path / "q.db"
+    options = ("--queue-type=sqlite", f"--sqlite-db={db}", "--sqlite-table=main.jobs")
+    server = make_server(*options)
+    assert submit(server, b"f", b"u1", b"kept")[0] == JOB_CREATED
+    assert server.stop() == 0
+    server = make_server(*options)        # the table exists now: no CREATE TABLE again
+    assert server.status()["f"] == (1, 0, 0)
+    assert [r[:4] for r in rows(db, "jobs")] == [(b"u1", b"f", 1, b"kept")]
+
+
 def test_completed_failed_and_cancelled_jobs_leave_the_store(make_server, tmp_path):
     db = tmp_path / "q.db"
     server = make_server("--queue-type=sqlite", f"--sqlite-db={db}")
