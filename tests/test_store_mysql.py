@@ -221,6 +221,15 @@ def connected_as(user):
                  (user,))[0][0]
 
 
+def check_writes_as(server, table, user):
+    """A job submitted to the server gets its row, written as `user`; its function."""
+    function = prefix().encode()
+    submit_ok(server, [Job(function, b"u", b"x")])
+    assert rows(table) == {(b"u", function): (1, b"x", 0)}
+    assert connected_as(user)
+    return function
+
+
 def test_option_files_give_user_and_database_as_in_c(make_server, table, option_file_home):
     """libmysqlclient reads ~/.my.cnf for C gearmand ([client] and [gearmand]):
     the user and database left off the command line come from there."""
@@ -228,10 +237,7 @@ def test_option_files_give_user_and_database_as_in_c(make_server, table, option_
     (home / ".my.cnf").write_text(f"[client]\nuser={user}\n[gearmand]\ndatabase=test\n")
     server = make_server("-q", "MySQL", "--mysql-host", "127.0.0.1", "--mysql-password", password,
                          "--mysql-table", table, env=env)
-    function = prefix().encode()
-    submit_ok(server, [Job(function, b"u", b"x")])
-    assert rows(table) == {(b"u", function): (1, b"x", 0)}
-    assert connected_as(user)
+    function = check_writes_as(server, table, user)
     server.kill()
     # the command line wins over the file
     server = make_server(*options(table), env=env)
@@ -246,10 +252,7 @@ def test_option_file_password_goes_with_its_user(make_server, table, option_file
                                   f"database=test\n")
     server = make_server("-q", "MySQL", "--mysql-host", "127.0.0.1", "--mysql-table", table,
                          env=env)
-    function = prefix().encode()
-    submit_ok(server, [Job(function, b"u", b"x")])
-    assert rows(table) == {(b"u", function): (1, b"x", 0)}
-    assert connected_as(user)
+    check_writes_as(server, table, user)
 
 
 def test_option_file_values_lose_their_quotes_as_in_c(make_server, table, option_file_home):
@@ -258,10 +261,7 @@ def test_option_file_values_lose_their_quotes_as_in_c(make_server, table, option
     (home / ".my.cnf").write_text(f'[client]\nuser="{user}"\n[gearmand]\ndatabase = \'test\'\n')
     server = make_server("-q", "MySQL", "--mysql-host", "127.0.0.1", "--mysql-password", password,
                          "--mysql-table", table, env=env)
-    function = prefix().encode()
-    submit_ok(server, [Job(function, b"u", b"x")])
-    assert rows(table) == {(b"u", function): (1, b"x", 0)}
-    assert connected_as(user)
+    check_writes_as(server, table, user)
 
 
 @pytest.mark.skipif(IMPL == "c", reason="C passes an empty password, never the file's")
@@ -276,10 +276,7 @@ def test_option_file_escapes_as_in_libmariadb(make_server, table, option_file_ho
                                   f'password="a\\sb\\"c\\\\d\\e"\n')
     server = make_server("-q", "MySQL", "--mysql-host", "127.0.0.1", "--mysql-table", table,
                          env=env)
-    function = prefix().encode()
-    submit_ok(server, [Job(function, b"u", b"x")])
-    assert rows(table) == {(b"u", function): (1, b"x", 0)}
-    assert connected_as(user)
+    check_writes_as(server, table, user)
 
 
 def test_bad_settings_exit_1(make_server, table):
