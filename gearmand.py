@@ -513,6 +513,12 @@ class SqliteStore(SqlStore):
         self.ensure_when_to_run(connection)
         return connection
 
+    def error(self, error, unavailable=False):
+        # Another process holds the database's lock (past the 6 s busy timeout): no row
+        # of the batch can be written now, so none is tried alone, 6 s each.
+        locked = isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
+        return super().error(error, unavailable or locked)
+
     def ensure_when_to_run(self, connection):
         """Tables of gearmand before 0.22 lack when_to_run; C adds it the same way."""
         try:
@@ -643,8 +649,18 @@ class StoreWriter(threading.Thread):
             self.stats.store_errors += 1
             self.stats.store_last_error = str(error)
             self.stats.store_last_error_time = time.time()
-            if getattr(error, "unavailable", False) or len(adds) < 2:
+            if getattr(error, "unavailable", False):
                 return {job for jobs, _ in batches for job in jobs}
+        if dones:
+            # Perhaps only a delete fails: the adds alone must not fail with it.
+            try:
+                self.store.write(adds, [])
+                return set()              # the deletes are retried later
+            except Exception as error:
+                if getattr(error, "unavailable", False):
+                    return {job for jobs, _ in batches for job in jobs}
+        if len(adds) < 2:
+            return {job for jobs, _ in batches for job in jobs}
         failed = set()
         for jobs, _ in batches:
             for job in jobs:

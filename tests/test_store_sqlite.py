@@ -539,6 +539,29 @@ def test_foreground_submission_joining_a_failed_write_gets_its_result(make_serve
     assert rows(db) == []
 
 
+def test_a_delete_that_fails_does_not_fail_later_submissions(make_server, tmp_path):
+    """A finished job's row cannot be deleted (a trigger refuses): later background
+    submissions, retried in the same transactions as that delete, are still stored;
+    the delete is retried until it succeeds."""
+    db = tmp_path / "q.db"
+    server = make_server("--queue-type=sqlite", f"--sqlite-db={db}")
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TRIGGER keep BEFORE DELETE ON gearman_queue WHEN"
+                     " OLD.function_name = 'bad' BEGIN SELECT RAISE(ABORT, 'injected'); END")
+    conn.close()
+    assert submit(server, b"bad", b"u", b"d")[0] == JOB_CREATED
+    assert drain(server, b"bad", 1) == [(b"u", b"d")]
+    for i in range(3):
+        assert submit(server, b"good", b"g%d" % i, b"d")[0] == JOB_CREATED
+    assert [row[:2] for row in rows(db)] == [(b"u", b"bad"), (b"g0", b"good"),
+                                              (b"g1", b"good"), (b"g2", b"good")]
+    with sqlite3.connect(db) as conn:
+        conn.execute("DROP TRIGGER keep")
+    conn.close()
+    assert drain(server, b"good", 3) == [(b"g0", b"d"), (b"g1", b"d"), (b"g2", b"d")]
+    assert rows_become(db, []) == []
+
+
 def test_unopenable_database_exits_1_with_one_line(tmp_path):
     db = tmp_path / "q.db"
     db.write_bytes(b"this is not an SQLite database, it is garbage" * 100)
