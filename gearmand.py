@@ -377,6 +377,11 @@ class SqlStore(Store):
         """Does this driver error mean the connection is gone?"""
         return False
 
+    def blocked(self, error):
+        """Does this driver error hold for every row alike (a lock held elsewhere, a
+        timeout)? Then no row of the batch is tried alone, each waiting as long."""
+        return False
+
     def describe(self, error):
         return " ".join(str(error).split()) or type(error).__name__
 
@@ -435,7 +440,7 @@ class SqlStore(Store):
             except self.driver_error as error:
                 if not self.lost(error):
                     self.rollback()
-                    raise self.error(error) from None
+                    raise self.error(error, self.blocked(error)) from None
                 self.drop()
                 if fresh:
                     raise self.backoff.failed(str(self.error(error))) from None
@@ -513,11 +518,9 @@ class SqliteStore(SqlStore):
         self.ensure_when_to_run(connection)
         return connection
 
-    def error(self, error, unavailable=False):
-        # Another process holds the database's lock (past the 6 s busy timeout): no row
-        # of the batch can be written now, so none is tried alone, 6 s each.
-        locked = isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
-        return super().error(error, unavailable or locked)
+    def blocked(self, error):
+        # Another process holds the database's lock past the 6 s busy timeout.
+        return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
 
     def ensure_when_to_run(self, connection):
         """Tables of gearmand before 0.22 lack when_to_run; C adds it the same way."""
@@ -1005,16 +1008,18 @@ class Server:
                     target(key.fileobj)
 
     def end_turn(self):
-        """Hand this turn's store work to the writer, then send every reply at once."""
-        if self.http.resuming:
-            self.http.resume()
-        if self.batch_adds or len(self.batch_dones) >= DELETE_BATCH:
-            self.send_batch()
-        elif self.batch_dones and self.dones_timer is None:
-            self.dones_timer = self.add_timer(DELETE_DELAY, self.send_dones, None)
-        # Closing a connection here requeues its jobs, whose NOOPs and WORK_FAILs
-        # make more output: send until there is none.
-        while self.dirty:
+        """Hand this turn's store work to the writer, then send every reply at once.
+        Closing a connection here requeues or drops its jobs, which makes more of
+        both (NOOPs, WORK_FAILs, deletes): repeat until there is none."""
+        while True:
+            if self.http.resuming:
+                self.http.resume()
+            if self.batch_adds or len(self.batch_dones) >= DELETE_BATCH:
+                self.send_batch()
+            elif self.batch_dones and self.dones_timer is None:
+                self.dones_timer = self.add_timer(DELETE_DELAY, self.send_dones, None)
+            if not self.dirty:
+                return
             dirty = self.dirty
             self.dirty = []
             for conn in dirty:
@@ -1668,6 +1673,8 @@ class Server:
                         stored_unique, unique = unique, b"-"
                 elif len(unique) == UNIQUE_MAX and unique[-1] == 0:
                     stored_unique, unique = unique, unique[:-1]    # C's truncated 64-byte unique
+                elif unique == b"" or unique == b"-":
+                    stored_unique = unique        # C's row: its key stays what it is
                 if priority != NORMAL and priority != HIGH and priority != LOW:
                     priority = NORMAL
                 function = self.functions.get(name) or self.function(name)
@@ -1715,14 +1722,12 @@ class Server:
                 self.batch_written(*self.finished_batches.popleft())
         records = []
         if self.options.store_queue_on_shutdown and self.store.durable:
-            for job in self.jobs.values():
-                if job.store_state == STORED:
-                    self.name_row(job)
-                    records.append(job.store_record())
+            records = [job.store_record() for job in self.jobs.values()
+                       if job.store_state == STORED]
         if records or self.batch_dones:
             try:
                 self.store.write(records, self.batch_dones)
-            except StoreError as error:
+            except Exception as error:        # the rest of the stop must happen
                 self.log.error(f"could not write to the store on shutdown: {error}")
         self.store.close()
         for conn in list(self.connections.values()):
@@ -1851,6 +1856,8 @@ class Server:
                 self.hold(conn, job)
                 return
             job.store_state = STORED
+            if self.store.durable:
+                self.name_row(job)        # --store-queue-on-shutdown writes it at the end
         else:
             self.attach_client(job, conn)
         self.enqueue(job)
@@ -1862,6 +1869,7 @@ class Server:
         if self.write_ahead:
             self.store_add(job, WRITING)
         elif self.store.durable:
+            self.name_row(job)
             job.store_state = STORED      # --store-queue-on-shutdown writes it at the end
 
     def attach_client(self, job, conn):
@@ -2959,20 +2967,19 @@ def run(options):
         server = Server(options, cls.open(options), log, context)
         for sockets, http in listeners:
             server.listen(sockets, http)
+        if options.daemon:
+            options.pid_file = os.path.abspath(options.pid_file)
+            # A store connection must not cross a fork (SQLite's locks stay with the
+            # parent): the store opened to check the settings, the daemon opens its own.
+            server.store.close()
+            daemonize()
+            server.store = cls.open(options)
         server.replay()
     except StoreError as error:
+        if options.daemon:
+            log.error(str(error))         # the terminal is gone
         raise OptionError(str(error)) from None
     if options.daemon:
-        options.pid_file = os.path.abspath(options.pid_file)
-        # A store connection must not cross a fork (SQLite's locks stay with the
-        # parent): the daemon opens its own, before leaving the start directory.
-        server.store.close()
-        daemonize()
-        try:
-            server.store = cls.open(options)
-        except StoreError as error:
-            log.error(str(error))
-            return 1
         os.chdir("/")
     pid_written = write_pid_file(options.pid_file, "/var/gearmand.pid")
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop("now"))

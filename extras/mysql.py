@@ -42,6 +42,7 @@ DELETE_KEYS_MAX = 1000       # keys per multi-row DELETE
 
 # Error numbers that mean the connection is gone (client errors are 2000-2999).
 SERVER_GONE = {1040, 1053, 1077, 1152, 1153, 1158, 1159, 1160, 1161, 1927, 4031}
+LOCK_WAIT_TIMEOUT = 1205     # innodb_lock_wait_timeout passed
 COLLISION = 1242             # our ON DUPLICATE KEY guard: the key collates equal to another job's
 
 OPTION_FILES = ("/etc/my.cnf", "/etc/mysql/my.cnf", "~/.my.cnf")
@@ -176,6 +177,9 @@ class MySQLStore(SqlStore):
         errno = getattr(error, "errno", None) or -1
         return (errno < 0 or 2000 <= errno < 3000 or errno in SERVER_GONE
                 or not isinstance(error, mysql.connector.DatabaseError))   # interface, timeouts
+
+    def blocked(self, error):
+        return getattr(error, "errno", None) == LOCK_WAIT_TIMEOUT
 
     def describe(self, error):
         if getattr(error, "errno", None) == COLLISION:

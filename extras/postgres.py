@@ -108,6 +108,10 @@ class PostgresStore(SqlStore):
         return (isinstance(error, psycopg2.InterfaceError) or self.connection is None
                 or bool(self.connection.closed) or code.startswith(("08", "57P")))
 
+    def blocked(self, error):
+        # statement_timeout (57014) or lock_timeout (55P03)
+        return getattr(error, "pgcode", None) in ("57014", "55P03")
+
     # -- statements
 
     def write_batch(self, adds, dones):

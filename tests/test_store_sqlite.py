@@ -602,3 +602,68 @@ def test_store_queue_on_shutdown_keeps_every_job_without_a_unique(make_server, t
     assert len(rows(db)) == len(jobs)
     server.start()
     assert drain(server, b"f", len(jobs)) == jobs
+
+
+def c_rows_without_unique(db):
+    """Rows as C gearmand writes jobs submitted with an empty and with a "-" unique."""
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE gearman_queue ( unique_key TEXT, function_name TEXT,"
+                     " priority INTEGER, data BLOB, when_to_run INTEGER,"
+                     " PRIMARY KEY (unique_key, function_name))")
+        conn.executemany("INSERT INTO gearman_queue VALUES (?, ?, 1, ?, 0)",
+                         [("", "f", b"old-empty"), ("-", "f", b"old-dash")])
+    conn.close()
+
+
+def test_store_queue_on_shutdown_keeps_replayed_rows_as_they_are(make_server, tmp_path):
+    """Rows without a unique, replayed and stored again at each clean stop, keep their
+    keys: restarts neither copy them nor lose them."""
+    db = tmp_path / "q.db"
+    c_rows_without_unique(db)
+    server = make_server("--queue-type=sqlite", f"--sqlite-db={db}", "--store-queue-on-shutdown")
+    for _ in range(3):
+        assert server.stop() == 0
+        assert sorted(r[:4] for r in rows(db)) == [(b"", b"f", 1, b"old-empty"),
+                                                  (b"-", b"f", 1, b"old-dash")]
+        server.start()
+    assert sorted(drain(server, b"f", 2)) == [(b"", b"old-empty"), (b"-", b"old-dash")]
+
+
+def test_store_queue_on_shutdown_finished_new_job_leaves_replayed_rows(make_server, tmp_path):
+    """A new job without a unique finishes while replayed ones with the same empty
+    key wait: its delete must not take their rows."""
+    db = tmp_path / "q.db"
+    c_rows_without_unique(db)
+    server = make_server("--queue-type=sqlite", f"--sqlite-db={db}", "--store-queue-on-shutdown")
+    worker = server.connect()
+    reader = PacketReader(worker)
+    assert submit(server, b"f", b"", b"new", SUBMIT_JOB_HIGH_BG)[0] == JOB_CREATED
+    worker.sendall(request(CAN_DO, b"f") + request(GRAB_JOB_UNIQ))
+    ptype, payload = reader.next()
+    assert ptype == JOB_ASSIGN_UNIQ and payload.endswith(b"\0new")
+    worker.sendall(request(WORK_COMPLETE, payload.split(b"\0")[0], b"") + request(16, b"sync"))
+    assert reader.next() == (17, b"sync")
+    # A delete would come within DELETE_DELAY (50 ms): watch the rows for a second.
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        assert sorted(r[:4] for r in rows(db)) == [(b"", b"f", 1, b"old-empty"),
+                                                  (b"-", b"f", 1, b"old-dash")]
+        time.sleep(0.02)
+
+
+def test_job_dropped_when_end_of_turn_closes_its_worker_leaves_the_store(make_server, tmp_path):
+    """With -j 1, a worker closed over --max-output at the end of a loop turn drops
+    its job there: the row goes without waiting for other traffic."""
+    db = tmp_path / "q.db"
+    server = make_server("--queue-type=sqlite", f"--sqlite-db={db}", "-j", "1",
+                         "--max-output", "1000")
+    assert submit(server, b"f", b"u", b"d")[0] == JOB_CREATED
+    hog = socket.socket()
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hog.connect(("127.0.0.1", server.port))
+    reader = PacketReader(hog)
+    hog.sendall(request(CAN_DO, b"f") + request(GRAB_JOB_UNIQ))
+    assert reader.next()[0] == JOB_ASSIGN_UNIQ
+    hog.sendall(request(16, b"e" * (8 << 20)))   # an ECHO whose reply it never reads
+    # The last packet anyone sends.
+    assert rows_become(db, [], timeout=2) == []
