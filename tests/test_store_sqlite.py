@@ -94,6 +94,13 @@ def rows(path, table="gearman_queue"):
                           f" FROM {table} ORDER BY rowid").fetchall()
 
 
+def execute(path, statement):
+    """Run one statement on the database from a connection of the test's own."""
+    with sqlite3.connect(path) as conn:
+        conn.execute(statement)
+    conn.close()
+
+
 def rows_become(path, expected, timeout=10.0):
     """Deletes are committed in the background after a job ends: wait for them."""
     deadline = time.monotonic() + timeout
@@ -516,10 +523,8 @@ def test_foreground_submission_joining_a_failed_write_gets_its_result(make_serve
     gets JOB_CREATED and then the result, as the first client does."""
     db = tmp_path / "q.db"
     server = make_server("--queue-type=sqlite", f"--sqlite-db={db}")
-    with sqlite3.connect(db) as conn:
-        conn.execute("CREATE TRIGGER fail BEFORE INSERT ON gearman_queue WHEN"
-                     " NEW.function_name = 'bad' BEGIN SELECT RAISE(ABORT, 'injected'); END")
-    conn.close()
+    execute(db, "CREATE TRIGGER fail BEFORE INSERT ON gearman_queue WHEN"
+                " NEW.function_name = 'bad' BEGIN SELECT RAISE(ABORT, 'injected'); END")
     client, joiner, worker = server.connect(), server.connect(), server.connect()
     client_reader, joiner_reader = PacketReader(client), PacketReader(joiner)
     client.sendall(request(SUBMIT_JOB, b"bad", b"u", b"data"))
@@ -545,19 +550,15 @@ def test_a_delete_that_fails_does_not_fail_later_submissions(make_server, tmp_pa
     the delete is retried until it succeeds."""
     db = tmp_path / "q.db"
     server = make_server("--queue-type=sqlite", f"--sqlite-db={db}")
-    with sqlite3.connect(db) as conn:
-        conn.execute("CREATE TRIGGER keep BEFORE DELETE ON gearman_queue WHEN"
-                     " OLD.function_name = 'bad' BEGIN SELECT RAISE(ABORT, 'injected'); END")
-    conn.close()
+    execute(db, "CREATE TRIGGER keep BEFORE DELETE ON gearman_queue WHEN"
+                " OLD.function_name = 'bad' BEGIN SELECT RAISE(ABORT, 'injected'); END")
     assert submit(server, b"bad", b"u", b"d")[0] == JOB_CREATED
     assert drain(server, b"bad", 1) == [(b"u", b"d")]
     for i in range(3):
         assert submit(server, b"good", b"g%d" % i, b"d")[0] == JOB_CREATED
     assert [row[:2] for row in rows(db)] == [(b"u", b"bad"), (b"g0", b"good"),
                                               (b"g1", b"good"), (b"g2", b"good")]
-    with sqlite3.connect(db) as conn:
-        conn.execute("DROP TRIGGER keep")
-    conn.close()
+    execute(db, "DROP TRIGGER keep")
     assert drain(server, b"good", 3) == [(b"g0", b"d"), (b"g1", b"d"), (b"g2", b"d")]
     assert rows_become(db, []) == []
 
