@@ -642,6 +642,7 @@ class StoreWriter(threading.Thread):
         """Write everything at once; on failure, find the adds that cannot be
         written one by one. Returns None if all was written, else the failed jobs."""
         started = time.monotonic()
+        every_job = {job for jobs, _ in batches for job in jobs}
         try:
             self.store.write(adds, dones)
             self.stats.commit_seconds.observe(time.monotonic() - started)
@@ -653,7 +654,7 @@ class StoreWriter(threading.Thread):
             self.stats.store_last_error = str(error)
             self.stats.store_last_error_time = time.time()
             if getattr(error, "unavailable", False):
-                return {job for jobs, _ in batches for job in jobs}
+                return every_job
         if dones:
             # Perhaps only a delete fails: the adds alone must not fail with it.
             try:
@@ -661,11 +662,11 @@ class StoreWriter(threading.Thread):
                 return set()              # the deletes are retried later
             except Exception as error:
                 if getattr(error, "unavailable", False):
-                    return {job for jobs, _ in batches for job in jobs}
+                    return every_job
         if len(adds) < 2:
-            return {job for jobs, _ in batches for job in jobs}
+            return every_job
         failed = set()
-        for jobs, _ in batches:
+        for jobs, _ in batches:           # in order: a later row may replace an earlier
             for job in jobs:
                 try:
                     self.store.write([job.store_record()], [])
@@ -2974,13 +2975,12 @@ def run(options):
             server.store.close()
             daemonize()
             server.store = cls.open(options)
+            os.chdir("/")                 # every path the store needs is open or absolute
         server.replay()
     except StoreError as error:
         if options.daemon:
             log.error(str(error))         # the terminal is gone
         raise OptionError(str(error)) from None
-    if options.daemon:
-        os.chdir("/")
     pid_written = write_pid_file(options.pid_file, "/var/gearmand.pid")
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop("now"))
     signal.signal(signal.SIGINT, lambda *_: server.request_stop("now"))
