@@ -1,33 +1,12 @@
 """memcached persistent queue (-q libmemcached), with pymemcache.
 
-NOT DURABLE. memcached is a cache: it evicts items when it runs short of
-memory and forgets everything when it restarts, so queued jobs can be lost
-without any error. Use it only where losing background jobs is acceptable.
+NOT DURABLE: memcached evicts items and forgets them on restart. Records (C's),
+replay, several servers and the differences from C: docs/backends.md#memcached.
 
-Replay lists the keys memcached holds with `lru_crawler metadump all`
-(memcached 1.4.31+). C uses `stats cachedump`, which memcached caps at about
-2 MB of keys per slab class and which, since memcached 1.5 (segmented LRU),
-leaves out recently written items: C may replay only part of a queue. We fall
-back to cachedump only where the LRU crawler is off, with the same weakness.
-
-Records are C gearmand 1.1.20's, so either server replays what the other wrote:
-key = prefix + function + `-` + unique (cut at 250 bytes), value = the data,
-flags = priority (0 high, 1 normal, 2 low), no expiry. A write() is two round
-trips: the deletes of finished jobs, then the sets of new ones.
-
-Differences from C, on purpose:
-* Epoch jobs are accepted (C refuses them). The job's item stays in C's format,
-  and a companion item `gearmand.py-extra:<prefix>:<sha1 of the key>` holds
-  `<function>\\0<unique>\\0<when>`. C never reads the companion (its key does not
-  start with the prefix), so C would run such a job at once with the right data.
-* The same companion keeps a function name containing `-`, or a key cut at 250
-  bytes, exact; C splits the key at the first `-` after the prefix.
-
-With several servers (`--libmemcached-servers=a:11211,b:11211`) each key goes
-where libmemcached's defaults put it, the server numbered one_at_a_time(key)
-modulo the number of servers, in the order given; replay lists every server.
-So C and ours find each other's items as long as both list the same servers
-in the same order.
+A write() is two round trips: the deletes of finished jobs, then the sets of new
+ones. For a job C's key cannot describe (an epoch time, a `-` in the function, a
+key cut at 250 bytes) a companion item `gearmand.py-extra:<prefix>:<sha1 of the
+key>` holds `<function>\\0<unique>\\0<when>`; C never reads it.
 """
 import collections
 import hashlib

@@ -1,27 +1,10 @@
 """MySQL / MariaDB persistent queue (-q MySQL, also mysql and libdrizzle), with
 mysql-connector-python.
 
-The table is C gearmand 1.1.20's, so either server replays what the other wrote.
-Each write() is one transaction: multi-row DELETEs (DELETE_KEYS_MAX keys each)
-and multi-row INSERTs, each under max_allowed_packet, then COMMIT.
-
-Differences from C, on purpose:
-* INSERT ... ON DUPLICATE KEY UPDATE, so a row left over from an earlier run
-  (same unique and function, byte for byte) never refuses a new job. A row whose
-  key only *collates* equal (the columns are case-insensitive: `abc` and `ABC`,
-  or `a` and `a `) is another live job: that insert fails, as it does in C, so
-  its client gets ERROR instead of silently sharing the row.
-* Empty data is stored as an empty LONGBLOB rather than NULL (C reads both).
-* Replay reads the table with an un-ORDERed SELECT as C does. InnoDB has no
-  usable clustered key in this schema (the unique key is nullable), so it scans
-  by its hidden row id: insertion order, which is the FIFO order we want.
-
-As C does (libmysqlclient with the default group `gearmand`), the MySQL option
-files /etc/my.cnf, /etc/mysql/my.cnf and ~/.my.cnf supply, from their [client]
-and [gearmand] groups, the user and database that the command line leaves out
-and the socket of host `localhost`. Unlike C, which passes an empty password
-when --mysql-password is not given, the password there goes with the user there:
-it is used when neither --mysql-user nor --mysql-password is given.
+C gearmand 1.1.20's table; the option files, the differences from C and replay
+order: docs/backends.md#mysql--mariadb. Each write() is one transaction:
+multi-row DELETEs (DELETE_KEYS_MAX keys each) and multi-row INSERTs, each under
+max_allowed_packet, then COMMIT.
 """
 import binascii
 import configparser

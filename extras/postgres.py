@@ -1,21 +1,9 @@
 """PostgreSQL persistent queue (-q Postgres, also postgresql and libpq), with psycopg2.
 
-The table is C gearmand 1.1.20's, so either server replays what the other wrote.
-Each write() is one transaction: DELETE ... USING (VALUES ...) and multi-row
-INSERT statements, of up to PAGE_SIZE rows each (psycopg2.extras.execute_values),
-then COMMIT.
-
-Differences from C, on purpose:
-* INSERT ... ON CONFLICT DO UPDATE, so a row left over from an earlier run never
-  refuses a new job.
-* Replay keeps priority and when_to_run (C 1.1.20 reads them as text from a
-  binary result and replays every job as HIGH, due now).
-* Empty data is stored as an empty BYTEA rather than NULL (C reads both); keys
-  are escaped (C's DELETE fails on a quote in the unique or function).
-* Unique and function go to the server as the bytes the client sent, in the
-  connection's client encoding, exactly as libpq sends C's text parameters.
-* Replay is an un-ORDERed SELECT, as in C. There is no rowid, so the order is the
-  heap's: insertion order until deleted space is reused, not guaranteed.
+C gearmand 1.1.20's table; the differences from C and the timeouts:
+docs/backends.md#postgresql. Each write() is one transaction: DELETE ... USING
+(VALUES ...) and multi-row INSERT statements, of up to PAGE_SIZE rows each
+(psycopg2.extras.execute_values), then COMMIT.
 """
 import os
 

@@ -1,32 +1,14 @@
 """Redis persistent queue (-q redis), with redis-py.
 
-Records are C gearmand 1.1.20's, so either server replays what the other wrote:
-one hash per job at `<prefix>-<function>-<unique>` with the fields `data` and
-`priority` (0 high, 1 normal, 2 low). Each write() is one Lua script (EVALSHA;
-redis-py loads it first where Redis lacks it), which Redis runs with no other
-command in between: it deletes the finished jobs, then stores the new ones. So
-it needs Redis 4.0 or later, standalone (not Cluster), with scripting allowed.
+C gearmand 1.1.20's keys and hashes; the differences from C and outages:
+docs/backends.md#redis.
 
-The index is one more hash, `gearmand.py-index:<prefix>` (C never reads it: its
-name does not start with the prefix), with a field per job of ours: its
-submission sequence, and for what C's key cannot say, also the function,
-unique and time: `<sequence>\\0<function>\\0<unique>\\0<when>`.
-
-Differences from C, on purpose:
-* Replay uses SCAN, never KEYS, and runs the jobs in submission order (the
-  index's sequence); C's order is Redis's hash order.
-* Binary data is kept whole (C cuts it at the first NUL byte on replay).
-* Epoch jobs are accepted and keep their time (C refuses them). C would replay
-  one as an ordinary job, running it at once.
-* A function name containing `-` replays under its own name (C splits the key
-  at the first `-` after the prefix); the index holds the real names.
-* The job hash has exactly C's two fields: C 1.1.20 reads only the first two
-  fields HGETALL returns and refuses to start on any other field name, and
-  Redis returns fields in hash order once a value exceeds 64 bytes.
-* When Redis is unreachable, write() fails at once for a growing interval
-  (0.1 s doubling to 5 s) and reconnects after it; C never reconnects.
-Legacy records of gearmand <= 1.1.15 (a plain string: the data) replay as
-normal-priority jobs, as in C.
+Each write() is one Lua script (EVALSHA; redis-py loads it first where Redis
+lacks it), which Redis runs with no other command in between: it deletes the
+finished jobs, then stores the new ones. The index hash `gearmand.py-index:<prefix>`
+has a field per job of ours: its submission sequence, and for what C's key
+cannot say, also the function, unique and time:
+`<sequence>\\0<function>\\0<unique>\\0<when>`.
 """
 import struct
 

@@ -1,19 +1,10 @@
 """Tokyo Cabinet persistent queue (-q libtokyocabinet), through the system
 library libtokyocabinet.so.9 with ctypes (Debian: apt-get install libtokyocabinet9).
 
-The file is opened with tcadbopen(), so its name picks the database type:
-`queue.tch` (hash) or `queue.tcb` (B+ tree), optionally followed by tuning
-parameters (`queue.tch#bnum=1000000`, see tcadb(3)). Records are C gearmand's:
-key = `<function>-<unique>`, value = `<function>\\0<unique>\\0` + one priority
-digit (0 high, 1 normal, 2 low) + the decimal epoch time + `\\0` + the data.
-`tcamgr list FILE` lists the keys.
-
-Each write() deletes the finished jobs' records, puts the new ones, then calls
-tcadbsync() once (fsync), where C syncs after every job. --libtokyocabinet-optimize
-(default true, as in C) runs tcadboptimize() when the file is opened.
-Unlike C, the file is locked without waiting: a second server on the same file
-fails at once instead of hanging. The Debian build of C gearmand has no Tokyo
-Cabinet queue, so this format is checked against C's source only.
+C gearmand's record format (key `<function>-<unique>`, value `<function>\\0<unique>\\0`
++ priority digit + decimal epoch time + `\\0` + data), file types, locking and the
+differences from C: docs/backends.md#tokyo-cabinet. Each write() deletes, puts,
+then calls tcadbsync() once.
 """
 import ctypes
 import ctypes.util
