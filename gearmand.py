@@ -9,6 +9,17 @@ the jobs of one or more loop turns in one transaction, by a writer thread that
 never stalls the loop.
 
 Run it:  python gearmand.py --queue-type=sqlite --sqlite-db=queue.db
+
+The file reads top to bottom in the order data flows:
+  protocol          packet numbers, the codec, C's parsing rules
+  jobs and workers  Job, FunctionQueue, Registration, and Queues, which owns them
+  persistence       Store and the shared base of the backends, SqliteStore, the
+                    writer thread, and Journal: the loop's side of the store
+  logging, stats    Log, Stats
+  event loop        Connection, Timers, EventLoop (one selectors loop, one thread)
+  binary protocol   BinaryProtocol: framing, dispatch and the packet handlers
+  admin, HTTP       Admin (the text protocol), HttpProtocol (jobs, /metrics, /status)
+  command line      options, Server (the rooms wired together), run() and main()
 """
 
 import argparse
@@ -39,7 +50,7 @@ __version__ = "0.1.0"
 GEARMAND_VERSION = "1.1.20"
 
 
-# --- protocol: packet numbers, shapes, encoding -------------------------------
+# --- protocol: packet numbers, shapes, encoding ------------------------------
 
 REQ = b"\0REQ"
 RES = b"\0RES"
@@ -144,11 +155,12 @@ def error_packet(code, text):
 
 NOOP_PACKET = packet(NOOP)
 NO_JOB_PACKET = packet(NO_JOB)
+# ERROR payloads a submission may get, whichever protocol it came by.
+UNIQUE_TOO_LARGE = b"ARGUMENT_TOO_LARGE\0Unique value too large"
+QUEUE_FULL = b"QUEUE_ERROR\0Job queue is full"
+STORE_FAILED = b"QUEUE_ERROR\0QUEUE_ERROR"
 ERROR_INVALID_MAGIC = error_packet(b"INVALID_MAGIC", b"Request magic expected")
 ERROR_INVALID_COMMAND = error_packet(b"INVALID_COMMAND", b"Command not expected")
-ERROR_UNIQUE_TOO_LARGE = error_packet(b"ARGUMENT_TOO_LARGE", b"Unique value too large")
-ERROR_QUEUE_FULL = error_packet(b"QUEUE_ERROR", b"Job queue is full")
-ERROR_STORE_FAILED = error_packet(b"QUEUE_ERROR", b"QUEUE_ERROR")
 ERROR_UNKNOWN_OPTION = error_packet(b"UNKNOWN_OPTION", b"Server does not recognize given option")
 ERROR_NO_SUCH_JOB = error_packet(b"JOB_NOT_FOUND", b"Job does not exist on server")
 ERROR_NO_SUCH_RESULT_JOB = error_packet(b"JOB_NOT_FOUND", b"Job given in work result not found")
@@ -192,23 +204,39 @@ def gm_hash(data):
     return value or 1
 
 
-# --- jobs, function queues and worker registrations ---------------------------
+def argument_sizes_fit(ptype, args):
+    """C's 8 KiB limit on every argument that is not opaque data."""
+    plain = args[:-1] if ptype in DATA_TYPES else args
+    return all(len(arg) < ARGUMENT_MAX for arg in plain)
 
-# Where a job stands with the persistent store, in order: from STORED up it is in
-# the store or on its way there, from WRITING up its write is in flight.
-NOT_STORED = 0
-FAILED = 1        # its write failed: its submitters get ERROR
-STORED = 2
-WRITING = 3       # being written; already runnable (a foreground job a background one joined)
-WRITING_NEW = 4   # being written; runs only once the write is done
+
+# --- jobs and workers ---------------------------------------------------------
+#
+# A job's life, all of it in Queues below:
+#   submit  a client's SUBMIT_JOB* makes a Job, or joins the live job with the same
+#           unique. A background job goes to the journal first and waits in no queue
+#           until its row is written (the builtin store writes nothing: it queues at once).
+#   queue   it waits in its function's FIFO for its priority; an epoch job on a timer.
+#   grab    a worker's GRAB_JOB* takes the first job of its newest registration that
+#           has one, high priority first.
+#   run     WORK_STATUS, WORK_DATA and WORK_WARNING go on to the clients that wait.
+#   end     WORK_COMPLETE, WORK_FAIL or WORK_EXCEPTION ends it and the journal deletes
+#           its row. A worker that leaves or times out puts it back in its queue (after
+#           -j tries it is dropped); `cancel job` and `drop function` end it from outside.
+
+# Where a job's row in the store stands.
+NO_ROW = 0
+FAILED = 1        # its write failed: its background submitters got ERROR
+WRITING = 2       # handed to the writer; JOB_CREATED waits for the commit
+STORED = 3
 
 
 class Job:
     """One job, queued or running. Foreground submitters are its `clients`."""
 
     __slots__ = ("handle", "function", "unique", "data", "priority", "when", "reducer",
-                 "retries", "worker", "clients", "ignore", "background",
-                 "store_state", "store_unique")
+                 "retries", "worker", "clients", "ignore", "kind", "background", "queued",
+                 "row", "row_unique")
 
     def __init__(self, handle, function, unique, data, priority, when, reducer, background):
         self.handle = handle
@@ -220,20 +248,20 @@ class Job:
         self.reducer = reducer
         self.retries = 0
         self.worker = None                # the Registration whose worker runs it
-        self.clients = None               # Connections waiting for its result
+        self.clients = None               # Peers waiting for its result
         self.ignore = False               # abandoned or cancelled: discarded at the next grab
-        self.background = background      # a background submission owns it
-        self.store_state = NOT_STORED
-        self.store_unique = None          # the key's unique in the store, if not `unique`
+        self.kind = KINDS[background]     # how it was submitted, which is how stats count it
+        self.background = background      # a background submission owns it: it outlives its clients
+        # C's `job_queued`, the fourth column of `show jobs`: the queue took the job. C
+        # sets it for every background submission, even with the builtin queue that keeps
+        # nothing, and clears it when the job ends or is cancelled.
+        self.queued = False
+        self.row = NO_ROW
+        self.row_unique = None            # the unique of its row, where it is not `unique`
 
-    def store_key(self):
-        """(unique, function): what names its row in the store."""
-        return (self.unique if self.store_unique is None else self.store_unique,
-                self.function.name)
 
-    def store_record(self):
-        """(unique, function, priority, data, when): its row in the store."""
-        return self.store_key() + (self.priority, self.data, self.when)
+def handle_number(job):
+    return int(job.handle.rsplit(b":", 1)[1])
 
 
 class Registration:
@@ -241,10 +269,10 @@ class Registration:
     Jobs belong to the registration that grabbed them, as in C: it decides the
     order in which a departing worker's jobs go back to the queue."""
 
-    __slots__ = ("connection", "function", "timeout", "jobs")
+    __slots__ = ("peer", "function", "timeout", "jobs")
 
-    def __init__(self, connection, function, timeout):
-        self.connection = connection
+    def __init__(self, peer, function, timeout):
+        self.peer = peer
         self.function = function
         self.timeout = timeout            # milliseconds; 0 = none
         self.jobs = []                    # jobs it is running, oldest first
@@ -264,7 +292,7 @@ class FunctionQueue:
         self.running = 0
         self.registrations = []           # the worker ring that wake-ups walk
         self.wake_next = 0                # where the next wake-up walk starts
-        self.wakeable = 0                 # registrations whose connection waits for a NOOP
+        self.wakeable = 0                 # registrations whose peer waits for a NOOP
         self.max_queue = [0, 0, 0]        # per priority; 0 = unlimited
         self.by_unique = {}               # unique -> job, for coalescing
         self.by_payload = {}              # data -> job, for unique "-"
@@ -275,12 +303,468 @@ class FunctionQueue:
         return count + self.scheduled if priority == NORMAL else count
 
 
-# --- stores: the interface, the builtin store and SQLite ----------------------
+class Peer:
+    """What the jobs room knows of a connection: the functions it can do and the
+    jobs whose results it waits for. Client and worker roles are not enforced."""
+
+    __slots__ = ("registrations", "client_jobs", "sleeping", "noop_sent")
+
+    def __init__(self):
+        self.registrations = []           # newest first, as C grabs
+        self.client_jobs = []             # jobs whose results this peer waits for
+        self.sleeping = False             # sent PRE_SLEEP and has not grabbed since
+        self.noop_sent = False            # has been woken since it went to sleep
+
+
+class Queues:
+    """Functions, jobs and worker registrations: C's function.cc, job.cc, worker.cc
+    and client.cc. It reaches the outside through three hooks: `emit(peer, type,
+    payload)` gives a peer news of a job (JOB_CREATED, WORK_*, NOOP, ERROR), `timers`
+    calls it back later, and `journal` keeps background jobs in the store."""
+
+    def __init__(self, options, emit, timers, log, stats):
+        self.emit = emit
+        self.timers = timers
+        self.journal = None               # set by the Journal, which needs the queues first
+        self.log = log
+        self.stats = stats
+        self.handle_prefix = options.job_handle_prefix.encode() + b":"
+        self.job_retries = options.job_retries & 0xFF
+        self.worker_wakeup = options.worker_wakeup & 0xFF
+        self.round_robin = options.round_robin
+        self.buckets = options.hashtable_buckets
+        self.functions = {}               # name -> FunctionQueue
+        self.jobs = {}                    # handle -> Job, oldest first
+        # What only a few running jobs have, kept here rather than in every Job:
+        self.progress = {}                # job -> (numerator, denominator) from WORK_STATUS
+        self.timeouts = {}                # job -> its CAN_DO_TIMEOUT timer
+        self.job_count = 0
+        self.dispatching = True           # False once a graceful stop keeps the queue stored
+
+    # -- functions and workers
+
+    def find_or_add_function(self, name):
+        function = self.functions.get(name)
+        if function is None:
+            function = self.functions[name] = FunctionQueue(name)
+        return function
+
+    def register(self, peer, name, timeout):
+        """CAN_DO: the peer can run jobs of this function (timeout in ms, 0 = none)."""
+        function = self.find_or_add_function(name)
+        registration = Registration(peer, function, timeout)
+        peer.registrations.insert(0, registration)
+        function.registrations.append(registration)
+        if peer.sleeping and not peer.noop_sent:
+            function.wakeable += 1
+
+    def unregister(self, peer, registrations):
+        """Forget registrations in C's order: each in turn, newest first, requeues
+        its jobs (most recently assigned first) while it is still registered, so
+        a sleeping worker dropping a function hears the NOOP its own job makes."""
+        for registration in registrations:
+            jobs, registration.jobs = registration.jobs, []
+            for job in reversed(jobs):
+                self.requeue(job)
+            peer.registrations.remove(registration)
+            function = registration.function
+            ring = function.registrations
+            index = ring.index(registration)
+            del ring[index]
+            if index < function.wake_next:
+                function.wake_next -= 1
+            if peer.sleeping and not peer.noop_sent:
+                function.wakeable -= 1
+
+    def set_wakeable(self, peer, wakeable):
+        """Count, per function, the workers a wake-up would NOOP."""
+        was = peer.sleeping and not peer.noop_sent
+        if wakeable:
+            peer.sleeping = True
+            peer.noop_sent = False
+        elif was:
+            peer.noop_sent = True
+        if was != wakeable:
+            step = 1 if wakeable else -1
+            for registration in peer.registrations:
+                registration.function.wakeable += step
+
+    def wake_workers(self, function):
+        """NOOP sleeping workers of a function, walking its ring from where the
+        last walk stopped; at most -w of them (0 = all)."""
+        if not function.wakeable or not self.dispatching:
+            return
+        ring = function.registrations
+        count = len(ring)
+        start = function.wake_next % count
+        limit = self.worker_wakeup
+        woken = 0
+        for step in range(count):
+            peer = ring[(start + step) % count].peer
+            if peer.sleeping and not peer.noop_sent:
+                self.set_wakeable(peer, False)
+                self.emit(peer, NOOP, b"")
+                woken += 1
+                if woken == limit:
+                    function.wake_next = (start + step + 1) % count
+                    return
+        function.wake_next = start
+
+    def sleep(self, peer):
+        """PRE_SLEEP: a NOOP at once if a job waits for the worker, else at the next one."""
+        for registration in peer.registrations if self.dispatching else ():
+            for jobs in registration.function.queues:
+                while jobs and jobs[0].ignore:
+                    self.discard(jobs.popleft())
+                if jobs:
+                    self.emit(peer, NOOP, b"")
+                    return
+        if self.timeouts:
+            for registration in peer.registrations:
+                for job in registration.jobs:
+                    self.cancel_timeout(job)  # C cancels a sleeping worker's timer
+        if peer.noop_sent:
+            peer.sleeping = True          # one NOOP per sleep until the next grab
+        else:
+            self.set_wakeable(peer, True)
+
+    def peer_left(self, peer):
+        """A connection closed: its jobs go back to the queue, its waits are abandoned."""
+        self.set_wakeable(peer, False)
+        self.unregister(peer, list(peer.registrations))
+        for job in peer.client_jobs:
+            self.detach_client(job, peer)
+        peer.client_jobs = []
+
+    # -- submitting
+
+    def submit(self, peer, name, unique, data, priority, background, when=0, reducer=None):
+        """A client submits a job: a new one, or the live one with the same unique."""
+        if len(unique) > UNIQUE_MAX and reducer is None:
+            self.emit(peer, ERROR, UNIQUE_TOO_LARGE)
+            return
+        function = self.find_or_add_function(name)
+        job = self.coalesce(function, unique, data)
+        if job is not None:
+            if not background:
+                self.attach_client(job, peer)
+                self.emit(peer, JOB_CREATED, job.handle)
+                return
+            if not job.background:
+                # Its client is told JOB_CREATED and may never ask again, so the job
+                # must now outlive its foreground clients, and be stored (C does not).
+                job.background = True
+                self.journal.keep(job)
+            self.journal.acknowledge(peer, job)
+            return
+        limit = function.max_queue[priority]
+        if limit and function.total >= limit:
+            self.emit(peer, ERROR, QUEUE_FULL)
+            return
+        job = self.new_job(function, unique, data, priority, when, reducer, background)
+        self.stats.submitted[job.kind] += 1
+        if background:
+            if self.journal.add(job):
+                self.journal.acknowledge(peer, job)
+                return                    # it is queued once its row is written
+        else:
+            self.attach_client(job, peer)
+        self.enqueue(job)
+        self.emit(peer, JOB_CREATED, job.handle)
+
+    def new_job(self, function, unique, data, priority, when, reducer, background):
+        self.job_count += 1
+        handle = b"%s%d" % (self.handle_prefix, self.job_count)
+        job = Job(handle, function, unique, data, priority, when, reducer, background)
+        self.jobs[handle] = job
+        function.total += 1
+        if unique:
+            if unique != b"-":
+                function.by_unique[unique] = job
+            elif data:
+                function.by_payload[data] = job
+        return job
+
+    def restore(self, unique, name, priority, data, when, now):
+        """A background job replayed from the store; None if it is there already."""
+        function = self.functions.get(name) or self.find_or_add_function(name)
+        if self.coalesce(function, unique, data) is not None:
+            return None
+        job = self.new_job(function, unique, data, priority, when, None, True)
+        job.queued = True
+        if when > now:
+            self.enqueue(job)
+        else:
+            function.queues[priority].append(job)
+        return job
+
+    def coalesce(self, function, unique, data):
+        """The live job a submission with this unique joins, if any."""
+        if not unique:
+            return None
+        if unique == b"-":
+            return function.by_payload.get(data) if data else None
+        return function.by_unique.get(unique)
+
+    def unindex(self, job):
+        """Stop new submissions from joining a job."""
+        function = job.function
+        unique = job.unique
+        if unique == b"-":
+            if function.by_payload.get(job.data) is job:
+                del function.by_payload[job.data]
+        elif unique and function.by_unique.get(unique) is job:
+            del function.by_unique[unique]
+
+    def attach_client(self, job, peer):
+        if job.clients is None:
+            job.clients = [peer]
+        else:
+            job.clients.append(peer)
+        peer.client_jobs.append(job)
+
+    def detach_client(self, job, peer):
+        """A waiting client left. A job nobody waits for any more is abandoned,
+        unless a background submission owns it (C drops those too; we keep them)."""
+        if job.clients is None:
+            return
+        job.clients.remove(peer)
+        if not job.clients:
+            job.clients = None
+            if not job.background:
+                job.ignore = True
+                self.unindex(job)
+
+    def is_live(self, job):
+        return self.jobs.get(job.handle) is job
+
+    # -- queueing and handing out
+
+    def enqueue(self, job):
+        """Make a job available to workers: now, or at its epoch time."""
+        function = job.function
+        if job.when > 0:
+            delay = job.when - time.time()
+            if delay > 0:
+                function.scheduled += 1
+                self.timers.add(delay, self.job_due, job)
+                # C wakes workers at submission too; they find nothing yet and sleep again.
+                self.wake_workers(function)
+                return
+        function.queues[job.priority].append(job)
+        self.wake_workers(function)
+
+    def job_due(self, job):
+        function = job.function
+        function.scheduled -= 1
+        if not self.is_live(job):
+            return                        # dropped with its function
+        if job.ignore:
+            self.discard(job)
+            return
+        function.queues[job.priority].append(job)
+        self.wake_workers(function)
+
+    def grab(self, peer):
+        """GRAB_JOB*: the job the worker runs next, now assigned to it; None if none."""
+        if peer.sleeping:
+            self.set_wakeable(peer, False)
+            peer.sleeping = peer.noop_sent = False
+        if not self.dispatching:
+            return None
+        job, registration = self.take_job(peer)
+        if job is not None:
+            self.assign(job, registration)
+        return job
+
+    def take_job(self, peer):
+        """The next job for a grabbing worker: its newest registration first, then
+        high, normal, low priority, FIFO within each."""
+        for registration in peer.registrations:
+            function = registration.function
+            for jobs in function.queues:
+                while jobs and jobs[0].ignore:
+                    self.discard(jobs.popleft())
+                if jobs:
+                    if self.round_robin:
+                        peer.registrations.remove(registration)
+                        peer.registrations.append(registration)
+                    return jobs.popleft(), registration
+        return None, None
+
+    def assign(self, job, registration):
+        job.worker = registration
+        job.function.running += 1
+        registration.jobs.append(job)
+        timeout = registration.timeout
+        if timeout > 0:
+            self.timeouts[job] = self.timers.add(max(timeout, 1000) / 1000.0,
+                                                 self.job_timed_out, job)
+
+    def job_timed_out(self, job):
+        del self.timeouts[job]
+        if job.worker is not None:
+            job.worker.jobs.remove(job)
+            self.requeue(job)
+
+    def requeue(self, job):
+        """A worker left or timed out holding this job (the caller took it off its
+        registration's list): run it again, or drop it after -j tries. Only dropping
+        deletes its stored row."""
+        job.retries = (job.retries + 1) & 0xFF
+        self.unassign(job)
+        if self.job_retries and job.retries == self.job_retries:
+            self.log.notice(f"Dropped job due to max retry count: {job.handle.decode()}")
+            self.notify(job, WORK_FAIL, job.handle)
+            self.stats.failed[job.kind] += 1
+            self.discard(job)
+            return
+        self.progress.pop(job, None)
+        job.function.queues[job.priority].append(job)
+        self.wake_workers(job.function)
+
+    def unassign(self, job):
+        if self.timeouts:
+            self.cancel_timeout(job)
+        if job.worker is not None:
+            job.worker = None
+            job.function.running -= 1
+
+    def cancel_timeout(self, job):
+        timer = self.timeouts.pop(job, None)
+        if timer is not None:
+            self.timers.cancel(timer)
+
+    # -- running and ending
+
+    def running_job(self, peer, handle):
+        """The job of this handle, if this peer's worker runs it."""
+        job = self.jobs.get(handle)
+        if job is None or job.worker is None or job.worker.peer is not peer:
+            return None
+        return job
+
+    def notify(self, job, ptype, payload):
+        """Give news of the job to every client waiting for it, newest first."""
+        if job.clients:
+            for client in reversed(job.clients):
+                self.emit(client, ptype, payload)
+
+    def report_progress(self, job, numerator, denominator, payload):
+        self.progress[job] = (numerator, denominator)
+        self.notify(job, WORK_STATUS, payload)
+
+    def complete(self, job, payload):
+        self.notify(job, WORK_COMPLETE, payload)
+        self.stats.completed[job.kind] += 1
+        self.finish(job)
+
+    def fail(self, job):
+        self.notify(job, WORK_FAIL, job.handle)
+        self.stats.failed[job.kind] += 1
+        self.finish(job)
+
+    def throw(self, job, payload):
+        """WORK_EXCEPTION; a client without the `exceptions` option hears WORK_FAIL."""
+        self.notify(job, WORK_EXCEPTION, payload)
+        self.stats.failed[job.kind] += 1
+        self.finish(job)
+
+    def finish(self, job):
+        """The job is over (done, failed, dropped): forget it and delete its row."""
+        if job.worker is not None:
+            job.worker.jobs.remove(job)
+        self.unassign(job)
+        self.discard(job)
+
+    def discard(self, job):
+        if self.jobs.pop(job.handle, None) is None:
+            return
+        job.function.total -= 1
+        self.unindex(job)
+        if self.progress:
+            self.progress.pop(job, None)
+        if job.clients:
+            for client in job.clients:
+                client.client_jobs.remove(job)
+            job.clients = None
+        self.journal.forget(job)
+
+    def cancel(self, job):
+        """Admin `cancel job`: tell the clients it failed and delete its row; it is
+        discarded when a worker next reaches it, or ends when its worker finishes."""
+        self.notify(job, WORK_FAIL, job.handle)
+        self.journal.forget(job)
+        job.ignore = True
+        self.unindex(job)
+
+    def remove_function(self, function):
+        """Admin `drop function`: C leaves the queued jobs behind, unreachable;
+        we drop them with the function and delete their rows."""
+        for job in [job for job in self.jobs.values() if job.function is function]:
+            self.notify(job, WORK_FAIL, job.handle)
+            self.discard(job)
+        del self.functions[function.name]
+
+    def store_failed(self, job, new):
+        """Its row could not be written, and its background submitters got ERROR.
+        The job goes on as a foreground job if a client waits for it, else it is
+        dropped. A `new` job was waiting for its row before it could run."""
+        job.background = False
+        if job.clients:
+            if new:
+                self.enqueue(job)
+        elif new:
+            self.discard(job)
+        else:
+            job.ignore = True
+            self.unindex(job)
+
+    # -- what admin, HTTP and metrics read
+
+    def job_status(self, handle):
+        """GET_STATUS: (running, numerator, denominator) of a live job, else None."""
+        job = self.jobs.get(handle)
+        if job is None:
+            return None
+        numerator, denominator = self.progress.get(job, (0, 0))
+        return job.worker is not None, numerator, denominator
+
+    def unique_status(self, unique):
+        """GET_STATUS_UNIQUE: (running, numerator, denominator, clients) of the newest
+        live job with this unique in any function, else None."""
+        found = None
+        if unique:
+            for function in self.functions.values():
+                job = function.by_unique.get(unique)
+                if job is not None and (found is None or handle_number(job) > handle_number(found)):
+                    found = job
+        if found is None:
+            return None
+        numerator, denominator = self.progress.get(found, (0, 0))
+        return (found.worker is not None, numerator, denominator,
+                len(found.clients) if found.clients else 0)
+
+    def any_running(self):
+        return any(function.running for function in self.functions.values())
+
+    def functions_in_c_order(self):
+        """C's 991-bucket function table: by bucket, newest first within one."""
+        return sorted(reversed(list(self.functions.values())),
+                      key=lambda function: function.bucket)
+
+    def jobs_in_c_order(self, key):
+        """C's job hash tables (--hashtable-buckets): by bucket, newest first within one."""
+        buckets = self.buckets
+        return sorted(reversed(list(self.jobs.values())), key=lambda job: key(job) % buckets)
+
+
+# --- persistence: the store interface, its shared bases, SQLite ---------------
 
 class StoreError(Exception):
     """A store could not do what was asked; the message is one clear line.
-    `unavailable` means the backend is unreachable (so no record can be written
-    now), as opposed to one record it refused."""
+    `unavailable` means no record can be written now (the backend is down, or a
+    lock or timeout holds every row alike), as opposed to one record it refused."""
 
     def __init__(self, message, unavailable=False):
         super().__init__(message)
@@ -288,7 +772,8 @@ class StoreError(Exception):
 
 
 class Store:
-    """Keeps background jobs across restarts.
+    """Keeps background jobs across restarts. This base is the builtin queue type,
+    which keeps nothing.
 
     A store is used by one thread at a time: replay() runs before serving, then
     the writer thread calls write() with the work of one or more loop turns.
@@ -296,7 +781,8 @@ class Store:
     first two and the data; a key is (unique, function).
     """
 
-    durable = False   # the builtin store keeps nothing, so nothing waits for it
+    persistent = False    # writes go to a backend (so a writer thread runs, and JOB_CREATED waits)
+    durable = False       # what is written survives a restart of the backend
 
     @classmethod
     def open(cls, options):
@@ -343,14 +829,96 @@ class Backoff:
         self.until = 0.0
 
 
-class SqlStore(Store):
-    """What the SQL stores share. A dialect supplies connect(), table_exists(),
-    its statements, and says which driver errors mean a lost connection; the
-    base reconnects with backoff, so a database outage fails writes fast
-    (StoreError unavailable) and heals by itself."""
+class ReconnectingStore(Store):
+    """What every store on a connection shares (SQL, Redis, memcached): a write that
+    finds an old connection dead tries once more on a new one; when that fails too,
+    writes fail at once for a growing interval (Backoff) and then reconnect. So an
+    outage costs clients an ERROR, not a wait, and heals by itself.
 
+    A backend provides connect() (a new connection, or a driver error),
+    disconnect(), write_batch(adds, dones) on `self.connection`, and sorts its
+    driver's errors: lost() means the connection is gone; blocked() that every
+    record would fail alike now (a lock held elsewhere, a timeout, a server that
+    refuses writes); any other is this batch's own (a record the backend refuses).
+    """
+
+    persistent = True
     durable = True
-    driver_error = Exception          # the driver's base exception class
+    driver_error = Exception          # the driver's base exception class(es)
+
+    def __init__(self, label):
+        self.label = label            # names the backend in messages, never a password
+        self.connection = None
+        self.backoff = Backoff()
+
+    def connect(self):
+        raise NotImplementedError
+
+    def disconnect(self):
+        if self.connection is not None:
+            try:
+                self.connection.close()
+            except Exception:
+                pass
+            self.connection = None
+
+    def write_batch(self, adds, dones):
+        raise NotImplementedError
+
+    def lost(self, error):
+        return False
+
+    def blocked(self, error):
+        return False
+
+    def rollback(self):
+        """Leave nothing of a failed batch for the next one to commit."""
+
+    def describe(self, error):
+        return " ".join(str(error).split()) or type(error).__name__
+
+    def error(self, error, unavailable=False):
+        return StoreError(f"{self.label}: {self.describe(error)}", unavailable)
+
+    def write(self, adds, dones):
+        self.backoff.check()
+        retried = False
+        while True:
+            fresh = self.connection is None
+            if fresh:
+                try:
+                    self.connection = self.connect()
+                except self.driver_error as error:
+                    self.disconnect()
+                    raise self.backoff.failed(str(self.error(error))) from None
+            try:
+                self.write_batch(adds, dones)
+            except StoreError:
+                self.rollback()
+                raise
+            except self.driver_error as error:
+                if not self.lost(error):
+                    self.rollback()
+                    raise self.error(error, self.blocked(error)) from None
+                self.disconnect()
+                if fresh or retried:
+                    raise self.backoff.failed(str(self.error(error))) from None
+                retried = True    # an old connection died (idle timeout, restart): try a new one
+                continue
+            except Exception:
+                self.rollback()
+                raise
+            self.backoff.succeeded()
+            return
+
+    def close(self):
+        self.disconnect()
+
+
+class SqlStore(ReconnectingStore):
+    """What the SQL stores share: C's table, created if missing, and its replay. A
+    dialect supplies connect(), table_exists(), write_batch() and its statements."""
+
     # C gearmand's table; {table} is interpolated unquoted, as C does.
     create_sql = ("CREATE TABLE {table} ( unique_key TEXT, function_name TEXT, priority INTEGER,"
                   " data BLOB, when_to_run INTEGER, PRIMARY KEY (unique_key, function_name))")
@@ -359,46 +927,17 @@ class SqlStore(Store):
     def __init__(self, table, label):
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?", table):
             raise StoreError(f"invalid table name {table!r}")
+        super().__init__(label)
         self.table = table
-        self.label = label            # names the database in messages, never a password
-        self.connection = None
-        self.backoff = Backoff()
-
-    # -- what a dialect provides
-
-    def connect(self):
-        """Return a new DB-API connection with autocommit off."""
-        raise NotImplementedError
 
     def table_exists(self, cursor):
-        raise NotImplementedError
-
-    def lost(self, error):
-        """Does this driver error mean the connection is gone?"""
-        return False
-
-    def blocked(self, error):
-        """Does this driver error hold for every row alike (a lock held elsewhere, a
-        timeout)? Then no row of the batch is tried alone, each waiting as long."""
-        return False
-
-    def describe(self, error):
-        return " ".join(str(error).split()) or type(error).__name__
-
-    def write_batch(self, adds, dones):
-        """One transaction: the deletes, then the inserts, then commit."""
         raise NotImplementedError
 
     def replay_cursor(self):
         return self.connection.cursor()
 
-    # -- shared
-
     def sql(self, statement):
         return statement.format(table=self.table)
-
-    def error(self, error, unavailable=False):
-        return StoreError(f"{self.label}: {self.describe(error)}", unavailable)
 
     def setup(self):
         """Connect and create C's table if it is missing; StoreError if that fails."""
@@ -410,7 +949,7 @@ class SqlStore(Store):
             cursor.close()
             self.connection.commit()
         except self.driver_error as error:
-            self.drop()
+            self.disconnect()
             raise self.error(error) from None
 
     def replay(self):
@@ -425,57 +964,12 @@ class SqlStore(Store):
         except self.driver_error as error:
             raise self.error(error) from None
 
-    def write(self, adds, dones):
-        fresh = False
-        while True:
-            if self.connection is None:
-                self.reconnect()
-                fresh = True
-            try:
-                self.write_batch(adds, dones)
-                return
-            except StoreError:
-                self.rollback()
-                raise
-            except self.driver_error as error:
-                if not self.lost(error):
-                    self.rollback()
-                    raise self.error(error, self.blocked(error)) from None
-                self.drop()
-                if fresh:
-                    raise self.backoff.failed(str(self.error(error))) from None
-                # An old connection died (idle timeout, restart): try a new one now.
-            except Exception:
-                # Never leave half a transaction for the next write to commit.
-                self.rollback()
-                raise
-
-    def reconnect(self):
-        """Open a new connection, unless the last attempt failed moments ago."""
-        self.backoff.check()
-        try:
-            self.connection = self.connect()
-        except self.driver_error as error:
-            self.drop()
-            raise self.backoff.failed(str(self.error(error))) from None
-        self.backoff.succeeded()
-
     def rollback(self):
-        try:
-            self.connection.rollback()
-        except Exception:
-            pass
-
-    def drop(self):
         if self.connection is not None:
             try:
-                self.connection.close()
+                self.connection.rollback()
             except Exception:
                 pass
-            self.connection = None
-
-    def close(self):
-        self.drop()
 
 
 class SqliteStore(SqlStore):
@@ -570,117 +1064,6 @@ class SqliteStore(SqlStore):
             super().rollback()
 
 
-# Nobody waits for a delete, so the loop keeps them until DELETE_DELAY has passed
-# or DELETE_BATCH have gathered, unless new jobs go to the writer anyway: the
-# writer thread then wakes some twenty times a second during a drain, not at every
-# loop turn. A crash in between only runs a finished job again.
-DELETE_DELAY = 0.05
-DELETE_BATCH = 2000
-
-
-class StoreWriter(threading.Thread):
-    """Owns the store after replay. Takes the batches of many loop turns, writes
-    them in one transaction (group commit) and hands the outcome back to the loop.
-    Deletes that fail are retried with backoff; adds that fail are reported, so
-    their clients get ERROR.
-    """
-
-    RETRY_DELAY_MAX = 5.0
-
-    def __init__(self, store, on_done, log, stats):
-        super().__init__(name="store-writer", daemon=True)
-        self.store = store
-        self.on_done = on_done            # called from this thread with (batch, failed)
-        self.log = log
-        self.stats = stats
-        self.batches = queue.Queue()
-
-    def submit(self, batch):
-        """batch = (jobs to add, keys to delete); None stops the thread."""
-        self.batches.put(batch)
-
-    def run(self):
-        dones = []                        # keys whose delete failed, to retry
-        due = None                        # when to retry them
-        retry_delay = DELETE_DELAY
-        while True:
-            try:
-                timeout = None if due is None else max(due - time.monotonic(), 0)
-                batches = [self.batches.get(timeout=timeout)]
-            except queue.Empty:
-                batches = []
-            while True:
-                try:
-                    batches.append(self.batches.get_nowait())
-                except queue.Empty:
-                    break
-            stop = None in batches
-            batches = [batch for batch in batches if batch is not None]
-            retrying = due is not None and time.monotonic() < due
-            for _, keys in batches:
-                dones.extend(keys)
-            adds = [job.store_record() for jobs, _ in batches for job in jobs]
-            if not (adds or stop or (dones and not retrying)):
-                continue
-            failed = self.write(adds, dones, batches)
-            if failed is None:
-                dones, due, retry_delay = [], None, DELETE_DELAY
-            else:
-                # Rows written one by one since replaced what these deletes aimed at.
-                written = {job.store_key() for jobs, _ in batches for job in jobs
-                           if job not in failed}
-                dones = [key for key in dones if key not in written]
-                retry_delay = min(retry_delay * 2, self.RETRY_DELAY_MAX)
-                due = time.monotonic() + retry_delay if dones else None
-            for batch in batches:
-                if batch[0]:
-                    self.on_done(batch, failed or ())
-            if stop:
-                return
-
-    def write(self, adds, dones, batches):
-        """Write everything at once; on failure, find the adds that cannot be
-        written one by one. Returns None if all was written, else the failed jobs."""
-        started = time.monotonic()
-        every_job = {job for jobs, _ in batches for job in jobs}
-        try:
-            self.store.write(adds, dones)
-            self.stats.commit_seconds.observe(time.monotonic() - started)
-            self.stats.batch_sizes.observe(len(adds) + len(dones))
-            return None
-        except Exception as error:        # a driver may raise anything; the thread must live
-            self.log.error(f"persistent queue write failed: {error}")
-            self.stats.store_errors += 1
-            self.stats.store_last_error = str(error)
-            self.stats.store_last_error_time = time.time()
-            if getattr(error, "unavailable", False):
-                return every_job
-        if dones:
-            # Perhaps only a delete fails: the adds alone must not fail with it.
-            try:
-                self.store.write(adds, [])
-                return set()              # the deletes are retried later
-            except Exception as error:
-                if getattr(error, "unavailable", False):
-                    return every_job
-        if len(adds) < 2:
-            return every_job
-        failed = set()
-        for jobs, _ in batches:           # in order: a later row may replace an earlier
-            for job in jobs:
-                try:
-                    self.store.write([job.store_record()], [])
-                except Exception:
-                    failed.add(job)
-        return failed
-
-
-# Uniques that the store's (unique, function) key cannot hold apart. C lets such
-# jobs overwrite or refuse each other; we give each a row under a generated
-# unique that C replays as an ordinary one, and that we read back as it was.
-STORE_NO_UNIQUE = b"gearmand.py:no-unique:"
-STORE_PAYLOAD_UNIQUE = b"gearmand.py:payload-unique:"
-
 # Queue types: name -> (module or None for this file, class, driver module, pip extra, title).
 QUEUE_TYPES = {
     "builtin": (None, "Store", None, None, "builtin"),
@@ -733,7 +1116,399 @@ def store_class(queue_type):
                          f"pip install --upgrade 'gearmand-py[{extra or 'all'}]'") from None
 
 
-# --- logging ------------------------------------------------------------------
+# --- persistence: the writer thread and the journal ---------------------------
+
+# Nobody waits for a delete, so the journal keeps them until DELETE_DELAY has passed
+# or DELETE_BATCH have gathered, unless new jobs go to the writer anyway: the
+# writer thread then wakes some twenty times a second during a drain, not at every
+# loop turn. A crash in between only runs a finished job again.
+DELETE_DELAY = 0.05
+DELETE_BATCH = 2000
+
+# Uniques that the store's (unique, function) key cannot hold apart. C lets such
+# jobs overwrite or refuse each other; we give each a row under a generated
+# unique that C replays as an ordinary one, and that we read back as it was.
+STORE_NO_UNIQUE = b"gearmand.py:no-unique:"
+STORE_PAYLOAD_UNIQUE = b"gearmand.py:payload-unique:"
+
+
+def name_row(job, run_id):
+    """Encode: a job without a unique of its own gets a generated one, a row of its own."""
+    if job.row_unique is None and (job.unique == b"" or job.unique == b"-"):
+        job.row_unique = b"%s%s.%d" % (STORE_PAYLOAD_UNIQUE if job.unique else STORE_NO_UNIQUE,
+                                       run_id, handle_number(job))
+
+
+def read_row_unique(unique):
+    """Decode: (the job's unique, its row's unique if that differs) of a stored key."""
+    if unique.startswith(b"gearmand.py:"):
+        if unique.startswith(STORE_NO_UNIQUE):
+            return b"", unique
+        if unique.startswith(STORE_PAYLOAD_UNIQUE):
+            return b"-", unique
+    elif len(unique) == UNIQUE_MAX and unique[-1] == 0:
+        return unique[:-1], unique            # C's truncated 64-byte unique
+    elif unique == b"" or unique == b"-":
+        return unique, unique                 # C's row: its key stays what it is
+    return unique, None
+
+
+def row_key(job):
+    """(unique, function): what names the job's row in the store."""
+    return (job.unique if job.row_unique is None else job.row_unique, job.function.name)
+
+
+def row_record(job):
+    """(unique, function, priority, data, when): the job's row in the store."""
+    return row_key(job) + (job.priority, job.data, job.when)
+
+
+class Batch:
+    """What the journal hands the writer at the end of one or more loop turns: jobs
+    to write, in submission order, and keys to delete. The jobs in `running` were
+    queued or running before (a background submission joined them); the others wait
+    for their row before they may run."""
+
+    __slots__ = ("jobs", "running", "dones")
+
+    def __init__(self, jobs, running, dones):
+        self.jobs = jobs
+        self.running = running
+        self.dones = dones
+
+
+class StoreWriter(threading.Thread):
+    """Owns the store after replay. Takes the batches of many loop turns, writes
+    them in one transaction (group commit) and reports each batch that had jobs
+    in it back to the loop (nobody waits for deletes alone). Deletes that fail
+    are retried with backoff; jobs that fail are reported, so their clients get
+    ERROR.
+    """
+
+    RETRY_DELAY_MAX = 5.0
+
+    def __init__(self, store, on_written, log, stats):
+        super().__init__(name="store-writer", daemon=True)
+        self.store = store
+        self.on_written = on_written      # called from this thread with (batch, failed jobs)
+        self.log = log
+        self.stats = stats
+        self.batches = queue.Queue()
+
+    def submit(self, batch):
+        """Queue a Batch for the next transaction; None stops the thread."""
+        self.batches.put(batch)
+
+    def run(self):
+        dones = []                        # keys whose delete failed, to retry
+        due = None                        # when to retry them
+        retry_delay = DELETE_DELAY
+        while True:
+            try:
+                timeout = None if due is None else max(due - time.monotonic(), 0)
+                batches = [self.batches.get(timeout=timeout)]
+            except queue.Empty:
+                batches = []
+            while True:
+                try:
+                    batches.append(self.batches.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in batches
+            batches = [batch for batch in batches if batch is not None]
+            retrying = due is not None and time.monotonic() < due
+            for batch in batches:
+                dones.extend(batch.dones)
+            adds = [row_record(job) for batch in batches for job in batch.jobs]
+            if not (adds or stop or (dones and not retrying)):
+                continue
+            failed = self.write(adds, dones, batches)
+            if failed is None:
+                dones, due, retry_delay = [], None, DELETE_DELAY
+            else:
+                # Rows written one by one since replaced what these deletes aimed at.
+                written = {row_key(job) for batch in batches for job in batch.jobs
+                           if job not in failed}
+                dones = [key for key in dones if key not in written]
+                retry_delay = min(retry_delay * 2, self.RETRY_DELAY_MAX)
+                due = time.monotonic() + retry_delay if dones else None
+            for batch in batches:
+                if batch.jobs:
+                    self.on_written(batch, failed or ())
+            if stop:
+                return
+
+    def write(self, adds, dones, batches):
+        """Write everything at once; on failure, find the adds that cannot be
+        written one by one. Returns None if all was written, else the failed jobs."""
+        started = time.monotonic()
+        every_job = {job for batch in batches for job in batch.jobs}
+        try:
+            self.store.write(adds, dones)
+            self.stats.commit_seconds.observe(time.monotonic() - started)
+            self.stats.batch_sizes.observe(len(adds) + len(dones))
+            return None
+        except Exception as error:        # a driver may raise anything; the thread must live
+            self.log.error(f"persistent queue write failed: {error}")
+            self.stats.store_errors += 1
+            self.stats.store_last_error = str(error)
+            self.stats.store_last_error_time = time.time()
+            if getattr(error, "unavailable", False):
+                return every_job
+        if dones:
+            # Perhaps only a delete fails: the adds alone must not fail with it.
+            try:
+                self.store.write(adds, [])
+                return set()              # the deletes are retried later
+            except Exception as error:
+                if getattr(error, "unavailable", False):
+                    return every_job
+        if len(adds) < 2:
+            return every_job
+        failed = set()
+        for batch in batches:             # in order: a later row may replace an earlier
+            for job in batch.jobs:
+                try:
+                    self.store.write([row_record(job)], [])
+                except Exception:
+                    failed.add(job)
+        return failed
+
+
+class Journal:
+    """The loop's side of the store (C's queue.cc): which jobs have rows, the
+    writes and deletes of this turn, the writer thread that commits them, the
+    replies that wait for a commit, the replay at start and the write at stop.
+
+    The queues ask four things of it: add(job) a new background job, keep(job) a
+    running one a background submission joined, acknowledge(peer, job) with
+    JOB_CREATED once its row is committed, and forget(job) once it ends.
+    """
+
+    def __init__(self, store, queues, loop, log, stats, write_at_shutdown=False):
+        self.store = store
+        self.queues = queues
+        self.loop = loop                  # its timers, emit and send, and wake()
+        self.log = log
+        self.stats = stats
+        queues.journal = self
+        # Write-ahead: a background job's row is committed before JOB_CREATED.
+        # --store-queue-on-shutdown writes the queue only when the server stops.
+        self.write_ahead = store.persistent and not write_at_shutdown
+        self.write_at_shutdown = store.persistent and write_at_shutdown
+        self.run_id = uuid.uuid4().hex[:12].encode()   # makes generated row uniques unique
+        self.adds = []                    # jobs to write in this turn's batch
+        self.running = set()              # those of them that run already
+        self.dones = []                   # keys to delete, kept for DELETE_DELAY
+        self.dones_timer = None           # sends them when DELETE_DELAY has passed
+        self.adds_in_flight = 0           # batches with jobs the writer has not reported
+        self.finished = collections.deque()   # (batch, failed jobs), filled by the writer
+        self.waiting = {}                 # job -> peers whose replies wait for its row
+        self.writer = None
+
+    # -- what the queues ask
+
+    def add(self, job):
+        """A new background job. True if it must wait for its row before it runs."""
+        job.queued = True
+        if self.write_ahead:
+            name_row(job, self.run_id)
+            job.row = WRITING
+            self.adds.append(job)
+            return True
+        if self.write_at_shutdown:
+            name_row(job, self.run_id)
+        return False
+
+    def keep(self, job):
+        """A background submission joined a running or queued foreground job."""
+        if self.write_ahead:
+            name_row(job, self.run_id)
+            job.queued = True
+            job.row = WRITING
+            self.adds.append(job)
+            self.running.add(job)
+        elif self.write_at_shutdown:
+            name_row(job, self.run_id)
+            job.queued = True
+
+    def acknowledge(self, peer, job):
+        """JOB_CREATED for a background submission, once the job's row is committed."""
+        if job.row == WRITING:
+            if peer.held is None:
+                peer.held = collections.deque()
+            peer.held.append(job)
+            waiting = self.waiting.get(job)
+            if waiting is None:
+                self.waiting[job] = [peer]
+            else:
+                waiting.append(peer)
+        else:
+            self.loop.emit(peer, JOB_CREATED, job.handle)
+
+    def forget(self, job):
+        """The job ended or was cancelled: delete its row. A row still being
+        written is dealt with when the write is done (see batch_written)."""
+        if job.row == WRITING:
+            return
+        job.queued = False
+        if job.row == STORED:
+            self.dones.append(row_key(job))
+            job.row = NO_ROW
+
+    # -- replies held for a commit
+
+    def release(self, peer):
+        """Send what the peer was not told while its jobs' rows were being written,
+        up to the first job still being written."""
+        held = peer.held
+        peer.held = None
+        loop = self.loop
+        while held:
+            item = held[0]
+            if item.__class__ is Job:
+                if item.row == WRITING:
+                    break
+                if item.row == FAILED:
+                    loop.emit(peer, ERROR, STORE_FAILED)
+                else:
+                    loop.emit(peer, JOB_CREATED, item.handle)
+            elif item.__class__ is tuple:
+                loop.emit(peer, *item)
+            else:
+                loop.send(peer, item)
+            held.popleft()
+        if held:
+            peer.held = held
+
+    # -- the writer
+
+    def start(self):
+        if self.store.persistent:
+            self.writer = StoreWriter(self.store, self.writer_finished, self.log, self.stats)
+            self.writer.start()
+
+    def end_turn(self):
+        """Hand this turn's new rows to the writer at once; deletes may wait a little."""
+        if self.adds or len(self.dones) >= DELETE_BATCH:
+            self.send_batch()
+        elif self.dones and self.dones_timer is None:
+            self.dones_timer = self.loop.timers.add(DELETE_DELAY, self.send_dones, None)
+
+    def send_batch(self):
+        if self.adds:
+            self.adds_in_flight += 1
+        self.writer.submit(Batch(self.adds, self.running, self.dones))
+        self.adds = []
+        self.running = set()
+        self.dones = []
+        if self.dones_timer is not None:
+            self.loop.timers.cancel(self.dones_timer)
+            self.dones_timer = None
+
+    def send_dones(self, _):
+        self.dones_timer = None
+        if self.dones:
+            self.send_batch()
+
+    def writer_finished(self, batch, failed):
+        """Called in the writer thread: pass the outcome to the loop."""
+        self.finished.append((batch, failed))
+        self.loop.wake()
+
+    def collect(self):
+        """In the loop: take in what the writer has finished."""
+        while self.finished:
+            self.batch_written(*self.finished.popleft())
+
+    def batch_written(self, batch, failed):
+        """The writer stored a batch, except the jobs in `failed`."""
+        self.adds_in_flight -= 1
+        queues = self.queues
+        for job in batch.jobs:
+            new = job not in batch.running
+            if job in failed:
+                job.row = FAILED
+                job.queued = False
+                queues.store_failed(job, new)
+            elif not queues.is_live(job):
+                # It ended while being written: delete the row, unless a newer
+                # job with the same key has replaced it already.
+                job.row = NO_ROW
+                job.queued = False
+                if not self.key_taken(job):
+                    self.dones.append(row_key(job))
+            else:
+                job.row = STORED
+                if job.ignore:
+                    self.forget(job)      # cancelled while being written
+                if new:
+                    queues.enqueue(job)
+        waiting = self.waiting
+        for job in batch.jobs:
+            for peer in waiting.pop(job, ()):
+                if peer.held is not None and not peer.closed:
+                    self.release(peer)
+
+    def key_taken(self, job):
+        """Does a newer job hold this job's row key (its row replaced this one's)?"""
+        other = self.queues.coalesce(job.function, job.unique, job.data)
+        return (other is not None and other is not job and other.row >= WRITING
+                and row_key(other) == row_key(job))
+
+    # -- start and stop
+
+    def replay(self):
+        """Load every stored job before the first connection is served."""
+        count = 0
+        now = time.time()
+        restore = self.queues.restore
+        # The jobs live long: tracing them over and over while they load only costs time.
+        gc.disable()
+        try:
+            for unique, name, priority, data, when in self.store.replay():
+                unique, row_unique = read_row_unique(unique)
+                if priority != NORMAL and priority != HIGH and priority != LOW:
+                    priority = NORMAL
+                job = restore(unique, name, priority, data, when, now)
+                if job is None:
+                    # Two rows for one job (written by an older server): keep one.
+                    self.dones.append((row_unique or unique, name))
+                    continue
+                job.row = STORED
+                job.row_unique = row_unique
+                count += 1
+        finally:
+            gc.enable()
+        gc.freeze()
+        self.stats.replayed = count
+        if count:
+            self.log.notice(f"replayed {count} jobs from the persistent queue")
+        return count
+
+    def close(self):
+        """Stop the writer, write the queue if asked to, close the store."""
+        if self.writer is not None:
+            if self.dones:
+                self.send_batch()
+            self.writer.submit(None)
+            self.writer.join()
+            self.writer = None
+            # Jobs that ended while their batch was being written leave rows to delete.
+            self.collect()
+        records = []
+        if self.write_at_shutdown:
+            records = [row_record(job) for job in self.queues.jobs.values()
+                       if job.queued and job.row == NO_ROW]
+        if records or self.dones:
+            try:
+                self.store.write(records, self.dones)
+            except Exception as error:        # the rest of the stop must happen
+                self.log.error(f"could not write to the store on shutdown: {error}")
+        self.store.close()
+
+
+# --- logging and stats --------------------------------------------------------
 
 class Log:
     """C gearmand's log levels and line format; SIGHUP reopens the file."""
@@ -796,40 +1571,6 @@ class Log:
         self.write("INFO", message)
 
 
-# --- connections and the event loop -------------------------------------------
-
-class Connection:
-    """One peer. Client and worker roles are not enforced: any peer may do both."""
-
-    __slots__ = ("sock", "fd", "peer", "tls", "handshaking", "http", "inbuf", "chunks",
-                 "chunks_size", "need", "out", "out_size", "held", "writing", "closed",
-                 "registrations", "client_jobs", "sleeping", "noop_sent", "exceptions",
-                 "client_id")
-
-    def __init__(self, sock, peer, exceptions, tls=False, http=None):
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.peer = peer
-        self.tls = tls
-        self.handshaking = tls            # a TLS handshake runs before any packet
-        self.http = http                  # an HttpExchange on the HTTP port, else None
-        self.inbuf = b""                  # unparsed input
-        self.chunks = None                # input gathered until `need` bytes are in
-        self.chunks_size = 0
-        self.need = 0
-        self.out = []                     # output waiting for the end of the loop turn
-        self.out_size = 0
-        self.held = None                  # output queued behind a JOB_CREATED that waits for the store
-        self.writing = False              # registered for EVENT_WRITE
-        self.closed = False
-        self.registrations = []           # newest first, as C grabs
-        self.client_jobs = []             # jobs whose results this peer waits for
-        self.sleeping = False
-        self.noop_sent = False
-        self.exceptions = exceptions
-        self.client_id = b"-"
-
-
 class Histogram:
     """Cumulative buckets for the Prometheus exposition; the writer thread observes."""
 
@@ -867,79 +1608,153 @@ class Stats:
                                          0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
 
 
-class Server:
-    """The job server: functions, jobs, connections, one selectors loop."""
+# --- event loop: connections, timers, the reactor ----------------------------
 
-    def __init__(self, options, store, log, tls_context=None):
-        self.options = options
-        self.store = store
-        self.log = log
+class Connection(Peer):
+    """One accepted socket: its protocol, the input not yet parsed, the output not
+    yet sent, and the output held back until a store commit."""
+
+    __slots__ = ("sock", "fd", "address", "tls", "handshaking", "protocol", "http", "inbuf",
+                 "chunks", "chunks_size", "need", "out", "out_size", "held", "writing",
+                 "closing", "closed", "exceptions", "client_id")
+
+    def __init__(self, sock, address, protocol, tls=False):
+        super().__init__()
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.address = address            # the peer's IP address, as text
+        self.tls = tls
+        self.handshaking = tls            # a TLS handshake runs before any packet
+        self.protocol = protocol          # BinaryProtocol or HttpProtocol
+        self.http = None                  # an HttpExchange on the HTTP port
+        self.inbuf = b""                  # unparsed input
+        self.chunks = None                # input gathered until `need` bytes are in
+        self.chunks_size = 0
+        self.need = 0
+        self.out = []                     # output waiting for the end of the loop turn
+        self.out_size = 0
+        self.held = None                  # output queued behind a JOB_CREATED that waits for the store
+        self.writing = False              # registered for EVENT_WRITE
+        self.closing = False              # close once the output is sent
+        self.closed = False
+        self.exceptions = False           # the `exceptions` option: WORK_EXCEPTION is passed on
+        self.client_id = b"-"
+
+
+class Listener:
+    """A listening socket and the protocol its connections speak."""
+
+    __slots__ = ("sock", "protocol", "tls_context")
+
+    def __init__(self, sock, protocol, tls_context):
+        self.sock = sock
+        self.protocol = protocol
         self.tls_context = tls_context
-        self.handle_prefix = options.job_handle_prefix.encode() + b":"
-        self.job_retries = options.job_retries & 0xFF
-        self.worker_wakeup = options.worker_wakeup & 0xFF
-        self.round_robin = options.round_robin
-        self.buckets = options.hashtable_buckets
-        self.max_packet = options.max_packet_size
+
+
+class Timer:
+    __slots__ = ("callback", "argument", "active")
+
+    def __init__(self, callback, argument):
+        self.callback = callback
+        self.argument = argument
+        self.active = True
+
+
+class Timers:
+    """Callbacks due later, on the loop's thread: a heap of (when, sequence, Timer)."""
+
+    def __init__(self):
+        self.heap = []
+        self.sequence = 0
+        self.cancelled = 0                # cancelled timers still in the heap
+
+    def add(self, delay, callback, argument):
+        timer = Timer(callback, argument)
+        self.sequence += 1
+        heapq.heappush(self.heap, (time.monotonic() + delay, self.sequence, timer))
+        return timer
+
+    def cancel(self, timer):
+        """Let go of what the timer holds. It stays in the heap until it comes up,
+        unless cancelled timers make up most of the heap (hour-long CAN_DO_TIMEOUTs)."""
+        if not timer.active:
+            return                        # it has fired already
+        timer.active = False
+        timer.callback = timer.argument = None
+        self.cancelled += 1
+        heap = self.heap
+        if self.cancelled > 1000 and self.cancelled * 2 > len(heap):
+            heap[:] = [entry for entry in heap if entry[2].active]
+            heapq.heapify(heap)
+            self.cancelled = 0
+
+    def run_due(self):
+        heap = self.heap
+        now = time.monotonic()
+        while heap and (heap[0][0] <= now or not heap[0][2].active):
+            timer = heapq.heappop(heap)[2]
+            if timer.active:
+                timer.active = False
+                timer.callback(timer.argument)
+            else:
+                self.cancelled -= 1
+
+    def next_timeout(self):
+        """Seconds until the next live timer is due (None: no timer)."""
+        heap = self.heap
+        while heap and not heap[0][2].active:
+            heapq.heappop(heap)
+            self.cancelled -= 1
+        if not heap:
+            return None
+        return min(max(heap[0][0] - time.monotonic(), 0), TIMER_WAIT_MAX)
+
+
+class EventLoop:
+    """One thread, one selector: accepts connections, reads what they send to their
+    protocol, sends what is queued for them once per turn, runs the timers, and
+    stops when asked. Its owner (the Server) is told when a turn ends, when the
+    writer thread woke it, and when a connection closes."""
+
+    def __init__(self, owner, options, log, stats):
+        self.owner = owner
+        self.log = log
+        self.stats = stats
         self.max_output = options.max_output
         self.max_input_buffer = options.max_input_buffer
         self.gathering = 0                # bytes of large packets still arriving, all peers
-        # With --store-queue-on-shutdown jobs are written only when the server stops.
-        self.write_ahead = store.durable and not options.store_queue_on_shutdown
-        self.functions = {}               # name -> FunctionQueue
-        self.jobs = {}                    # handle -> Job, oldest first
-        # What only a few running jobs have, kept here rather than in every Job:
-        self.progress = {}                # job -> (numerator, denominator) from WORK_STATUS
-        self.timeouts = {}                # job -> its CAN_DO_TIMEOUT timer
-        self.job_count = 0
-        self.run_id = uuid.uuid4().hex[:12].encode()   # makes generated store uniques unique
         self.connections = {}             # fd -> Connection, oldest first
         self.listeners = []
         self.selector = selectors.DefaultSelector()
-        self.timers = []                  # heap of [when, sequence, callback, argument, active]
-        self.timer_sequence = 0
-        self.cancelled_timers = 0         # still in the heap
+        self.timers = Timers()
         self.dirty = []                   # connections with output to send this turn
-        self.holding = set()              # connections whose output waits for the store
-        self.batch_adds = []              # jobs to store in this turn's batch
-        self.batch_dones = []             # keys to delete, kept for DELETE_DELAY
-        self.dones_timer = None           # sends them when DELETE_DELAY has passed
-        self.writes_in_flight = 0
-        self.finished_batches = collections.deque()   # filled by the writer thread
-        self.writer = None
         self.stopping = None              # None, "now" or "graceful"
-        self.assigning = True             # False once a graceful stop keeps the queue stored
         self.stop_requested = None        # set by signal handlers, applied by the loop
         self.flush_deadline = None        # graceful stop: give up on unread output then
         self.accept_paused = False
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.wake_reader.setblocking(False)
         self.wake_writer.setblocking(False)
-        self.selector.register(self.wake_reader, selectors.EVENT_READ, self.on_wakeup)
-        self.handlers = self.packet_handlers()
-        self.admin = Admin(self)
-        self.http = Http(self)
-        self.stats = Stats()
+        self.selector.register(self.wake_reader, selectors.EVENT_READ, None)
 
     # -- listening and accepting
 
-    def listen(self, sockets, http=False):
-        """Serve on sockets bound by bind_listeners()."""
-        accept = self.accept_http if http else self.accept
+    def listen(self, sockets, protocol, tls_context=None):
+        """Serve a protocol on sockets bound by bind_listeners()."""
         for sock in sockets:
             sock.setblocking(False)
-            self.listeners.append((sock, accept))
-            self.selector.register(sock, selectors.EVENT_READ, accept)
+            listener = Listener(sock, protocol, tls_context)
+            self.listeners.append(listener)
+            self.selector.register(sock, selectors.EVENT_READ, listener)
             address = sock.getsockname()
-            self.log.info(f"listening on {address[0]}:{address[1]}" + (" (HTTP)" if http else ""))
+            self.log.info(f"listening on {address[0]}:{address[1]}"
+                          + ("" if protocol.name == "gearman" else f" ({protocol.name})"))
 
-    def accept_http(self, listener):
-        self.accept(listener, http=True)
-
-    def accept(self, listener, http=False):
+    def accept(self, listener):
         for _ in range(64):
             try:
-                sock, peer = listener.accept()
+                sock, address = listener.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
@@ -951,15 +1766,12 @@ class Server:
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if http:
-                # HTTP clients are told of exceptions: the response carries them.
-                conn = Connection(sock, peer[0], True, http=HttpExchange())
-            else:
-                if self.tls_context is not None:
-                    sock = self.tls_context.wrap_socket(sock, server_side=True,
+            if listener.tls_context is not None:
+                sock = listener.tls_context.wrap_socket(sock, server_side=True,
                                                         do_handshake_on_connect=False)
-                conn = Connection(sock, peer[0], self.options.exceptions,
-                                  sock.__class__ is not socket.socket)
+            conn = Connection(sock, address[0], listener.protocol,
+                              sock.__class__ is not socket.socket)
+            listener.protocol.opened(conn)
             self.stats.accepted += 1
             self.connections[conn.fd] = conn
             self.selector.register(sock, selectors.EVENT_READ, conn)
@@ -967,36 +1779,37 @@ class Server:
     def pause_accepting(self, seconds):
         if not self.accept_paused:
             self.accept_paused = True
-            for listener, _ in self.listeners:
-                self.selector.unregister(listener)
-            self.add_timer(seconds, self.resume_accepting, None)
+            for listener in self.listeners:
+                self.selector.unregister(listener.sock)
+            self.timers.add(seconds, self.resume_accepting, None)
 
     def resume_accepting(self, _):
         self.accept_paused = False
         if self.stopping is None:
-            for listener, accept in self.listeners:
-                self.selector.register(listener, selectors.EVENT_READ, accept)
+            for listener in self.listeners:
+                self.selector.register(listener.sock, selectors.EVENT_READ, listener)
 
     def stop_listening(self):
-        for listener, _ in self.listeners:
+        for listener in self.listeners:
             if not self.accept_paused:
-                self.selector.unregister(listener)
-            listener.close()
+                self.selector.unregister(listener.sock)
+            listener.sock.close()
         self.listeners = []
 
     # -- the loop
 
     def serve_forever(self):
         select = self.selector.select
+        timers = self.timers
         while True:
             if self.stop_requested:
                 self.begin_stop()
-            self.run_timers()
+            timers.run_due()
             self.end_turn()
             if self.stopping and self.ready_to_stop():
                 return
             # Measured after end_turn, which may have added a timer.
-            for key, mask in select(self.next_timeout()):
+            for key, mask in select(timers.next_timeout()):
                 target = key.data
                 if target.__class__ is Connection:
                     if target.handshaking:
@@ -1005,20 +1818,17 @@ class Server:
                         self.read(target)
                     if mask & selectors.EVENT_WRITE and not target.closed:
                         self.send_output(target)
+                elif target is None:
+                    self.on_wakeup()
                 else:
-                    target(key.fileobj)
+                    self.accept(target)
 
     def end_turn(self):
-        """Hand this turn's store work to the writer, then send every reply at once.
-        Closing a connection here requeues or drops its jobs, which makes more of
-        both (NOOPs, WORK_FAILs, deletes): repeat until there is none."""
+        """Let the owner finish the turn (store work, requests to resume), then send
+        every reply at once. Closing a connection here requeues or drops its jobs,
+        which makes more of both (NOOPs, WORK_FAILs, deletes): repeat until there is none."""
         while True:
-            if self.http.resuming:
-                self.http.resume()
-            if self.batch_adds or len(self.batch_dones) >= DELETE_BATCH:
-                self.send_batch()
-            elif self.batch_dones and self.dones_timer is None:
-                self.dones_timer = self.add_timer(DELETE_DELAY, self.send_dones, None)
+            self.owner.turn_ended()
             if not self.dirty:
                 return
             dirty = self.dirty
@@ -1027,40 +1837,26 @@ class Server:
                 if not conn.closed and not conn.writing and conn.out:
                     self.send_output(conn)
                 if conn.out_size > self.max_output and not conn.closed:
-                    self.log.warning(f"{conn.peer}: not reading its replies "
+                    self.log.warning(f"{conn.address}: not reading its replies "
                                      f"({conn.out_size} bytes waiting), closing")
                     self.close(conn)
 
-    def send_batch(self):
-        """Hand the new jobs and the keys to delete to the writer thread."""
-        if self.batch_adds:
-            self.writes_in_flight += 1
-        self.writer.submit((self.batch_adds, self.batch_dones))
-        self.batch_adds = []
-        self.batch_dones = []
-        if self.dones_timer is not None:
-            self.cancel_timer(self.dones_timer)
-            self.dones_timer = None
+    def wake(self):
+        """Make the loop's select() return; safe from any thread and in a signal handler."""
+        try:
+            self.wake_writer.send(b"\0")
+        except OSError:
+            pass
 
-    def send_dones(self, _):
-        self.dones_timer = None
-        if self.batch_dones:
-            self.send_batch()
+    def on_wakeup(self):
+        try:
+            while self.wake_reader.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        self.owner.woken()
 
-    def ready_to_stop(self):
-        if self.stopping == "now":
-            return True
-        connections = self.connections.values()
-        if self.writes_in_flight or any(registration.jobs for conn in connections
-                                        for registration in conn.registrations):
-            return False
-        # Let the last results reach their clients, for at most FLUSH_PATIENCE seconds.
-        if not any(conn.out for conn in connections):
-            return True
-        if self.flush_deadline is None:
-            self.flush_deadline = time.monotonic() + FLUSH_PATIENCE
-            self.add_timer(FLUSH_PATIENCE, lambda _: None, None)   # wakes the loop
-        return time.monotonic() >= self.flush_deadline
+    # -- stopping
 
     def request_stop(self, how):
         """Ask the loop to stop ("now" or "graceful"); safe in a signal handler."""
@@ -1071,70 +1867,24 @@ class Server:
     def begin_stop(self):
         if self.stopping != "now":
             self.stopping = self.stop_requested
-        if self.stopping == "graceful" and self.store.durable:
-            # Running jobs finish; queued ones wait in the store for the next start.
-            self.assigning = False
+        if self.stopping == "graceful":
+            self.owner.stopping_gracefully()
         self.stop_requested = None
         if self.listeners:
             self.stop_listening()
 
-    def wake(self):
-        try:
-            self.wake_writer.send(b"\0")
-        except OSError:
-            pass
-
-    def on_wakeup(self, sock):
-        try:
-            while sock.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-        while self.finished_batches:
-            self.batch_written(*self.finished_batches.popleft())
-
-    # -- timers
-
-    def add_timer(self, delay, callback, argument):
-        self.timer_sequence += 1
-        timer = [time.monotonic() + delay, self.timer_sequence, callback, argument, True]
-        heapq.heappush(self.timers, timer)
-        return timer
-
-    def cancel_timer(self, timer):
-        """Let go of what the timer holds. It stays in the heap until it comes up,
-        unless cancelled timers make up most of the heap (hour-long CAN_DO_TIMEOUTs)."""
-        if not timer[4]:
-            return                        # it has fired already
-        timer[2:] = [None, None, False]
-        self.cancelled_timers += 1
-        timers = self.timers
-        if self.cancelled_timers > 1000 and self.cancelled_timers * 2 > len(timers):
-            timers[:] = [live for live in timers if live[4]]
-            heapq.heapify(timers)
-            self.cancelled_timers = 0
-
-    def run_timers(self):
-        """Fire due timers."""
-        timers = self.timers
-        now = time.monotonic()
-        while timers and (timers[0][0] <= now or not timers[0][4]):
-            timer = heapq.heappop(timers)
-            if timer[4]:
-                timer[4] = False
-                timer[2](timer[3])
-            else:
-                self.cancelled_timers -= 1
-
-    def next_timeout(self):
-        """The select timeout until the next live timer (None: no timer)."""
-        timers = self.timers
-        while timers and not timers[0][4]:
-            heapq.heappop(timers)
-            self.cancelled_timers -= 1
-        if not timers:
-            return None
-        return min(max(timers[0][0] - time.monotonic(), 0), TIMER_WAIT_MAX)
+    def ready_to_stop(self):
+        if self.stopping == "now":
+            return True
+        if self.owner.work_pending():
+            return False
+        # Let the last results reach their clients, for at most FLUSH_PATIENCE seconds.
+        if not any(conn.out for conn in self.connections.values()):
+            return True
+        if self.flush_deadline is None:
+            self.flush_deadline = time.monotonic() + FLUSH_PATIENCE
+            self.timers.add(FLUSH_PATIENCE, lambda _: None, None)   # wakes the loop
+        return time.monotonic() >= self.flush_deadline
 
     # -- input
 
@@ -1148,7 +1898,7 @@ class Server:
             self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
             return
         except (OSError, ValueError) as error:
-            self.log.warning(f"{conn.peer}: TLS handshake failed: {error}")
+            self.log.warning(f"{conn.address}: TLS handshake failed: {error}")
             self.close(conn)
             return
         conn.handshaking = False
@@ -1174,7 +1924,7 @@ class Server:
             conn.chunks_size += len(data)
             self.gathering += len(data)
             if self.gathering > self.max_input_buffer:
-                self.log.warning(f"{conn.peer}: large packets being received hold over "
+                self.log.warning(f"{conn.address}: large packets being received hold over "
                                  f"--max-input-buffer, closing")
                 self.close(conn)
                 return
@@ -1185,13 +1935,10 @@ class Server:
         elif conn.inbuf:
             data = conn.inbuf + data
         try:
-            if conn.http is None:
-                self.parse(conn, data)
-            else:
-                self.http.receive(conn, data)
+            conn.protocol.receive(conn, data)
         except Exception:
             # A bug must cost one connection, never the server and its queue.
-            self.log.error(f"{conn.peer}: closing after an internal error:\n"
+            self.log.error(f"{conn.address}: closing after an internal error:\n"
                            + traceback.format_exc())
             self.close(conn)
 
@@ -1206,73 +1953,13 @@ class Server:
         self.gathering -= conn.chunks_size
         conn.chunks = None
 
-    def parse(self, conn, data):
-        """Run every complete packet and text line in `data`; keep the rest."""
-        start = 0
-        end = len(data)
-        unpack = HEADER.unpack_from
-        handlers = self.handlers
-        while start < end:
-            if data[start] == 0:
-                if end - start < 12:
-                    break
-                magic, ptype, size = unpack(data, start)
-                if ptype >= PACKET_TYPES or ptype == 0 or (magic != REQ and magic != RES):
-                    self.close(conn)
-                    return
-                if size > self.max_packet:
-                    self.log.warning(f"{conn.peer}: packet of {size} bytes is over "
-                                     f"--max-packet-size, closing")
-                    self.close(conn)
-                    return
-                if end - start - 12 < size:
-                    if size > 65536:
-                        self.gather(conn, data[start:], 12 + size)
-                        conn.inbuf = b""
-                        return
-                    break
-                payload = data[start + 12:start + 12 + size]
-                start += 12 + size
-                nuls = ARGUMENT_NULS[ptype]
-                if nuls:
-                    args = payload.split(b"\0", nuls)
-                    if len(args) <= nuls:
-                        # C would read past this packet looking for the missing NULs.
-                        self.close(conn)
-                        return
-                else:
-                    args = [payload]
-                if size > ARGUMENT_MAX and not argument_sizes_fit(ptype, args):
-                    self.close(conn)
-                    return
-                if magic == REQ:
-                    handlers[ptype](conn, args)
-                else:
-                    self.send(conn, ERROR_INVALID_MAGIC)
-            else:
-                newline = data.find(b"\n", start, start + TEXT_LINE_MAX)
-                if newline < 0:
-                    if end - start > TEXT_LINE_MAX:
-                        self.close(conn)
-                        return
-                    break
-                line = data[start:newline]
-                start = newline + 1
-                self.admin.line(conn, line)
-            if conn.closed:
-                return
-        conn.inbuf = data[start:] if start < end else b""
-
     # -- output
 
     def send(self, conn, data):
+        """Queue bytes for a peer; they go out at the end of the loop turn."""
         if conn.held is not None:
             conn.held.append(data)
             return
-        if conn.http is not None:
-            data = self.http.response_part(conn, data)
-            if not data:
-                return
         if not conn.out:
             self.dirty.append(conn)
         conn.out.append(data)
@@ -1280,32 +1967,12 @@ class Server:
         if conn.out_size > self.max_output:
             self.dirty.append(conn)       # end_turn closes it; never mid-iteration
 
-    def hold(self, conn, job):
-        """Queue a JOB_CREATED that must wait until the job is in the store."""
-        if conn.held is None:
-            conn.held = collections.deque()
-            self.holding.add(conn)
-        conn.held.append(job)
-
-    def release(self, conn):
-        """Send the held output that no longer waits for the store."""
-        held = conn.held
-        conn.held = None
-        while held:
-            item = held[0]
-            if item.__class__ is Job:
-                if item.store_state >= WRITING:
-                    break
-                if item.store_state == FAILED:
-                    item = ERROR_STORE_FAILED
-                else:
-                    item = packet(JOB_CREATED, item.handle)
-            held.popleft()
-            self.send(conn, item)
-        if held:
-            conn.held = held
-        else:
-            self.holding.discard(conn)
+    def emit(self, conn, ptype, payload):
+        """News of a job for a peer, put in its protocol's terms."""
+        if conn.held is not None:
+            conn.held.append((ptype, payload))
+            return
+        conn.protocol.event(conn, ptype, payload)
 
     def send_output(self, conn):
         """Send what the socket takes. Small replies go out in one send; a large
@@ -1341,402 +2008,111 @@ class Server:
             if conn.writing:
                 conn.writing = False
                 self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
-            if conn.http is not None and conn.http.closing:
+            if conn.closing:
                 self.close(conn)
 
     def close(self, conn):
-        """Forget a peer: its jobs go back to the queue, its waits are abandoned."""
+        """Forget a peer; its owner puts back its jobs and abandons its waits."""
         if conn.closed:
             return
         conn.closed = True
         self.selector.unregister(conn.sock)
         del self.connections[conn.fd]
-        self.holding.discard(conn)
         if conn.chunks is not None:
             self.stop_gathering(conn)
         conn.sock.close()
-        self.set_wakeable(conn, False)
-        self.drop(conn, list(conn.registrations))
-        for job in conn.client_jobs:
-            self.detach_client(job, conn)
-        conn.client_jobs = []
+        self.owner.connection_closed(conn)
 
-    # -- functions and workers
-
-    def function(self, name):
-        function = self.functions.get(name)
-        if function is None:
-            function = self.functions[name] = FunctionQueue(name)
-        return function
-
-    def set_wakeable(self, conn, wakeable):
-        """Count, per function, the workers a wake-up would NOOP."""
-        was = conn.sleeping and not conn.noop_sent
-        if wakeable:
-            conn.sleeping = True
-            conn.noop_sent = False
-        elif was:
-            conn.noop_sent = True
-        if was != wakeable:
-            step = 1 if wakeable else -1
-            for registration in conn.registrations:
-                registration.function.wakeable += step
-
-    def add_registration(self, conn, name, timeout):
-        function = self.function(name)
-        registration = Registration(conn, function, timeout)
-        conn.registrations.insert(0, registration)
-        function.registrations.append(registration)
-        if conn.sleeping and not conn.noop_sent:
-            function.wakeable += 1
-
-    def remove_registration(self, registration):
-        function = registration.function
-        ring = function.registrations
-        index = ring.index(registration)
-        del ring[index]
-        if index < function.wake_next:
-            function.wake_next -= 1
-        conn = registration.connection
-        if conn.sleeping and not conn.noop_sent:
-            function.wakeable -= 1
-
-    def wake_workers(self, function):
-        """NOOP sleeping workers of a function, walking its ring from where the
-        last walk stopped; at most -w of them (0 = all)."""
-        if not function.wakeable or not self.assigning:
-            return
-        ring = function.registrations
-        count = len(ring)
-        start = function.wake_next % count
-        limit = self.worker_wakeup
-        woken = 0
-        for step in range(count):
-            conn = ring[(start + step) % count].connection
-            if conn.sleeping and not conn.noop_sent:
-                self.set_wakeable(conn, False)
-                self.send(conn, NOOP_PACKET)
-                woken += 1
-                if woken == limit:
-                    function.wake_next = (start + step + 1) % count
-                    return
-        function.wake_next = start
-
-    # -- jobs
-
-    def new_job(self, function, unique, data, priority, when, reducer, background):
-        self.job_count += 1
-        handle = b"%s%d" % (self.handle_prefix, self.job_count)
-        job = Job(handle, function, unique, data, priority, when, reducer, background)
-        self.jobs[handle] = job
-        function.total += 1
-        if unique:
-            if unique != b"-":
-                function.by_unique[unique] = job
-            elif data:
-                function.by_payload[data] = job
-        return job
-
-    def coalesce(self, function, unique, data):
-        """The live job a submission with this unique joins, if any."""
-        if not unique:
-            return None
-        if unique == b"-":
-            return function.by_payload.get(data) if data else None
-        return function.by_unique.get(unique)
-
-    def unindex(self, job):
-        """Stop new submissions from joining a job."""
-        function = job.function
-        unique = job.unique
-        if unique == b"-":
-            if function.by_payload.get(job.data) is job:
-                del function.by_payload[job.data]
-        elif unique and function.by_unique.get(unique) is job:
-            del function.by_unique[unique]
-
-    def enqueue(self, job):
-        """Make a job available to workers: now, or at its epoch time."""
-        function = job.function
-        if job.when > 0:
-            delay = job.when - time.time()
-            if delay > 0:
-                function.scheduled += 1
-                self.add_timer(delay, self.job_due, job)
-                # C wakes workers at submission too; they find nothing yet and sleep again.
-                self.wake_workers(function)
-                return
-        function.queues[job.priority].append(job)
-        self.wake_workers(function)
-
-    def job_due(self, job):
-        function = job.function
-        function.scheduled -= 1
-        if self.jobs.get(job.handle) is not job:
-            return                        # dropped with its function
-        if job.ignore:
-            self.discard(job)
-            return
-        function.queues[job.priority].append(job)
-        self.wake_workers(function)
-
-    def take_job(self, conn):
-        """The next job for a grabbing worker: its newest registration first, then
-        high, normal, low priority, FIFO within each."""
-        for registration in conn.registrations:
-            function = registration.function
-            for jobs in function.queues:
-                while jobs and jobs[0].ignore:
-                    self.discard(jobs.popleft())
-                if jobs:
-                    if self.round_robin:
-                        conn.registrations.remove(registration)
-                        conn.registrations.append(registration)
-                    return jobs.popleft(), registration
-        return None, None
-
-    def assign(self, job, registration):
-        job.worker = registration
-        job.function.running += 1
-        registration.jobs.append(job)
-        timeout = registration.timeout
-        if timeout > 0:
-            self.timeouts[job] = self.add_timer(max(timeout, 1000) / 1000.0,
-                                                self.job_timed_out, job)
-
-    def job_timed_out(self, job):
-        del self.timeouts[job]
-        if job.worker is not None:
-            job.worker.jobs.remove(job)
-            self.requeue(job)
-
-    def requeue(self, job):
-        """A worker left or timed out holding this job (the caller took it off its
-        registration's list): run it again, or drop it after -j tries. Only dropping
-        deletes its stored row."""
-        job.retries = (job.retries + 1) & 0xFF
-        self.unassign(job)
-        if self.job_retries and job.retries == self.job_retries:
-            self.log.notice(f"Dropped job due to max retry count: {job.handle.decode()}")
-            self.notify(job, WORK_FAIL, job.handle)
-            self.stats.failed[KINDS[job.background]] += 1
-            self.discard(job)
-            return
-        self.progress.pop(job, None)
-        job.function.queues[job.priority].append(job)
-        self.wake_workers(job.function)
-
-    def unassign(self, job):
-        if self.timeouts:
-            self.cancel_timeout(job)
-        if job.worker is not None:
-            job.worker = None
-            job.function.running -= 1
-
-    def cancel_timeout(self, job):
-        timer = self.timeouts.pop(job, None)
-        if timer is not None:
-            self.cancel_timer(timer)
-
-    def notify(self, job, ptype, payload):
-        """Send a result packet to every client waiting for the job, newest first."""
-        if job.clients:
-            data = packet(ptype, payload)
-            for client in reversed(job.clients):
-                self.send(client, data)
-
-    def finish(self, job):
-        """The job is over (done, failed, dropped): forget it and delete its row."""
-        if job.worker is not None:
-            job.worker.jobs.remove(job)
-        self.unassign(job)
-        self.discard(job)
-
-    def discard(self, job):
-        if self.jobs.pop(job.handle, None) is None:
-            return
-        job.function.total -= 1
-        self.unindex(job)
-        if self.progress:
-            self.progress.pop(job, None)
-        if job.clients:
-            for client in job.clients:
-                client.client_jobs.remove(job)
-            job.clients = None
-        self.store_done(job)
-
-    def detach_client(self, job, conn):
-        """A waiting client left. A job nobody waits for any more is abandoned,
-        unless a background submission owns it (C drops those too; we keep them)."""
-        if job.clients is None:
-            return
-        job.clients.remove(conn)
-        if not job.clients:
-            job.clients = None
-            if not job.background:
-                job.ignore = True
-                self.unindex(job)
-
-    def drop_function(self, function):
-        """Admin `drop function`: C leaves the queued jobs behind, unreachable;
-        we drop them with the function and delete their rows."""
-        for job in [job for job in self.jobs.values() if job.function is function]:
-            self.notify(job, WORK_FAIL, job.handle)
-            self.discard(job)
-        del self.functions[function.name]
-
-    def cancel(self, job):
-        """Admin `cancel job`: tell the clients it failed and delete its row; it is
-        discarded when a worker next reaches it, or ends when its worker finishes."""
-        self.notify(job, WORK_FAIL, job.handle)
-        self.store_done(job)
-        job.ignore = True
-        self.unindex(job)
-
-    # -- the persistent store
-
-    def store_add(self, job, state):
-        self.name_row(job)
-        job.store_state = state
-        self.batch_adds.append(job)
-
-    def name_row(self, job):
-        """A job without a unique of its own gets a generated one: a row of its own."""
-        if job.store_unique is None and (job.unique == b"" or job.unique == b"-"):
-            job.store_unique = b"%s%s.%d" % (
-                STORE_PAYLOAD_UNIQUE if job.unique else STORE_NO_UNIQUE,
-                self.run_id, handle_number(job))
-
-    def store_done(self, job):
-        """The job ended or was cancelled: delete its row. A row still being
-        written is dealt with when the write is done (see batch_written)."""
-        if job.store_state == STORED:
-            if self.store.durable:
-                self.batch_dones.append(job.store_key())
-            job.store_state = NOT_STORED
-
-    def batch_written(self, batch, failed):
-        """The writer stored a batch, except the jobs in `failed`."""
-        self.writes_in_flight -= 1
-        for job in batch[0]:
-            if job in failed:
-                self.write_failed(job)
-            elif self.jobs.get(job.handle) is not job:
-                # It ended while being written: delete the row, unless a newer
-                # job with the same key has replaced it already.
-                job.store_state = NOT_STORED
-                if not self.key_taken(job):
-                    self.batch_dones.append(job.store_key())
-            else:
-                new = job.store_state == WRITING_NEW
-                job.store_state = STORED
-                if job.ignore:
-                    self.store_done(job)  # cancelled while being written
-                if new:
-                    self.enqueue(job)
-        for conn in list(self.holding):
-            self.release(conn)
-
-    def key_taken(self, job):
-        """Does a newer job hold this job's store key (its row replaced this one's)?"""
-        other = self.coalesce(job.function, job.unique, job.data)
-        return (other is not None and other is not job and other.store_state >= STORED
-                and other.store_key() == job.store_key())
-
-    def write_failed(self, job):
-        """Its background submitters get ERROR instead of JOB_CREATED. The job goes
-        on as a foreground job if a client waits for it, else it is dropped."""
-        new = job.store_state == WRITING_NEW
-        job.store_state = FAILED
-        job.background = False
-        if job.clients:
-            if new:
-                self.enqueue(job)
-        elif new:
-            self.discard(job)
-        else:
-            job.ignore = True
-            self.unindex(job)
-
-    def replay(self):
-        """Load every stored job before the first connection is served."""
-        count = 0
-        now = time.time()
-        # The jobs live long: tracing them over and over while they load only costs time.
-        gc.disable()
-        try:
-            for unique, name, priority, data, when in self.store.replay():
-                stored_unique = None
-                if unique.startswith(b"gearmand.py:"):
-                    if unique.startswith(STORE_NO_UNIQUE):
-                        stored_unique, unique = unique, b""
-                    elif unique.startswith(STORE_PAYLOAD_UNIQUE):
-                        stored_unique, unique = unique, b"-"
-                elif len(unique) == UNIQUE_MAX and unique[-1] == 0:
-                    stored_unique, unique = unique, unique[:-1]    # C's truncated 64-byte unique
-                elif unique == b"" or unique == b"-":
-                    stored_unique = unique        # C's row: its key stays what it is
-                if priority != NORMAL and priority != HIGH and priority != LOW:
-                    priority = NORMAL
-                function = self.functions.get(name) or self.function(name)
-                if self.coalesce(function, unique, data) is not None:
-                    # Two rows for one job (written by an older server): keep one.
-                    self.batch_dones.append((stored_unique or unique, name))
-                    continue
-                job = self.new_job(function, unique, data, priority, when, None, True)
-                job.store_state = STORED
-                job.store_unique = stored_unique
-                if when > now:
-                    self.enqueue(job)
-                else:
-                    function.queues[priority].append(job)
-                count += 1
-        finally:
-            gc.enable()
-        gc.freeze()
-        self.stats.replayed = count
-        if count:
-            self.log.notice(f"replayed {count} jobs from the persistent queue")
-        return count
-
-    def start_writer(self):
-        if self.store.durable:
-            self.writer = StoreWriter(self.store, self.writer_finished, self.log, self.stats)
-            self.writer.start()
-
-    def writer_finished(self, batch, failed):
-        """Called in the writer thread: pass the outcome to the loop."""
-        self.finished_batches.append((batch, failed))
-        self.wake()
-
-    def shutdown(self):
-        """Stop the writer, store the queue if asked to, close everything."""
-        self.end_turn()
-        if self.writer is not None:
-            if self.batch_dones:
-                self.send_batch()
-            self.writer.submit(None)
-            self.writer.join()
-            self.writer = None
-            # Jobs that ended while their batch was being written leave rows to delete.
-            while self.finished_batches:
-                self.batch_written(*self.finished_batches.popleft())
-        records = []
-        if self.options.store_queue_on_shutdown and self.store.durable:
-            records = [job.store_record() for job in self.jobs.values()
-                       if job.store_state == STORED]
-        if records or self.batch_dones:
-            try:
-                self.store.write(records, self.batch_dones)
-            except Exception as error:        # the rest of the stop must happen
-                self.log.error(f"could not write to the store on shutdown: {error}")
-        self.store.close()
+    def close_all(self):
         for conn in list(self.connections.values()):
             conn.sock.close()
-        for listener, _ in self.listeners:
-            listener.close()
+        for listener in self.listeners:
+            listener.sock.close()
 
-    # -- packet handlers
+
+# --- Gearman binary protocol: framing, dispatch, packet handlers ---------------
+
+class BinaryProtocol:
+    """The Gearman port: binary packets, with admin text lines between them
+    (C's server.cc). Handlers check a packet's arguments and ask the queues."""
+
+    name = "gearman"
+
+    def __init__(self, server):
+        self.loop = server.loop
+        self.queues = server.queues
+        self.admin = server.admin
+        self.max_packet = server.options.max_packet_size
+        self.exceptions = server.options.exceptions
+        self.handlers = self.packet_handlers()
+
+    def opened(self, conn):
+        conn.exceptions = self.exceptions
+
+    def event(self, conn, ptype, payload):
+        """News of a job, as a packet."""
+        if ptype == WORK_EXCEPTION and not conn.exceptions:
+            # A client that did not ask for exceptions hears that the job failed. C sends
+            # the handle and a stray NUL here, which some clients cannot parse.
+            ptype, payload = WORK_FAIL, payload.split(b"\0", 1)[0]
+        self.loop.send(conn, RES + TYPE_SIZE.pack(ptype, len(payload)) + payload)
+
+    def receive(self, conn, data):
+        """Run every complete packet and text line in `data`; keep the rest."""
+        start = 0
+        end = len(data)
+        unpack = HEADER.unpack_from
+        handlers = self.handlers
+        while start < end:
+            if data[start] == 0:
+                if end - start < 12:
+                    break
+                magic, ptype, size = unpack(data, start)
+                if ptype >= PACKET_TYPES or ptype == 0 or (magic != REQ and magic != RES):
+                    self.loop.close(conn)
+                    return
+                if size > self.max_packet:
+                    self.loop.log.warning(f"{conn.address}: packet of {size} bytes is over "
+                                          f"--max-packet-size, closing")
+                    self.loop.close(conn)
+                    return
+                if end - start - 12 < size:
+                    if size > 65536:
+                        self.loop.gather(conn, data[start:], 12 + size)
+                        conn.inbuf = b""
+                        return
+                    break
+                payload = data[start + 12:start + 12 + size]
+                start += 12 + size
+                nuls = ARGUMENT_NULS[ptype]
+                if nuls:
+                    args = payload.split(b"\0", nuls)
+                    if len(args) <= nuls:
+                        # C would read past this packet looking for the missing NULs.
+                        self.loop.close(conn)
+                        return
+                else:
+                    args = [payload]
+                if size > ARGUMENT_MAX and not argument_sizes_fit(ptype, args):
+                    self.loop.close(conn)
+                    return
+                if magic == REQ:
+                    handlers[ptype](conn, args)
+                else:
+                    self.loop.send(conn, ERROR_INVALID_MAGIC)
+            else:
+                newline = data.find(b"\n", start, start + TEXT_LINE_MAX)
+                if newline < 0:
+                    if end - start > TEXT_LINE_MAX:
+                        self.loop.close(conn)
+                        return
+                    break
+                line = data[start:newline]
+                start = newline + 1
+                self.admin.line(conn, line)
+            if conn.closed:
+                return
+        conn.inbuf = data[start:] if start < end else b""
 
     def packet_handlers(self):
         handlers = [self.reject] * PACKET_TYPES
@@ -1771,10 +2147,26 @@ class Server:
         return handlers
 
     def reject(self, conn, args):
-        self.send(conn, ERROR_INVALID_COMMAND)
+        self.loop.send(conn, ERROR_INVALID_COMMAND)
+
+    def echo(self, conn, args):
+        self.loop.send(conn, packet(ECHO_RES, args[0]))
+
+    def set_client_id(self, conn, args):
+        conn.client_id = args[0][:CLIENT_ID_MAX]
+
+    def option_req(self, conn, args):
+        name = args[0]
+        if len(name) > OPTION_NAME_MAX or name.split(b"\0", 1)[0].lower() != b"exceptions":
+            self.loop.send(conn, ERROR_UNKNOWN_OPTION)
+            return
+        conn.exceptions = True
+        self.loop.send(conn, packet(OPTION_RES, name))
+
+    # -- workers
 
     def can_do(self, conn, args):
-        self.add_registration(conn, args[0], 0)
+        self.queues.register(conn, args[0], 0)
 
     def can_do_timeout(self, conn, args):
         name, timeout = args
@@ -1782,130 +2174,25 @@ class Server:
         # C closes on what strtol cannot tell from overflow: LONG_MAX and LONG_MIN.
         if (len(timeout) > TIMEOUT_DIGITS_MAX or milliseconds is None
                 or milliseconds in (2 ** 63 - 1, -2 ** 63)):
-            self.close(conn)
+            self.loop.close(conn)
             return
-        self.add_registration(conn, name, milliseconds)
+        self.queues.register(conn, name, milliseconds)
 
     def cant_do(self, conn, args):
-        self.drop_registrations(conn, lambda registration: registration.function.name == args[0])
+        name = args[0]
+        self.queues.unregister(conn, [r for r in conn.registrations if r.function.name == name])
 
     def reset_abilities(self, conn, args):
-        self.drop_registrations(conn, lambda registration: True)
-
-    def drop_registrations(self, conn, matches):
-        self.drop(conn, [r for r in conn.registrations if matches(r)])
-
-    def drop(self, conn, registrations):
-        """Forget registrations in C's order: each in turn, newest first, requeues
-        its jobs (most recently assigned first) while it is still registered, so
-        a sleeping worker dropping a function hears the NOOP its own job makes."""
-        for registration in registrations:
-            jobs, registration.jobs = registration.jobs, []
-            for job in reversed(jobs):
-                self.requeue(job)
-            conn.registrations.remove(registration)
-            self.remove_registration(registration)
+        self.queues.unregister(conn, list(conn.registrations))
 
     def pre_sleep(self, conn, args):
-        for registration in conn.registrations if self.assigning else ():
-            for jobs in registration.function.queues:
-                while jobs and jobs[0].ignore:
-                    self.discard(jobs.popleft())
-                if jobs:
-                    self.send(conn, NOOP_PACKET)
-                    return
-        if self.timeouts:
-            for registration in conn.registrations:
-                for job in registration.jobs:
-                    self.cancel_timeout(job)  # C cancels a sleeping worker's timer
-        if conn.noop_sent:
-            conn.sleeping = True          # one NOOP per sleep until the next grab
-        else:
-            self.set_wakeable(conn, True)
-
-    def echo(self, conn, args):
-        self.send(conn, packet(ECHO_RES, args[0]))
-
-    def submit(self, priority, background, conn, args, when=0, reducer=None):
-        name, unique, data = args[0], args[1], args[-1]
-        if len(unique) > UNIQUE_MAX and reducer is None:
-            self.send(conn, ERROR_UNIQUE_TOO_LARGE)
-            return
-        function = self.function(name)
-        job = self.coalesce(function, unique, data)
-        if job is not None:
-            if background and not job.background:
-                job.background = True
-                if job.store_state < STORED:
-                    self.keep(job)
-            elif not background:
-                self.attach_client(job, conn)
-            if background and job.store_state >= WRITING:
-                self.hold(conn, job)
-            else:
-                self.send(conn, packet(JOB_CREATED, job.handle))
-            return
-        limit = function.max_queue[priority]
-        if limit and function.total >= limit:
-            self.send(conn, ERROR_QUEUE_FULL)
-            return
-        job = self.new_job(function, unique, data, priority, when, reducer, background)
-        self.stats.submitted[KINDS[background]] += 1
-        if background:
-            if self.write_ahead:
-                self.store_add(job, WRITING_NEW)
-                self.hold(conn, job)
-                return
-            job.store_state = STORED
-            if self.store.durable:
-                self.name_row(job)        # --store-queue-on-shutdown writes it at the end
-        else:
-            self.attach_client(job, conn)
-        self.enqueue(job)
-        self.send(conn, packet(JOB_CREATED, job.handle))
-
-    def keep(self, job):
-        """A background submission joined a foreground job: store it now, since
-        that client is told JOB_CREATED and may never ask again (C does not)."""
-        if self.write_ahead:
-            self.store_add(job, WRITING)
-        elif self.store.durable:
-            self.name_row(job)
-            job.store_state = STORED      # --store-queue-on-shutdown writes it at the end
-
-    def attach_client(self, job, conn):
-        if job.clients is None:
-            job.clients = [conn]
-        else:
-            job.clients.append(conn)
-        conn.client_jobs.append(job)
-
-    def submit_epoch(self, conn, args):
-        when = c_integer(args[2], 64)
-        if when is None:
-            self.close(conn)
-            return
-        self.submit(NORMAL, True, conn, args, when=when)
-
-    def submit_reduce(self, background, conn, args):
-        # C checks the reducer's length where it means the unique's; we keep that.
-        if len(args[2]) > UNIQUE_MAX:
-            self.send(conn, ERROR_UNIQUE_TOO_LARGE)
-            return
-        self.submit(NORMAL, background, conn, args, reducer=args[2])
+        self.queues.sleep(conn)
 
     def grab(self, reply, conn, args):
-        if conn.sleeping:
-            self.set_wakeable(conn, False)
-            conn.sleeping = conn.noop_sent = False
-        if not self.assigning:
-            self.send(conn, NO_JOB_PACKET)
-            return
-        job, registration = self.take_job(conn)
+        job = self.queues.grab(conn)
         if job is None:
-            self.send(conn, NO_JOB_PACKET)
+            self.loop.send(conn, NO_JOB_PACKET)
             return
-        self.assign(job, registration)
         function = job.function.name
         if reply == JOB_ASSIGN_ALL and not job.reducer:
             reply = JOB_ASSIGN_UNIQ
@@ -1916,165 +2203,92 @@ class Server:
         else:
             payload = b"%s\0%s\0%s\0%s\0%s" % (job.handle, function, job.unique,
                                                job.reducer, job.data)
-        self.send(conn, packet(reply, payload))
-
-    def running_job(self, conn, handle):
-        job = self.jobs.get(handle)
-        if job is None or job.worker is None or job.worker.connection is not conn:
-            return None
-        return job
+        self.loop.send(conn, packet(reply, payload))
 
     def work_status(self, conn, args):
-        job = self.running_job(conn, args[0])
+        job = self.queues.running_job(conn, args[0])
         if job is None:
-            self.send(conn, ERROR_NO_SUCH_RESULT_JOB)
+            self.loop.send(conn, ERROR_NO_SUCH_RESULT_JOB)
             return
-        self.progress[job] = (atoi(args[1]) & 0xFFFFFFFF, atoi(args[2][:10]) & 0xFFFFFFFF)
-        self.notify(job, WORK_STATUS, b"\0".join(args))
+        self.queues.report_progress(job, atoi(args[1]) & 0xFFFFFFFF,
+                                    atoi(args[2][:10]) & 0xFFFFFFFF, b"\0".join(args))
 
     def work_update(self, ptype, conn, args):
-        job = self.running_job(conn, args[0])
+        job = self.queues.running_job(conn, args[0])
         if job is None:
-            self.send(conn, ERROR_NO_SUCH_JOB)
+            self.loop.send(conn, ERROR_NO_SUCH_JOB)
             return
-        self.notify(job, ptype, b"\0".join(args))
+        self.queues.notify(job, ptype, b"\0".join(args))
 
     def work_complete(self, conn, args):
-        job = self.running_job(conn, args[0])
+        job = self.queues.running_job(conn, args[0])
         if job is None:
-            self.send(conn, ERROR_NO_SUCH_RESULT_JOB)
+            self.loop.send(conn, ERROR_NO_SUCH_RESULT_JOB)
             return
-        self.notify(job, WORK_COMPLETE, b"\0".join(args))
-        self.stats.completed[KINDS[job.background]] += 1
-        self.finish(job)
+        self.queues.complete(job, b"\0".join(args))
 
     def work_fail(self, conn, args):
         handle = args[0]
         if len(handle) > HANDLE_MAX:
-            self.send(conn, ERROR_HANDLE_TOO_LARGE)
+            self.loop.send(conn, ERROR_HANDLE_TOO_LARGE)
             return
-        job = self.running_job(conn, handle)
+        job = self.queues.running_job(conn, handle)
         if job is None:
-            self.send(conn, ERROR_NO_SUCH_RESULT_JOB)
+            self.loop.send(conn, ERROR_NO_SUCH_RESULT_JOB)
             return
-        self.notify(job, WORK_FAIL, handle)
-        self.stats.failed[KINDS[job.background]] += 1
-        self.finish(job)
+        self.queues.fail(job)
 
     def work_exception(self, conn, args):
-        job = self.running_job(conn, args[0])
+        job = self.queues.running_job(conn, args[0])
         if job is None:
-            self.send(conn, ERROR_NO_SUCH_EXCEPTION_JOB)
+            self.loop.send(conn, ERROR_NO_SUCH_EXCEPTION_JOB)
             return
-        if job.clients:
-            exception = packet(WORK_EXCEPTION, b"\0".join(args))
-            downgraded = packet(WORK_FAIL, job.handle + b"\0")   # as C sends it
-            for client in reversed(job.clients):
-                self.send(client, exception if client.exceptions else downgraded)
-        self.stats.failed[KINDS[job.background]] += 1
-        self.finish(job)
+        self.queues.throw(job, b"\0".join(args))
+
+    # -- clients
+
+    def submit(self, priority, background, conn, args, when=0, reducer=None):
+        self.queues.submit(conn, args[0], args[1], args[-1], priority, background, when, reducer)
+
+    def submit_epoch(self, conn, args):
+        when = c_integer(args[2], 64)
+        if when is None:
+            self.loop.close(conn)
+            return
+        self.submit(NORMAL, True, conn, args, when=when)
+
+    def submit_reduce(self, background, conn, args):
+        # C checks the reducer's length where it means the unique's; we keep that.
+        if len(args[2]) > UNIQUE_MAX:
+            self.loop.emit(conn, ERROR, UNIQUE_TOO_LARGE)
+            return
+        self.submit(NORMAL, background, conn, args, reducer=args[2])
 
     def get_status(self, conn, args):
         handle = args[0]
         if len(handle) > HANDLE_MAX:
-            self.close(conn)
+            self.loop.close(conn)
             return
-        job = self.jobs.get(handle)
-        if job is None:
-            self.send(conn, packet(STATUS_RES, handle + b"\x000\x000\x000\x000"))
+        status = self.queues.job_status(handle)
+        if status is None:
+            self.loop.send(conn, packet(STATUS_RES, handle + b"\x000\x000\x000\x000"))
             return
-        numerator, denominator = self.progress.get(job, (0, 0))
-        running = b"1" if job.worker is not None else b"0"
-        self.send(conn, packet(STATUS_RES, b"%s\x001\x00%s\x00%d\x00%d" % (
+        running, numerator, denominator = status
+        self.loop.send(conn, packet(STATUS_RES, b"%s\x001\x00%d\x00%d\x00%d" % (
             handle, running, numerator, denominator)))
 
     def get_status_unique(self, conn, args):
         unique = args[0]
         if len(unique) >= UNIQUE_MAX:
-            self.close(conn)
+            self.loop.close(conn)
             return
-        found = None
-        if unique:
-            for function in self.functions.values():
-                job = function.by_unique.get(unique)
-                if job is not None and (found is None or handle_number(job) > handle_number(found)):
-                    found = job
-        if found is None:
-            self.send(conn, packet(STATUS_RES_UNIQUE, unique + b"\x000\x000\x000\x000\x000"))
+        status = self.queues.unique_status(unique)
+        if status is None:
+            self.loop.send(conn, packet(STATUS_RES_UNIQUE,
+                                        unique + b"\x000\x000\x000\x000\x000"))
             return
-        numerator, denominator = self.progress.get(found, (0, 0))
-        running = b"1" if found.worker is not None else b"0"
-        clients = len(found.clients) if found.clients else 0
-        self.send(conn, packet(STATUS_RES_UNIQUE, b"%s\x001\x00%s\x00%d\x00%d\x00%d" % (
-            unique, running, numerator, denominator, clients)))
-
-    def set_client_id(self, conn, args):
-        conn.client_id = args[0][:CLIENT_ID_MAX]
-
-    def option_req(self, conn, args):
-        name = args[0]
-        if len(name) > OPTION_NAME_MAX or name.split(b"\0", 1)[0].lower() != b"exceptions":
-            self.send(conn, ERROR_UNKNOWN_OPTION)
-            return
-        conn.exceptions = True
-        self.send(conn, packet(OPTION_RES, name))
-
-
-def handle_number(job):
-    return int(job.handle.rsplit(b":", 1)[1])
-
-
-def argument_sizes_fit(ptype, args):
-    """C's 8 KiB limit on every argument that is not opaque data."""
-    plain = args[:-1] if ptype in DATA_TYPES else args
-    return all(len(arg) < ARGUMENT_MAX for arg in plain)
-
-
-def set_keepalive(sock, options):
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in (("TCP_KEEPIDLE", options.keepalive_idle),
-                          ("TCP_KEEPINTVL", options.keepalive_interval),
-                          ("TCP_KEEPCNT", options.keepalive_count)):
-        if value != -1 and hasattr(socket, option):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-
-
-def bind_listeners(addresses, port, options):
-    """Listening sockets on every address getaddrinfo gives (all when none is named)."""
-    sockets = []
-    seen = set()
-    for host in addresses or [None]:
-        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
-                                   0, socket.AI_PASSIVE)
-        for family, kind, proto, _, address in infos:
-            if (family, address) in seen:
-                continue
-            seen.add((family, address))
-            sock = socket.socket(family, kind, proto)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if options.keepalive:
-                set_keepalive(sock, options)
-            bind_with_retry(sock, address)
-            sock.listen(options.backlog)
-            sockets.append(sock)
-    return sockets
-
-
-def bind_with_retry(sock, address, patience=20.0):
-    """Bind, retrying while the address is in use for up to `patience` seconds, as C does."""
-    deadline = time.monotonic() + patience
-    delay = 0.1
-    while True:
-        try:
-            sock.bind(address)
-            return
-        except OSError as error:
-            if error.errno != errno.EADDRINUSE or time.monotonic() + delay > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 2.0)
+        self.loop.send(conn, packet(STATUS_RES_UNIQUE,
+                                    b"%s\x001\x00%d\x00%d\x00%d\x00%d" % ((unique,) + status)))
 
 
 # --- admin text protocol ------------------------------------------------------
@@ -2098,6 +2312,10 @@ def admin_tokens(line):
             return tokens
 
 
+def is_loopback(address):
+    return address in ("127.0.0.1", "::1") or address.startswith(("127.", "::ffff:127."))
+
+
 def c_string(name):
     """What C prints of a name: up to its first NUL."""
     return name.split(b"\0", 1)[0] if b"\0" in name else name
@@ -2119,7 +2337,8 @@ class Admin:
     CHANGING = frozenset({b"shutdown", b"cancel", b"drop", b"create", b"maxqueue"})
 
     def __init__(self, server):
-        self.server = server
+        self.loop = server.loop
+        self.queues = server.queues
         self.allow = server.options.admin_allow
         self.commands = {
             b"status": self.status,
@@ -2142,7 +2361,7 @@ class Admin:
             line = line[:-1]
         tokens = admin_tokens(line)
         if len(tokens) > TEXT_TOKENS_MAX:
-            self.server.close(conn)
+            self.loop.close(conn)
             return
         # C compares NUL-terminated strings, so a NUL ends each token.
         tokens = [token.split(b"\0", 1)[0] for token in tokens]
@@ -2152,40 +2371,35 @@ class Admin:
             reply = unknown_command(tokens[0])
         elif word in self.CHANGING and not self.allowed(conn):
             reply = (b"ERR PERMISSION_DENIED " + word + b"+is+not+allowed+from+"
-                     + conn.peer.encode() + b"\r\n")
+                     + conn.address.encode() + b"\r\n")
         else:
             reply = command(tokens, bare_newline)
-        self.server.send(conn, reply or b"ERR UNKNOWN_ERROR\r\n")
+        self.loop.send(conn, reply or b"ERR UNKNOWN_ERROR\r\n")
 
     def allowed(self, conn):
         if self.allow == "any":
             return True
         if self.allow == "loopback":
-            return conn.peer in ("127.0.0.1", "::1") or conn.peer.startswith(("127.", "::ffff:127."))
+            return is_loopback(conn.address)
         return False
-
-    def functions_in_c_order(self):
-        """C's 991-bucket function table: by bucket, newest first within one."""
-        return sorted(reversed(list(self.server.functions.values())),
-                      key=lambda function: function.bucket)
 
     def status(self, tokens, bare):
         rows = [b"%s\t%d\t%d\t%d\n" % (c_string(f.name), f.total, f.running,
                                          len(f.registrations))
-                for f in self.functions_in_c_order()]
+                for f in self.queues.functions_in_c_order()]
         return b"".join(rows) + b".\n"
 
     def priority_status(self, tokens, bare):
         rows = [b"%s\t%d\t%d\t%d\t%d\n" % (c_string(f.name), f.queued(HIGH), f.queued(NORMAL),
                                            f.queued(LOW), len(f.registrations))
-                for f in self.functions_in_c_order()]
+                for f in self.queues.functions_in_c_order()]
         return b"".join(rows) + b".\n"
 
     def workers(self, tokens, bare):
         rows = []
-        for conn in reversed(list(self.server.connections.values())):
+        for conn in reversed(list(self.loop.connections.values())):
             names = b"".join(b" " + c_string(r.function.name) for r in conn.registrations)
-            rows.append(b"%d %s %s :%s\n" % (conn.fd, conn.peer.encode(),
+            rows.append(b"%d %s %s :%s\n" % (conn.fd, conn.address.encode(),
                                              c_string(conn.client_id), names))
         return b"".join(rows) + b".\n"
 
@@ -2199,16 +2413,9 @@ class Admin:
             return self.show_unique_jobs()
         return b"ERR UNKNOWN_SHOW_ARGUMENTS\r\n"
 
-    def jobs_in_c_order(self, key):
-        """C's job hash tables: by bucket, newest first within one."""
-        buckets = self.server.buckets
-        return sorted(reversed(list(self.server.jobs.values())),
-                      key=lambda job: key(job) % buckets)
-
     def show_jobs(self):
-        rows = [b"%s\t%d\t%d\t%d\n" % (job.handle, job.retries, job.ignore,
-                                       job.store_state >= STORED)
-                for job in self.jobs_in_c_order(lambda job: gm_hash(job.handle))]
+        rows = [b"%s\t%d\t%d\t%d\n" % (job.handle, job.retries, job.ignore, job.queued)
+                for job in self.queues.jobs_in_c_order(lambda job: gm_hash(job.handle))]
         return b"".join(rows) + b".\n"
 
     def show_unique_jobs(self):
@@ -2216,7 +2423,7 @@ class Admin:
             if job.unique == b"-":
                 return gm_hash(job.data) if job.data else 0
             return gm_hash(job.unique) if job.unique else 0
-        rows = [job.unique + b"\n" for job in self.jobs_in_c_order(key)]
+        rows = [job.unique + b"\n" for job in self.queues.jobs_in_c_order(key)]
         return b"".join(rows) + b".\n"
 
     def cancel(self, tokens, bare):
@@ -2224,10 +2431,10 @@ class Admin:
             return unknown_command(tokens[0])
         if len(tokens) != 3 or tokens[1].lower() != b"job":
             return b"ERR UNKNOWN_ERROR\r\n"
-        job = self.server.jobs.get(tokens[2])
+        job = self.queues.jobs.get(tokens[2])
         if job is None:
             return b"ERR UNKNOWN_JOB\r\n"
-        self.server.cancel(job)
+        self.queues.cancel(job)
         return b"OK\r\n"
 
     def create(self, tokens, bare):
@@ -2235,14 +2442,15 @@ class Admin:
             return invalid_arguments(tokens[0])
         # C drops two bytes it takes for CRLF, so a bare LF costs the name its last byte.
         name = tokens[2][:-1] if bare else tokens[2]
-        self.server.function(name)
+        self.queues.find_or_add_function(name)
         return b"OK\r\n"
 
     def drop(self, tokens, bare):
         if len(tokens) != 3 or tokens[1].lower() != b"function":
             return invalid_arguments(tokens[0])
         wanted = tokens[2].lower()
-        matches = [f for f in self.functions_in_c_order() if c_string(f.name).lower() == wanted]
+        matches = [f for f in self.queues.functions_in_c_order()
+                   if c_string(f.name).lower() == wanted]
         if not matches:
             return b"ERR function not found\r\n"
         replies = []
@@ -2250,14 +2458,14 @@ class Admin:
             if function.registrations or function.running:
                 replies.append(b"ERR there are still connected workers or executing clients\r\n")
             else:
-                self.server.drop_function(function)
+                self.queues.remove_function(function)
                 replies.append(b"OK\r\n")
         return b"".join(replies)
 
     def maxqueue(self, tokens, bare):
         if len(tokens) < 2:
             return invalid_arguments(tokens[0])
-        function = self.server.functions.get(tokens[1])
+        function = self.queues.functions.get(tokens[1])
         if function is not None:
             limits = [max(atoi(token), 0) for token in tokens[2:]]
             if len(limits) == 1:
@@ -2267,15 +2475,17 @@ class Admin:
 
     def shutdown(self, tokens, bare):
         if len(tokens) == 1:
-            self.server.request_stop("now")
+            self.loop.request_stop("now")
         elif len(tokens) == 2 and tokens[1].lower() == b"graceful":
-            self.server.request_stop("graceful")
+            self.loop.request_stop("graceful")
         else:
             return invalid_arguments(tokens[0])
         return b"OK\r\n"
 
 
-# --- HTTP: job submission, metrics and a status page --------------------------
+
+
+# --- HTTP: job submission, metrics and a status page -------------------------
 
 HTTP_HEAD_MAX = 16384
 HTTP_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
@@ -2289,7 +2499,7 @@ class HttpExchange:
     """One HTTP connection: its unread input and the request being answered."""
 
     __slots__ = ("buffer", "busy", "keep_alive", "version", "head", "background", "handle",
-                 "body", "closing")
+                 "body")
 
     def __init__(self):
         self.buffer = b""
@@ -2300,19 +2510,27 @@ class HttpExchange:
         self.background = False
         self.handle = b""
         self.body = []                    # WORK_DATA received so far
-        self.closing = False              # close once the response is out
 
 
-class Http:
+class HttpProtocol:
     """HTTP/1.1 on --http-port, on the same loop. POST /FUNCTION submits a job as
     C gearmand's HTTP module does (its response is the job's result, or the
     handle at once for X-Gearman-Background: true); GET /metrics, /status and /
-    show the server. A job's packets become the response as they arrive."""
+    show the server. The news of a job becomes its response as it arrives."""
+
+    name = "HTTP"
 
     def __init__(self, server):
         self.server = server
+        self.loop = server.loop
+        self.queues = server.queues
+        self.max_packet = server.options.max_packet_size
         self.resuming = []                # connections with a request left to read
         self.routes = {b"/": self.page, b"/metrics": self.metrics, b"/status": self.status}
+
+    def opened(self, conn):
+        conn.http = HttpExchange()
+        conn.exceptions = True            # the response carries a job's exception
 
     # -- requests
 
@@ -2321,8 +2539,8 @@ class Http:
         exchange.buffer += data
         if not exchange.busy:
             self.next_request(conn)
-        elif len(exchange.buffer) > HTTP_HEAD_MAX + self.server.max_packet:
-            self.server.close(conn)      # pipelining far ahead of its answers
+        elif len(exchange.buffer) > HTTP_HEAD_MAX + self.max_packet:
+            self.loop.close(conn)        # pipelining far ahead of its answers
 
     def resume(self):
         resuming, self.resuming = self.resuming, []
@@ -2333,7 +2551,7 @@ class Http:
     def next_request(self, conn):
         """Answer buffered requests in order; stop at one that waits for its job."""
         exchange = conn.http
-        while not (exchange.busy or exchange.closing or conn.closed):
+        while not (exchange.busy or conn.closing or conn.closed):
             exchange.head = False
             buffer = exchange.buffer
             end = buffer.find(b"\r\n\r\n", 0, HTTP_HEAD_MAX)
@@ -2367,14 +2585,14 @@ class Http:
                 self.error(conn, 400, b"bad Content-Length")
                 return
             length = int(length)
-            if length > self.server.max_packet:
+            if length > self.max_packet:
                 self.error(conn, 413, b"body over --max-packet-size")
                 return
             start = end + 4
             if len(buffer) < start + length:
                 if start + length > 65536:
                     # A large body: let read() gather its pieces and join them once.
-                    self.server.gather(conn, buffer, start + length)
+                    self.loop.gather(conn, buffer, start + length)
                     exchange.buffer = b""
                 return
             body = buffer[start:start + length]
@@ -2391,15 +2609,15 @@ class Http:
         route = self.routes.get(target.split(b"?", 1)[0])
         if route is not None and method in (b"GET", b"HEAD"):
             content_type, content = route()
-            self.server.send(conn, self.response(conn, 200, [(b"Content-Type", content_type)],
-                                                   content))
+            self.loop.send(conn, self.response(conn, 200, [(b"Content-Type", content_type)],
+                                                 content))
             return
         name = target.lstrip(b"/")        # the function, verbatim, as in C
         if not name:
             self.error(conn, 404, b"no function named in the path")
             return
         background = headers.get(b"x-gearman-background", b"").lower() == b"true"
-        function = self.server.functions.get(name)
+        function = self.queues.functions.get(name)
         if not background and (function is None or not function.registrations):
             # A foreground request would wait for a worker that may never come.
             self.error(conn, 503, b"no worker can do " + name, keep=True)
@@ -2412,65 +2630,60 @@ class Http:
         priority = HTTP_PRIORITIES.get(headers.get(b"x-gearman-priority", b"").lower(), NORMAL)
         unique = headers.get(b"x-gearman-unique", b"-")
         data = body if method in (b"POST", b"PUT") else b""
-        self.server.submit(priority, background, conn, [name, unique, data])
+        self.queues.submit(conn, name, unique, data, priority, background)
 
     # -- responses
 
-    def response_part(self, conn, packet):
-        """The HTTP bytes a packet for this connection's job makes, if any."""
-        if packet[:1] != b"\0":
-            return packet                 # already HTTP: a response of ours
+    def event(self, conn, ptype, payload):
+        """News of the connection's job: part of its response, or all of it."""
         exchange = conn.http
         if not exchange.busy:
-            return b""
-        ptype = TYPE_SIZE.unpack_from(packet, 4)[0]
-        payload = packet[12:]
+            return
         if ptype == JOB_CREATED:
             exchange.handle = payload
-            if not exchange.background:
-                return b""
-            return self.job_response(conn, 200, b"JOB_CREATED", b"")
-        if ptype == WORK_DATA:
+            if exchange.background:
+                self.job_response(conn, 200, b"JOB_CREATED", b"")
+        elif ptype == WORK_DATA:
             exchange.body.append(payload.split(b"\0", 1)[1])
-            return b""
-        if ptype == WORK_COMPLETE:
+        elif ptype == WORK_COMPLETE:
             exchange.body.append(payload.split(b"\0", 1)[1])
-            return self.job_response(conn, 200, b"WORK_COMPLETE", b"".join(exchange.body))
-        if ptype == WORK_FAIL:
-            return self.job_response(conn, 500, b"WORK_FAIL", b"")
-        if ptype == WORK_EXCEPTION:
-            return self.job_response(conn, 500, b"WORK_EXCEPTION", payload.split(b"\0", 1)[1])
-        if ptype == ERROR:
+            self.job_response(conn, 200, b"WORK_COMPLETE", b"".join(exchange.body))
+        elif ptype == WORK_FAIL:
+            self.job_response(conn, 500, b"WORK_FAIL", b"")
+        elif ptype == WORK_EXCEPTION:
+            self.job_response(conn, 500, b"WORK_EXCEPTION", payload.split(b"\0", 1)[1])
+        elif ptype == ERROR:
             code, _, text = payload.partition(b"\0")
             status = 400 if code == b"ARGUMENT_TOO_LARGE" else 503
-            return self.finished(conn, self.response(
+            self.finished(conn, self.response(
                 conn, status, [(b"X-Gearman-Command", b"ERROR"), (b"X-Gearman-Error", code)],
                 text + b"\n"))
-        return b""                        # WORK_STATUS, WORK_WARNING: nothing to show
+        # WORK_STATUS, WORK_WARNING: nothing to show
 
     def job_response(self, conn, status, command, content):
         headers = [(b"X-Gearman-Job-Handle", conn.http.handle), (b"X-Gearman-Command", command),
                    (b"Content-Type", b"application/octet-stream")]
-        return self.finished(conn, self.response(conn, status, headers, content))
+        self.finished(conn, self.response(conn, status, headers, content))
 
     def finished(self, conn, response):
+        """The job's response is complete: send it, and go on to the next request."""
         exchange = conn.http
         exchange.busy = False
-        if exchange.buffer and not exchange.closing:
+        if exchange.buffer and not conn.closing:
             self.resuming.append(conn)
-        return response
+        self.loop.send(conn, response)
 
     def error(self, conn, status, message, keep=False):
         """Answer a request we refuse; a malformed one also ends the connection."""
         if not keep:
             conn.http.keep_alive = False
-        self.server.send(conn, self.response(conn, status, [(b"Content-Type", b"text/plain")],
-                                               message + b"\n"))
+        self.loop.send(conn, self.response(conn, status, [(b"Content-Type", b"text/plain")],
+                                             message + b"\n"))
 
     def response(self, conn, status, headers, content):
         exchange = conn.http
         if not exchange.keep_alive:
-            exchange.closing = True
+            conn.closing = True
         head = [b"%s %d %s" % (exchange.version, status, HTTP_REASONS[status])]
         head += [name + b": " + value for name, value in headers]
         head.append(b"Content-Length: %d" % len(content))
@@ -2488,28 +2701,29 @@ class Http:
                       "workers": len(f.registrations),
                       "queued": {name: f.queued(priority)
                                  for priority, name in enumerate(PRIORITY_NAMES)}}
-                     for f in server.admin.functions_in_c_order()]
-        workers = [{"fd": conn.fd, "address": conn.peer, "id": text(conn.client_id),
+                     for f in self.queues.functions_in_c_order()]
+        workers = [{"fd": conn.fd, "address": conn.address, "id": text(conn.client_id),
                     "functions": [text(r.function.name) for r in conn.registrations],
                     "running": sum(len(r.jobs) for r in conn.registrations)}
-                   for conn in server.connections.values() if conn.registrations]
+                   for conn in self.loop.connections.values() if conn.registrations]
         error_age = time.time() - stats.store_last_error_time
         return {
             "server": f"gearmand.py {__version__}",
             "version": GEARMAND_VERSION,
             "pid": os.getpid(),
             "uptime_seconds": round(time.time() - stats.started, 3),
-            "connections": len(server.connections),
+            "connections": len(self.loop.connections),
             "functions": functions,
             "workers": workers,
             "jobs": {"submitted": stats.submitted, "completed": stats.completed,
                      "failed": stats.failed},
             "store": {"queue_type": server.options.queue_type,
+                      "persistent": server.store.persistent,
                       "durable": server.store.durable,
                       "healthy": not stats.store_last_error or error_age > 60,
                       "errors": stats.store_errors,
                       "last_error": stats.store_last_error,
-                      "writes_in_flight": server.writes_in_flight,
+                      "writes_in_flight": server.journal.adds_in_flight,
                       "replayed_jobs": stats.replayed},
         }
 
@@ -2521,7 +2735,7 @@ class Http:
         """The Prometheus text exposition (format 0.0.4)."""
         server = self.server
         stats = server.stats
-        functions = server.admin.functions_in_c_order()
+        functions = self.queues.functions_in_c_order()
         lines = []
 
         def family(name, kind, description, samples):
@@ -2563,7 +2777,7 @@ class Http:
             family(f"gearman_jobs_{what}_total", "counter", f"Jobs {what} since start.",
                    [(labels(kind=kind), count) for kind, count in counts.items()])
         family("gearman_connections", "gauge", "Open connections.",
-               [("", len(server.connections))])
+               [("", len(self.loop.connections))])
         family("gearman_connections_accepted_total", "counter", "Connections accepted.",
                [("", stats.accepted)])
         histogram("gearman_store_batch_size", "Jobs added and deleted per store commit.",
@@ -2575,7 +2789,7 @@ class Http:
         family("gearman_store_errors_total", "counter", "Store commits that failed.",
                [("", stats.store_errors)])
         family("gearman_store_writes_in_flight", "gauge", "Batches of new jobs being written.",
-               [("", server.writes_in_flight)])
+               [("", server.journal.adds_in_flight)])
         family("gearman_uptime_seconds", "gauge", "Seconds since the server started.",
                [("", round(time.time() - stats.started, 3))])
         return b"text/plain; version=0.0.4; charset=utf-8", ("\n".join(lines) + "\n").encode()
@@ -2627,7 +2841,8 @@ function show(s) {
   fill("workers", s.workers.map(function (w) { return [w.address + " (fd " + w.fd + ")", w.id, w.functions.join(" "), w.running]; }));
   var st = s.store, el = document.getElementById("store");
   el.className = st.healthy ? "good" : "bad";
-  el.textContent = st.queue_type + (st.durable ? " (durable)" : " (not persistent)") + ": " +
+  el.textContent = st.queue_type + (st.durable ? " (durable)" : st.persistent ?
+    " (persistent, not durable)" : " (not persistent)") + ": " +
     (st.healthy ? "healthy" : "failing: " + st.last_error) + ", " + st.errors + " errors, " +
     st.replayed_jobs + " jobs replayed at start";
 }
@@ -2638,6 +2853,61 @@ function refresh() {
 refresh(); setInterval(refresh, 3000);
 </script></body></html>
 """
+
+
+# --- the server: every room wired together -----------------------------------
+
+class Server:
+    """One job server: the queues, the journal of the store, the event loop and the
+    protocols, wired together. The loop tells it when a turn ends, when the
+    writer woke it, and when a connection closed."""
+
+    def __init__(self, options, store, log):
+        self.options = options
+        self.store = store
+        self.log = log
+        self.stats = Stats()
+        self.loop = EventLoop(self, options, log, self.stats)
+        self.queues = Queues(options, self.loop.emit, self.loop.timers, log, self.stats)
+        self.journal = Journal(store, self.queues, self.loop, log, self.stats,
+                               options.store_queue_on_shutdown)
+        self.admin = Admin(self)
+        self.gearman = BinaryProtocol(self)
+        self.http = HttpProtocol(self)
+
+    def listen(self, sockets, http=False, tls_context=None):
+        self.loop.listen(sockets, self.http if http else self.gearman, tls_context)
+
+    def serve(self):
+        """Run until stopped; then stop the writer, write what must be, close all."""
+        self.journal.start()
+        try:
+            self.loop.serve_forever()
+        finally:
+            self.loop.end_turn()
+            self.journal.close()
+            self.loop.close_all()
+
+    # -- what the loop tells its owner
+
+    def turn_ended(self):
+        if self.http.resuming:
+            self.http.resume()
+        self.journal.end_turn()
+
+    def woken(self):
+        self.journal.collect()
+
+    def connection_closed(self, conn):
+        self.queues.peer_left(conn)
+
+    def work_pending(self):
+        return self.journal.adds_in_flight or self.queues.any_running()
+
+    def stopping_gracefully(self):
+        if self.store.persistent:
+            # Running jobs finish; queued ones wait in the store for the next start.
+            self.queues.dispatching = False
 
 
 # --- command line and main() --------------------------------------------------
@@ -2891,6 +3161,166 @@ def write_pid_file(path, default):
         return False
 
 
+def tls_context(options):
+    """The server's TLS context, or None without --ssl."""
+    if not options.ssl:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(options.ssl_certificate, options.ssl_key)
+        if options.ssl_verify_client or os.path.exists(options.ssl_ca_file):
+            context.load_verify_locations(options.ssl_ca_file)
+    except (OSError, ssl.SSLError) as error:
+        raise OptionError(f"cannot load TLS certificate, key or CA file: {error}") from None
+    context.verify_mode = ssl.CERT_REQUIRED if options.ssl_verify_client else ssl.CERT_NONE
+    return context
+
+
+def set_keepalive(sock, options):
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", options.keepalive_idle),
+                          ("TCP_KEEPINTVL", options.keepalive_interval),
+                          ("TCP_KEEPCNT", options.keepalive_count)):
+        if value != -1 and hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+def bind_listeners(addresses, port, options):
+    """Listening sockets on every address getaddrinfo gives (all when none is named)."""
+    sockets = []
+    seen = set()
+    for host in addresses or [None]:
+        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                                   0, socket.AI_PASSIVE)
+        for family, kind, proto, _, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if options.keepalive:
+                set_keepalive(sock, options)
+            bind_with_retry(sock, address)
+            sock.listen(options.backlog)
+            sockets.append(sock)
+    return sockets
+
+
+def bind_with_retry(sock, address, patience=20.0):
+    """Bind, retrying while the address is in use for up to `patience` seconds, as C does."""
+    deadline = time.monotonic() + patience
+    delay = 0.1
+    while True:
+        try:
+            sock.bind(address)
+            return
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+def set_file_limit(options):
+    if options.file_descriptors:
+        import resource
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (options.file_descriptors, options.file_descriptors))
+        except (ValueError, OSError) as error:
+            raise OptionError(f"Could not set the file descriptor limit: {error}") from None
+
+
+def bind_ports(options):
+    """[(listening sockets, is HTTP)] for the Gearman port and the HTTP port if any."""
+    ports = [(options.port, False)]
+    if options.protocol == "http" or options.http_port is not None:
+        ports.append((8080 if options.http_port is None else options.http_port, True))
+    listeners = []
+    for port, http in ports:
+        try:
+            listeners.append((bind_listeners(options.listen, port, options), http))
+        except OSError as error:
+            raise OptionError(f"Could not listen on {'HTTP ' if http else ''}port {port}: "
+                              f"{error.strerror or error}") from None
+    return listeners
+
+
+def open_store(cls, options, log):
+    try:
+        return cls.open(options)
+    except StoreError as error:
+        report_store_error(error, options, log)
+
+
+def report_store_error(error, options, log):
+    if options.daemon:
+        log.error(str(error))             # the terminal is gone
+    raise OptionError(str(error)) from None
+
+
+def become_daemon(server, cls, options, log):
+    """Detach. A store connection must not cross a fork (SQLite's locks stay with
+    the parent): the store opened to check the settings, the daemon opens its own."""
+    options.pid_file = os.path.abspath(options.pid_file)
+    server.store.close()
+    daemonize()
+    store = open_store(cls, options, log)
+    server.store = server.journal.store = store
+    os.chdir("/")                         # every path the store needs is open or absolute
+
+
+def run(options):
+    """Start serving as the options say; the exit status once stopped."""
+    set_file_limit(options)
+    try:
+        cls = store_class(options.queue_type)
+    except StoreError as error:
+        raise OptionError(str(error)) from None
+    context = tls_context(options)
+    # Once the port accepts, signals may come at any time: before the log is open
+    # SIGHUP has nothing to reopen, and a stop request simply ends the start-up.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for stop_signal in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(stop_signal, lambda *_: sys.exit(0))
+    listeners = bind_ports(options)
+    # The port is bound: from here on, work as the user asked for, with its files.
+    if options.user:
+        switch_user(options.user)
+    if options.log_file not in ("stderr", "none"):
+        options.log_file = os.path.abspath(options.log_file)
+    log = Log(options.log_file, options.verbose, options.syslog)
+    # A logrotate SIGHUP may come during a long replay.
+    signal.signal(signal.SIGHUP, lambda *_: log.reopen())
+    server = Server(options, open_store(cls, options, log), log)
+    for sockets, http in listeners:
+        server.listen(sockets, http, None if http else context)
+    if options.daemon:
+        become_daemon(server, cls, options, log)
+    try:
+        server.journal.replay()
+    except StoreError as error:
+        report_store_error(error, options, log)
+    pid_written = write_pid_file(options.pid_file, "/var/gearmand.pid")
+    signal.signal(signal.SIGTERM, lambda *_: server.loop.request_stop("now"))
+    signal.signal(signal.SIGINT, lambda *_: server.loop.request_stop("now"))
+    signal.signal(signal.SIGUSR1, lambda *_: server.loop.request_stop("graceful"))
+    # A signal the kernel hands to the writer thread must still end the main thread's select().
+    signal.set_wakeup_fd(server.loop.wake_writer.fileno(), warn_on_full_buffer=False)
+    log.notice(f"gearmand.py {__version__} ready, port {options.port}")
+    try:
+        server.serve()
+    finally:
+        if pid_written:
+            try:
+                os.unlink(options.pid_file)
+            except OSError:
+                pass
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -2911,94 +3341,6 @@ def main(argv=None):
     except OptionError as error:
         print(f"gearmand: {error}", file=sys.stderr)
         return 1
-
-
-def tls_context(options):
-    """The server's TLS context, or None without --ssl."""
-    if not options.ssl:
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_cert_chain(options.ssl_certificate, options.ssl_key)
-        if options.ssl_verify_client or os.path.exists(options.ssl_ca_file):
-            context.load_verify_locations(options.ssl_ca_file)
-    except (OSError, ssl.SSLError) as error:
-        raise OptionError(f"cannot load TLS certificate, key or CA file: {error}") from None
-    context.verify_mode = ssl.CERT_REQUIRED if options.ssl_verify_client else ssl.CERT_NONE
-    return context
-
-
-def run(options):
-    if options.file_descriptors:
-        import resource
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE,
-                               (options.file_descriptors, options.file_descriptors))
-        except (ValueError, OSError) as error:
-            raise OptionError(f"Could not set the file descriptor limit: {error}") from None
-    try:
-        cls = store_class(options.queue_type)
-    except StoreError as error:
-        raise OptionError(str(error)) from None
-    context = tls_context(options)
-    ports = [(options.port, False)]
-    if options.protocol == "http" or options.http_port is not None:
-        ports.append((8080 if options.http_port is None else options.http_port, True))
-    # Once the port accepts, signals may come at any time: before the log is open
-    # SIGHUP has nothing to reopen, and a stop request simply ends the start-up.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    for stop_signal in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(stop_signal, lambda *_: sys.exit(0))
-    listeners = []
-    for port, http in ports:
-        try:
-            listeners.append((bind_listeners(options.listen, port, options), http))
-        except OSError as error:
-            raise OptionError(f"Could not listen on {'HTTP ' if http else ''}port {port}: "
-                              f"{error.strerror or error}") from None
-    # The port is bound: from here on, work as the user asked for, with its files.
-    if options.user:
-        switch_user(options.user)
-    if options.log_file not in ("stderr", "none"):
-        options.log_file = os.path.abspath(options.log_file)
-    log = Log(options.log_file, options.verbose, options.syslog)
-    # A logrotate SIGHUP may come during a long replay.
-    signal.signal(signal.SIGHUP, lambda *_: log.reopen())
-    try:
-        server = Server(options, cls.open(options), log, context)
-        for sockets, http in listeners:
-            server.listen(sockets, http)
-        if options.daemon:
-            options.pid_file = os.path.abspath(options.pid_file)
-            # A store connection must not cross a fork (SQLite's locks stay with the
-            # parent): the store opened to check the settings, the daemon opens its own.
-            server.store.close()
-            daemonize()
-            server.store = cls.open(options)
-            os.chdir("/")                 # every path the store needs is open or absolute
-        server.replay()
-    except StoreError as error:
-        if options.daemon:
-            log.error(str(error))         # the terminal is gone
-        raise OptionError(str(error)) from None
-    pid_written = write_pid_file(options.pid_file, "/var/gearmand.pid")
-    signal.signal(signal.SIGTERM, lambda *_: server.request_stop("now"))
-    signal.signal(signal.SIGINT, lambda *_: server.request_stop("now"))
-    signal.signal(signal.SIGUSR1, lambda *_: server.request_stop("graceful"))
-    # A signal the kernel hands to the writer thread must still end the main thread's select().
-    signal.set_wakeup_fd(server.wake_writer.fileno(), warn_on_full_buffer=False)
-    server.start_writer()
-    log.notice(f"gearmand.py {__version__} ready, port {options.port}")
-    try:
-        server.serve_forever()
-    finally:
-        server.shutdown()
-        if pid_written:
-            try:
-                os.unlink(options.pid_file)
-            except OSError:
-                pass
-    return 0
 
 
 if __name__ == "__main__":

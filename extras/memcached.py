@@ -18,7 +18,7 @@ from pymemcache.client.base import Client
 from pymemcache.exceptions import (MemcacheClientError, MemcacheError, MemcacheServerError,
                                    MemcacheUnexpectedCloseError)
 
-from gearmand import Backoff, Store, StoreError
+from gearmand import ReconnectingStore, StoreError
 
 KEY_MAX = 250                # memcached's key limit; C cuts its keys there
 SOCKET_TIMEOUT = 2.0         # seconds a connect, or one reply, may take
@@ -73,12 +73,14 @@ def address_text(server):
     return server if isinstance(server, str) else "%s:%d" % server
 
 
-class MemcachedStore(Store):
-    durable = True
+class MemcachedStore(ReconnectingStore):
+    durable = False         # memcached evicts items under pressure and forgets all on restart
+    driver_error = (MemcacheError, OSError)
 
     def __init__(self, servers, prefix):
-        self.servers = servers
         self.where = ",".join(address_text(server) for server in servers)
+        super().__init__(f"memcached {self.where}")
+        self.servers = servers
         self.prefix = prefix
         # A namespace that never starts with the prefix, so C's replay skips it.
         extra = b"gearmand.py-extra:" + prefix + b":"
@@ -86,7 +88,7 @@ class MemcachedStore(Store):
         self.clients = [Client(server, serde=FlagsSerde(), connect_timeout=SOCKET_TIMEOUT,
                                timeout=SOCKET_TIMEOUT, no_delay=True, default_noreply=False)
                         for server in servers]
-        self.backoff = Backoff()          # while memcached is down, write() fails at once
+        self.connection = self.clients    # each connects on demand
 
     @classmethod
     def open(cls, options):
@@ -122,26 +124,28 @@ class MemcachedStore(Store):
 
     # -- writing
 
-    def write(self, adds, dones):
-        self.backoff.check()
-        try:
-            try:
-                self.send(adds, dones)
-            except (MemcacheUnexpectedCloseError, OSError):
-                # Maybe only the old connection died (memcached restarted): try a new one.
-                self.send(adds, dones)
-        except (MemcacheClientError, MemcacheServerError) as error:
-            self.close()
-            if not isinstance(error, MemcacheUnexpectedCloseError):
-                # A key memcached refuses (spaces, control bytes) or an item too large.
-                raise StoreError(f"memcached {self.where}: {describe(error)}") from error
-            self.unavailable(error)
-        except (MemcacheError, OSError) as error:
-            self.close()
-            self.unavailable(error)
-        self.backoff.succeeded()
+    def connect(self):
+        return self.clients               # each makes a new connection on demand
 
-    def send(self, adds, dones):
+    def disconnect(self):
+        for client in self.clients:
+            client.close()
+        self.connection = None
+
+    def lost(self, error):
+        return (isinstance(error, (MemcacheUnexpectedCloseError, OSError))
+                or not isinstance(error, (MemcacheClientError, MemcacheServerError)))
+
+    def rollback(self):
+        # A key refused (spaces, control bytes) or an item too large may leave a
+        # reply unread: start the next batch on fresh connections.
+        for client in self.clients:
+            client.close()
+
+    def describe(self, error):
+        return describe(error)
+
+    def write_batch(self, adds, dones):
         """Delete the finished jobs' items, then set the new ones: two round trips
         to each server concerned."""
         deletes = collections.defaultdict(list)
@@ -165,9 +169,6 @@ class MemcachedStore(Store):
             failed = client.set_many(values)
             if failed:
                 raise StoreError(f"memcached {self.where}: not stored: {failed[0]!r}")
-
-    def unavailable(self, error):
-        raise self.backoff.failed(f"memcached {self.where}: {describe(error)}") from error
 
     # -- replay
 

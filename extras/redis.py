@@ -16,7 +16,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gearmand import Backoff, Store, StoreError, atoi
+from gearmand import ReconnectingStore, StoreError, atoi
 
 SOCKET_TIMEOUT = 2.0         # seconds a connect, or one reply, may take
 SCAN_COUNT = 1000            # keys per SCAN / HSCAN step, and per replay round trip
@@ -67,11 +67,13 @@ def glob_escape(text):
     return text
 
 
-class RedisStore(Store):
-    durable = True
+class RedisStore(ReconnectingStore):
+    driver_error = (redis.RedisError, OSError)
 
     def __init__(self, client, prefix, where):
+        super().__init__(f"Redis {where}")
         self.client = client
+        self.connection = client          # its pool connects on demand
         self.prefix = prefix
         self.where = where
         # A name that never starts with the prefix, so C's replay never sees it.
@@ -79,7 +81,6 @@ class RedisStore(Store):
         self.index = index if not index.startswith(prefix) else b"#" + index
         self.script = client.register_script(WRITE_SCRIPT)
         self.sequence = 0
-        self.backoff = Backoff()          # while Redis is down, write() fails at once
 
     @classmethod
     def open(cls, options):
@@ -105,8 +106,26 @@ class RedisStore(Store):
 
     # -- writing
 
-    def write(self, adds, dones):
-        self.backoff.check()
+    def connect(self):
+        return self.client                # a new connection comes from its pool on demand
+
+    def disconnect(self):
+        self.client.connection_pool.disconnect()
+        self.connection = None
+
+    def lost(self, error):
+        return isinstance(error, (redis.ConnectionError, redis.TimeoutError, OSError))
+
+    def blocked(self, error):
+        # OOM, READONLY, MISCONF...: Redis refuses every write; WRONGTYPE is one key's.
+        return isinstance(error, redis.ResponseError) and "WRONGTYPE" not in str(error)
+
+    def describe(self, error):
+        return describe(error)
+
+    def write_batch(self, adds, dones):
+        """Run the script once. After a lost reply it runs again on a new connection:
+        it is idempotent, so running it twice is harmless."""
         if not adds and not dones:
             return
         parts = []
@@ -122,25 +141,7 @@ class RedisStore(Store):
                 entry = b"%d" % self.sequence
             parts += (BYTE_LENGTH(1, len(key)), key, LENGTH(len(data)), data,
                       BYTE_LENGTH(priority, len(entry)), entry)
-        args = (self.index, b"".join(parts))
-        try:
-            try:
-                self.script(args=args)
-            except (redis.ConnectionError, redis.TimeoutError, OSError):
-                # Maybe only the old connection died (Redis restarted) or its reply was
-                # late: try a new one at once. The script is idempotent, so running it
-                # twice is harmless.
-                self.script(args=args)
-        except redis.ResponseError as error:
-            if "WRONGTYPE" in str(error):     # a key of another type: only its job fails
-                raise StoreError(f"Redis {self.where}: {describe(error)}") from error
-            self.unavailable(error)           # OOM, READONLY, MISCONF...: Redis refuses writes
-        except (redis.RedisError, OSError) as error:
-            self.unavailable(error)
-        self.backoff.succeeded()
-
-    def unavailable(self, error):
-        raise self.backoff.failed(f"Redis {self.where}: {describe(error)}") from error
+        self.script(args=(self.index, b"".join(parts)))
 
     # -- replay
 

@@ -83,6 +83,7 @@ def parse(value):
 
 
 class TokyoCabinetStore(Store):
+    persistent = True
     durable = True
 
     def __init__(self, lib, db, name):

@@ -85,7 +85,10 @@ class Side:
             for packet in packets:
                 if packet[0] in (11, 31, 40):             # JOB_ASSIGN, _UNIQ, _ALL
                     self.held[number].append(packet[1].split(b"\0")[0])
-            seen.append(packets)
+            # The one difference on purpose: C's WORK_FAIL for a WORK_EXCEPTION ends
+            # in a stray NUL, which we leave out (clients cannot parse it).
+            seen.append([(14, payload.rstrip(b"\0")) if kind == 14 else (kind, payload)
+                         for kind, payload in packets])
         return seen
 
     def replace(self, index):

@@ -662,7 +662,7 @@ def test_background_job_is_stored_with_sqlite(make_server, tmp_path):
     assert sample(samples, "gearman_store_batch_size_count") == 0
     assert sample(samples, "gearman_jobs_queued", function="stored", priority="high") == 1
     assert json.loads(request(server, "GET", "/status")[2])["store"] == {
-        "queue_type": "libsqlite3", "durable": True, "healthy": True, "errors": 0,
+        "queue_type": "libsqlite3", "persistent": True, "durable": True, "healthy": True, "errors": 0,
         "last_error": "", "writes_in_flight": 0, "replayed_jobs": 3}
 
 
