@@ -454,7 +454,7 @@ class Queues:
                 # Its client is told JOB_CREATED and may never ask again, so the job
                 # must now outlive its foreground clients, and be stored (C does not).
                 job.background = True
-                self.journal.keep(job)
+                self.journal.add_joined(job)
             self.journal.acknowledge(peer, job)
             return
         limit = function.max_queue[priority]
@@ -1280,8 +1280,8 @@ class Journal:
     writes and deletes of this turn, the writer thread that commits them, the
     replies that wait for a commit, the replay at start and the write at stop.
 
-    The queues ask four things of it: add(job) a new background job, keep(job) a
-    running one a background submission joined, acknowledge(peer, job) with
+    The queues ask four things of it: add(job) a new background job, add_joined(job)
+    a foreground one a background submission joined, acknowledge(peer, job) with
     JOB_CREATED once its row is committed, and forget(job) once it ends.
     """
 
@@ -1320,7 +1320,7 @@ class Journal:
             name_row(job, self.run_id)
         return False
 
-    def keep(self, job):
+    def add_joined(self, job):
         """A background submission joined a running or queued foreground job."""
         if self.write_ahead:
             name_row(job, self.run_id)
@@ -1391,11 +1391,11 @@ class Journal:
     def end_turn(self):
         """Hand this turn's new rows to the writer at once; deletes may wait a little."""
         if self.adds or len(self.dones) >= DELETE_BATCH:
-            self.send_batch()
+            self.hand_to_writer()
         elif self.dones and self.dones_timer is None:
-            self.dones_timer = self.loop.timers.add(DELETE_DELAY, self.send_dones, None)
+            self.dones_timer = self.loop.timers.add(DELETE_DELAY, self.hand_deletes_to_writer, None)
 
-    def send_batch(self):
+    def hand_to_writer(self):
         if self.adds:
             self.adds_in_flight += 1
         self.writer.submit(Batch(self.adds, self.running, self.dones))
@@ -1406,10 +1406,10 @@ class Journal:
             self.loop.timers.cancel(self.dones_timer)
             self.dones_timer = None
 
-    def send_dones(self, _):
+    def hand_deletes_to_writer(self, _):
         self.dones_timer = None
         if self.dones:
-            self.send_batch()
+            self.hand_to_writer()
 
     def writer_finished(self, batch, failed):
         """Called in the writer thread: pass the outcome to the loop."""
@@ -1490,7 +1490,7 @@ class Journal:
         """Stop the writer, write the queue if asked to, close the store."""
         if self.writer is not None:
             if self.dones:
-                self.send_batch()
+                self.hand_to_writer()
             self.writer.submit(None)
             self.writer.join()
             self.writer = None
