@@ -2976,6 +2976,8 @@ def run(options):
             daemonize()
             server.store = cls.open(options)
             os.chdir("/")                 # every path the store needs is open or absolute
+        for notice in getattr(server.store, "notices", ()):    # what a store says at start
+            log.warning(notice)
         server.replay()
     except StoreError as error:
         if options.daemon:
