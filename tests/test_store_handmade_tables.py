@@ -30,6 +30,10 @@ try:
     import mysql.connector as mysql_connector
 except ImportError:               # pragma: no cover
     mysql_connector = None
+try:
+    import psycopg2
+except ImportError:               # pragma: no cover
+    psycopg2 = None
 
 ours_only = pytest.mark.skipif(IMPL == "c", reason="what gearmand.py says and keeps; "
                                "C's behaviour is checked by the test_c_* tests")
@@ -38,6 +42,12 @@ ours_only = pytest.mark.skipif(IMPL == "c", reason="what gearmand.py says and ke
 MYSQL_GUIDE_TABLE = """create table `{table}` (
   `unique_key` varchar(64) NOT NULL, `function_name` varchar(255) NOT NULL, `priority` int(11) NOT NULL,
   `data` LONGBLOB NOT NULL, `when_to_run` INT, PRIMARY KEY (`unique_key`))"""
+
+# The same table in PostgreSQL's words.
+POSTGRES_GUIDE_TABLE = ("CREATE TABLE {table} (unique_key VARCHAR(64) NOT NULL,"
+                        " function_name VARCHAR(255) NOT NULL, priority INTEGER NOT NULL,"
+                        " data BYTEA NOT NULL, when_to_run INTEGER, PRIMARY KEY (unique_key))")
+POSTGRES_CONNINFO = "host=127.0.0.1 port=5432 dbname=test user=root"
 
 NARROW = "a unique can be used by one function at a time"
 
@@ -251,3 +261,103 @@ def test_we_write_and_c_replays_guide_table(make_server, guide_table):
                                            sample_jobs(prefix(), int(time.time()) + 4))
     check_replay(c_server, jobs)
     wait_until(lambda: not mysql_rows(guide_table), 5, what="done jobs deleted by C")
+
+
+# -- PostgreSQL ------------------------------------------------------------------------
+
+def pg_query(sql, params=()):
+    connection = psycopg2.connect(POSTGRES_CONNINFO, connect_timeout=2)
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchall() if cursor.description else None
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def pg_table():
+    if psycopg2 is None:
+        unavailable("psycopg2 is not installed")
+    try:
+        pg_query("SELECT 1")
+    except psycopg2.Error as error:
+        unavailable(f"PostgreSQL is not reachable ({POSTGRES_CONNINFO}): {error}")
+    name = "gq18_" + secrets.token_hex(4)
+    pg_query(POSTGRES_GUIDE_TABLE.format(table=name))
+    yield name
+    pg_query(f"DROP TABLE IF EXISTS {name}")
+
+
+def pg_options(table, *more):
+    return ("-q", "Postgres", "--libpq-conninfo", POSTGRES_CONNINFO, "--libpq-table", table) + more
+
+
+def pg_rows(table):
+    return {(bytes(u, "utf-8"), bytes(f, "utf-8")): (p, bytes(d), w)
+            for u, f, p, d, w in pg_query(f"SELECT unique_key, function_name, priority, data,"
+                                          f" when_to_run FROM {table}")}
+
+
+@ours_only
+def test_postgres_narrow_table_keeps_jobs_across_kill_9(make_server, pg_table):
+    """The upsert on C's key would fail every write to this table: ours targets the
+    table's own key, so every job is written, replayed after kill -9 and deleted."""
+    server = make_server(*pg_options(pg_table))
+    jobs = sample_jobs(prefix(), int(time.time()) + 4)
+    submit_ok(server, jobs)
+    stored = pg_rows(pg_table)
+    assert len(stored) == len(jobs)
+    assert sorted(data for _, data, _ in stored.values()) == sorted(job.data for job in jobs)
+    server.kill()
+    server.start()
+    check_replay(server, jobs)
+    wait_until(lambda: not pg_rows(pg_table), 5, what="done jobs deleted from the table")
+
+
+@ours_only
+def test_postgres_narrow_table_one_function_per_unique(make_server, pg_table):
+    server = make_server(*pg_options(pg_table, "--verbose=WARNING"))
+    warnings = log_lines(server, "WARNING")
+    assert len(warnings) == 1, server.log()
+    assert f"table {pg_table} has PRIMARY KEY (unique_key)" in warnings[0]
+    assert NARROW in warnings[0]
+    alter = advice(warnings[0])
+    assert alter == (f"ALTER TABLE {pg_table} DROP CONSTRAINT {pg_table}_pkey,"
+                     f" ADD PRIMARY KEY (unique_key, function_name)")
+
+    function = prefix().encode()
+    first, other = function + b".first", function + b".other"
+    # A leftover row of the same job is still replaced, not refused.
+    pg_query(f"INSERT INTO {pg_table} VALUES ('left', %s, 2, 'old', 0)", (first.decode(),))
+    replies = submit_all(server, [Job(first, b"same", b"one"), Job(other, b"same", b"two"),
+                                  Job(first, b"left", b"new")])
+    assert [reply == QUEUE_ERROR for reply in replies] == [False, True, False]
+    errors = log_lines(server, "ERROR")
+    assert len(errors) == 1, server.log()
+    assert (f"job (unique 'same', function '{other.decode()}') collides with the row of job"
+            f" (unique 'same', function '{first.decode()}') on the table's PRIMARY KEY"
+            f" (unique_key): with this key {NARROW}") in errors[0]
+    assert advice(errors[0]) == alter
+    assert pg_rows(pg_table) == {(b"same", first): (1, b"one", 0), (b"left", first): (1, b"new", 0)}
+
+    # Two such jobs in one batch: the first is written, the second refused.
+    with server.connect() as sock:
+        sock.sendall(gp.pack(gp.SUBMIT_JOB_BG, first, b"batch", b"3")
+                     + gp.pack(gp.SUBMIT_JOB_BG, other, b"batch", b"4"))
+        assert gp.recv(sock)[0] == gp.JOB_CREATED and gp.recv(sock) == QUEUE_ERROR
+
+    server.kill()
+    server.start()
+    assert sorted(drain(server, [first, other], 3)) == [
+        (first, b"batch", b"3"), (first, b"left", b"new"), (first, b"same", b"one")]
+
+    # The advice is right: after it, no warning, and one unique serves two functions.
+    server.stop()
+    wait_until(lambda: not pg_rows(pg_table), 5, what="done jobs deleted")
+    pg_query(alter)
+    since = len(server.log())
+    server.start()
+    submit_ok(server, [Job(first, b"same", b"1"), Job(other, b"same", b"2")])
+    assert not log_lines(server, "WARNING", since), server.log()
