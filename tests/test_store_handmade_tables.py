@@ -13,6 +13,7 @@ names both jobs and the key, and keeps everything else it acknowledged across ki
 """
 import re
 import secrets
+import sqlite3
 import time
 
 import pytest
@@ -48,6 +49,10 @@ POSTGRES_GUIDE_TABLE = ("CREATE TABLE {table} (unique_key VARCHAR(64) NOT NULL,"
                         " function_name VARCHAR(255) NOT NULL, priority INTEGER NOT NULL,"
                         " data BYTEA NOT NULL, when_to_run INTEGER, PRIMARY KEY (unique_key))")
 POSTGRES_CONNINFO = "host=127.0.0.1 port=5432 dbname=test user=root"
+
+# gearmand 0.x's SQLite table (when_to_run came in 0.22; both servers add it).
+SQLITE_0X_TABLE = ("CREATE TABLE gearman_queue(unique_key TEXT PRIMARY KEY,"
+                   " function_name TEXT, priority INTEGER, data BLOB)")
 
 NARROW = "a unique can be used by one function at a time"
 
@@ -361,3 +366,24 @@ def test_postgres_narrow_table_one_function_per_unique(make_server, pg_table):
     server.start()
     submit_ok(server, [Job(first, b"same", b"1"), Job(other, b"same", b"2")])
     assert not log_lines(server, "WARNING", since), server.log()
+
+
+# -- SQLite ------------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="#18: SqliteStore (gearmand.py) writes with INSERT OR "
+                   "REPLACE, so on a PRIMARY KEY (unique_key) table another function's job "
+                   "silently takes the acknowledged job's row; C 1.1.20 does the same")
+def test_sqlite_0x_table_loses_no_acknowledged_job(make_server, tmp_path):
+    path = tmp_path / "queue-0x.db"
+    with sqlite3.connect(path) as db:
+        db.execute(SQLITE_0X_TABLE)
+    db.close()
+    server = make_server("-q", "libsqlite3", "--libsqlite3-db", str(path))
+    function = prefix().encode()
+    jobs = [Job(function + b".first", b"same", b"one"), Job(function + b".other", b"same", b"two")]
+    accepted = [job for job, reply in zip(jobs, submit_all(server, jobs))
+                if reply[0] == gp.JOB_CREATED]
+    server.kill()
+    server.start()
+    assert sorted(drain(server, [job.function for job in jobs], len(accepted), timeout=2)) == \
+        sorted((job.function, job.unique, job.data) for job in accepted)
