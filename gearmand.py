@@ -783,6 +783,7 @@ class Store:
 
     persistent = False    # writes go to a backend (so a writer thread runs, and JOB_CREATED waits)
     durable = False       # what is written survives a restart of the backend
+    notices = ()          # what the store found at start that the operator should hear of
 
     @classmethod
     def open(cls, options):
@@ -3299,6 +3300,8 @@ def run(options):
         server.listen(sockets, http, None if http else context)
     if options.daemon:
         become_daemon(server, cls, options, log)
+    for notice in server.store.notices:
+        log.warning(notice)
     try:
         server.journal.replay()
     except StoreError as error:

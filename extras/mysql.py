@@ -27,6 +27,8 @@ DELETE_KEYS_MAX = 1000       # keys per multi-row DELETE
 SERVER_GONE = {1040, 1053, 1077, 1152, 1153, 1158, 1159, 1160, 1161, 1927, 4031}
 LOCK_WAIT_TIMEOUT = 1205     # innodb_lock_wait_timeout passed
 COLLISION = 1242             # our ON DUPLICATE KEY guard: the key collates equal to another job's
+DIAGNOSE_MAX = 1000          # jobs of a batch looked up to name a collision
+JOB_KEY = ("unique_key", "function_name")
 
 OPTION_FILES = ("/etc/my.cnf", "/etc/mysql/my.cnf", "~/.my.cnf")
 OPTION_GROUPS = ("client", "client-server", "client-mariadb", "gearmand")   # later ones win
@@ -75,6 +77,43 @@ def option_value(text):
     return OPTION_ESCAPE.sub(lambda match: OPTION_ESCAPES.get(match[1], match[0]), text)
 
 
+def shown(value):
+    """A unique or function name as a log message shows it."""
+    return repr(bytes(value).decode("utf-8", "backslashreplace"))
+
+
+def text(value):
+    return bytes(value).decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) \
+        else value
+
+
+class TableKey:
+    """One unique key of the table: its name and [(column, prefix length or None)]."""
+
+    def __init__(self, name, parts):
+        self.name = name
+        self.parts = parts
+        self.columns = {column.lower() for column, _ in parts}
+
+    @property
+    def primary(self):
+        return self.name == "PRIMARY"
+
+    def on_job_key(self):
+        """Made of unique_key and function_name only: an insert of ours can collide on it."""
+        return self.columns <= set(JOB_KEY)
+
+    def narrower(self):
+        """It holds apart fewer jobs than (unique_key, function_name) does."""
+        return self.on_job_key() and (self.columns != set(JOB_KEY)
+                                      or any(length for _, length in self.parts))
+
+    def __str__(self):
+        columns = ", ".join(column if length is None else f"{column}({length})"
+                            for column, length in self.parts)
+        return f"PRIMARY KEY ({columns})" if self.primary else f"UNIQUE KEY {self.name} ({columns})"
+
+
 class MySQLStore(SqlStore):
     driver_error = mysql.connector.Error
     create_sql = ("CREATE TABLE {table}(unique_key VARCHAR(64),function_name VARCHAR(255),"
@@ -95,6 +134,9 @@ class MySQLStore(SqlStore):
         self.settings = settings           # keyword arguments of mysql.connector.connect
         self.packet_max = STATEMENT_MAX
         self.backslash_escapes = True
+        self.keys = []                     # the table's unique keys on our columns
+        self.collations = {}               # column -> collation name
+        self.notices = []                  # said once at start; the server logs them as WARNINGs
 
     @classmethod
     def open(cls, options):
@@ -155,6 +197,131 @@ class MySQLStore(SqlStore):
         cursor.fetchall()
         return found
 
+    def setup(self):
+        super().setup()
+        try:
+            cursor = self.connection.cursor()
+            try:
+                self.read_keys(cursor)
+            finally:
+                cursor.close()
+            self.connection.commit()
+        except mysql.connector.Error as error:
+            self.drop()
+            raise self.error(error) from None
+        narrow = self.narrow_key()
+        if narrow is not None:
+            self.notices.append(
+                f"{self.label}: table {self.table} has {narrow}, narrower than C gearmand's"
+                f" key (unique_key, function_name): a unique can be used by one function at"
+                f" a time, and a background job whose unique a queued job of another"
+                f" function holds gets QUEUE_ERROR. To key rows as C does: {self.widen_sql()}")
+
+    def read_keys(self, cursor):
+        """The table's unique keys made of unique_key and function_name only, and the
+        collations of those columns."""
+        schema, _, name = self.table.rpartition(".")
+        where = (" WHERE TABLE_SCHEMA = " + ("%s" if schema else "DATABASE()")
+                 + " AND TABLE_NAME = %s")
+        params = (schema, name) if schema else (name,)
+        cursor.execute("SELECT INDEX_NAME, COLUMN_NAME, SUB_PART FROM information_schema.STATISTICS"
+                       + where + " AND NON_UNIQUE = 0 ORDER BY INDEX_NAME = 'PRIMARY' DESC,"
+                       " INDEX_NAME, SEQ_IN_INDEX", params)
+        parts = {}
+        for index, column, length in cursor.fetchall():
+            parts.setdefault(text(index), []).append((text(column), length))
+        self.keys = [key for key in (TableKey(index, columns) for index, columns in parts.items())
+                     if key.on_job_key()]
+        cursor.execute("SELECT COLUMN_NAME, COLLATION_NAME FROM information_schema.COLUMNS"
+                       + where, params)
+        self.collations = {text(column).lower(): text(collation)
+                           for column, collation in cursor.fetchall()}
+
+    def narrow_key(self):
+        return next((key for key in self.keys if key.narrower()), None)
+
+    def widen_sql(self):
+        """The ALTER TABLE that gives the table C's key in place of its narrow ones."""
+        drops = ["DROP PRIMARY KEY" if key.primary else f"DROP INDEX `{key.name}`"
+                 for key in self.keys if key.narrower()]
+        if not any(not key.narrower() for key in self.keys):
+            primary = any(key.primary and key.narrower() for key in self.keys)
+            drops.append(("ADD PRIMARY KEY" if primary else "ADD UNIQUE KEY")
+                         + " (unique_key, function_name)")
+        return f"ALTER TABLE {self.table} " + ", ".join(drops)
+
+    def collision(self, cursor, adds):
+        """StoreError for error 1242 (our guard): which job collides with which row,
+        on which key, and why. Looks the jobs up in the table, in order."""
+        for unique, function, *_ in adds[:DIAGNOSE_MAX]:
+            for key in sorted(self.keys, key=lambda key: not key.narrower()):
+                found = self.colliding_row(cursor, key, unique, function)
+                if found is not None:
+                    return StoreError(f"{self.label}: job (unique {shown(unique)}, function"
+                                      f" {shown(function)}) collides with the row of job (unique"
+                                      f" {shown(found[0])}, function {shown(found[1])}) on the"
+                                      f" table's {key}: "
+                                      + self.why(key, (unique, function), found))
+        # Not in the table: the statement that failed held both jobs.
+        for key in self.keys:
+            columns = [JOB_KEY.index(column.lower()) for column, length in key.parts
+                       if length is None]
+            if len(columns) < len(key.parts):
+                continue                        # a prefix: no telling in Python
+            held = {}
+            for job in adds:
+                job = tuple(job[:2])
+                first = held.setdefault(tuple(job[i] for i in columns), job)
+                if first != job:
+                    return StoreError(f"{self.label}: job (unique {shown(job[0])}, function"
+                                      f" {shown(job[1])}) collides with job (unique"
+                                      f" {shown(first[0])}, function {shown(first[1])}) of the"
+                                      f" same batch on the table's {key}: "
+                                      + self.why(key, job, first))
+        return StoreError(f"{self.label}: {self.describe_collision()}")
+
+    def colliding_row(self, cursor, key, unique, function):
+        """The row that (unique, function) would take the place of on `key`, if it is
+        another job's; None if there is none."""
+        literals = {"unique_key": self.key_literal(unique),
+                    "function_name": self.key_literal(function)}
+        conditions = [b"%s = %s" % (column.encode(), literals[column.lower()]) if length is None
+                      else b"LEFT(%s, %d) = LEFT(%s, %d)" % (column.encode(), length,
+                                                             literals[column.lower()], length)
+                      for column, length in key.parts]
+        statement = (self.sql("SELECT unique_key, function_name FROM {table} WHERE ").encode()
+                     + b" AND ".join(conditions)
+                     + b" AND NOT (BINARY unique_key = BINARY %s AND BINARY function_name ="
+                       b" BINARY %s) LIMIT 1" % (literals["unique_key"],
+                                                 literals["function_name"]))
+        try:
+            cursor.execute(statement)
+            row = cursor.fetchone()
+            cursor.fetchall()
+        except mysql.connector.Error:
+            return None                     # the error already being reported says enough
+        return None if row is None else (bytes(row[0]), bytes(row[1]))
+
+    def why(self, key, job, row):
+        reasons = []
+        if job[1] != row[1] and "function_name" not in key.columns:
+            reasons.append("with this key a unique can be used by one function at a time"
+                           f" (to key rows as C does: {self.widen_sql()})")
+        lengths = {column.lower(): length for column, length in key.parts}
+        for column, mine, theirs in zip(JOB_KEY, job, row):
+            if mine != theirs and column in key.columns:
+                prefix = f" over its first {lengths[column]} characters" if lengths[column] else ""
+                reasons.append(f"the collation of {column} ({self.collations.get(column, '?')})"
+                               f"{prefix} compares the two equal")
+        return "; ".join(reasons) or "the key holds one row for both"
+
+    def describe_collision(self):
+        keys = ", ".join(map(str, self.keys)) or "unique key"
+        narrow = self.narrow_key()
+        why = ("under its collation, or because with the narrow key a unique can be used by"
+               " one function at a time") if narrow else "under its case-insensitive collation"
+        return f"a job of the batch collides with another job's row on the table's {keys} {why}"
+
     def lost(self, error):
         """True if `error` means the connection (or the server) is gone."""
         errno = getattr(error, "errno", None) or -1
@@ -166,8 +333,7 @@ class MySQLStore(SqlStore):
 
     def describe(self, error):
         if getattr(error, "errno", None) == COLLISION:
-            return ("(unique, function) collides with a stored job's under the table's "
-                    "case-insensitive collation")
+            return self.describe_collision()
         if type(error).__name__.endswith("TimeoutError"):
             return f"timed out ({type(error).__name__})"
         message = " ".join(str(getattr(error, "msg", None) or error).split())
@@ -215,7 +381,12 @@ class MySQLStore(SqlStore):
                                                self.data_literal(data), when)
                         for unique, function, priority, data, when in adds)
                 for statement in self.statements(self.insert_sql, rows, len(adds)):
-                    cursor.execute(statement)
+                    try:
+                        cursor.execute(statement)
+                    except mysql.connector.Error as error:
+                        if getattr(error, "errno", None) != COLLISION:
+                            raise
+                        raise self.collision(cursor, adds) from None
             self.connection.commit()
         finally:
             cursor.close()
