@@ -27,6 +27,7 @@ import collections
 import errno
 import functools
 import gc
+import hashlib
 import heapq
 import importlib
 import importlib.util
@@ -204,6 +205,12 @@ def gm_hash(data):
     return value or 1
 
 
+def stored_handle_number(handle, prefix):
+    """The number of one of our handles (prefix and digits), else 0."""
+    number = handle[len(prefix):]
+    return int(number) if handle.startswith(prefix) and number.isdigit() else 0
+
+
 def argument_sizes_fit(ptype, args):
     """C's 8 KiB limit on every argument that is not opaque data."""
     plain = args[:-1] if ptype in DATA_TYPES else args
@@ -234,12 +241,14 @@ STORED = 3
 class Job:
     """One job, queued or running. Foreground submitters are its `clients`."""
 
-    __slots__ = ("handle", "function", "unique", "data", "priority", "when", "reducer",
-                 "retries", "worker", "clients", "ignore", "kind", "background", "queued",
-                 "row", "row_unique")
+    __slots__ = ("handle", "number", "function", "unique", "data", "priority", "when",
+                 "reducer", "retries", "worker", "clients", "ignore", "kind", "background",
+                 "queued", "row", "row_unique")
 
-    def __init__(self, handle, function, unique, data, priority, when, reducer, background):
+    def __init__(self, handle, number, function, unique, data, priority, when, reducer,
+                 background):
         self.handle = handle
+        self.number = number              # of the handle; with a paging store, its row's seq
         self.function = function          # its FunctionQueue
         self.unique = unique
         self.data = data
@@ -260,10 +269,6 @@ class Job:
         self.row_unique = None            # the unique of its row, where it is not `unique`
 
 
-def handle_number(job):
-    return int(job.handle.rsplit(b":", 1)[1])
-
-
 class Registration:
     """One CAN_DO (or CAN_DO_TIMEOUT) of one connection; duplicates are allowed.
     Jobs belong to the registration that grabbed them, as in C: it decides the
@@ -282,13 +287,14 @@ class FunctionQueue:
     """A function's queued jobs, one FIFO per priority, and the workers that can run it."""
 
     __slots__ = ("name", "queues", "scheduled", "total", "running", "registrations",
-                 "wake_next", "wakeable", "max_queue", "by_unique", "by_payload", "bucket")
+                 "wake_next", "wakeable", "max_queue", "by_unique", "by_payload", "bucket",
+                 "spill")
 
     def __init__(self, name):
         self.name = name
         self.queues = (collections.deque(), collections.deque(), collections.deque())
-        self.scheduled = 0                # epoch jobs waiting for their time
-        self.total = 0                    # jobs in memory: queued, scheduled and running
+        self.scheduled = 0                # epoch jobs in memory waiting for their time
+        self.total = 0                    # jobs queued, scheduled and running, stored ones too
         self.running = 0
         self.registrations = []           # the worker ring that wake-ups walk
         self.wake_next = 0                # where the next wake-up walk starts
@@ -297,23 +303,56 @@ class FunctionQueue:
         self.by_unique = {}               # unique -> job, for coalescing
         self.by_payload = {}              # data -> job, for unique "-"
         self.bucket = gm_hash(name) % 991  # C lists functions in a 991-bucket table
+        self.spill = None                 # a Spill while part of the queue is in the store only
 
     def queued(self, priority):
         count = len(self.queues[priority])
+        spill = self.spill
+        if spill is not None:
+            count += spill.stored[priority] + len(spill.behind[priority])
+            if priority == NORMAL:
+                count += spill.scheduled
         return count + self.scheduled if priority == NORMAL else count
+
+
+class Spill:
+    """The part of a function's queue that is in the store only (see Pager). Per
+    priority, the store holds the jobs after `cursor`, in order; memory holds a
+    window of the jobs before it, and the jobs that must wait for the stored ones."""
+
+    __slots__ = ("stored", "cursor", "paging", "behind", "scheduled", "pinned", "cancelled")
+
+    def __init__(self):
+        self.stored = [0, 0, 0]           # jobs due now that are in the store only
+        self.cursor = [0, 0, 0]           # seq of the last job paged in
+        self.paging = [False, False, False]   # a page-in is on its way
+        # (position, job): in memory, after the stored jobs of seq <= position and
+        # before the others (a requeued job, a due epoch job, a foreground job).
+        self.behind = (collections.deque(), collections.deque(), collections.deque())
+        self.scheduled = 0                # epoch jobs that are in the store only
+        self.pinned = {}                  # handle -> a stored job a foreground client joined
+        self.cancelled = set()            # seqs of stored jobs cancelled, their rows not yet gone
+
+    def spilled(self, priority):
+        return bool(self.stored[priority] or self.paging[priority] or self.behind[priority])
+
+    def empty(self):
+        return not (any(self.stored) or any(self.paging) or any(self.behind) or self.scheduled
+                    or self.pinned)
 
 
 class Peer:
     """What the jobs room knows of a connection: the functions it can do and the
     jobs whose results it waits for. Client and worker roles are not enforced."""
 
-    __slots__ = ("registrations", "client_jobs", "sleeping", "noop_sent")
+    __slots__ = ("registrations", "client_jobs", "sleeping", "noop_sent", "paused")
 
     def __init__(self):
         self.registrations = []           # newest first, as C grabs
         self.client_jobs = []             # jobs whose results this peer waits for
         self.sleeping = False             # sent PRE_SLEEP and has not grabbed since
         self.noop_sent = False            # has been woken since it went to sleep
+        self.paused = False               # its request waits for the store: read no further
 
 
 class Queues:
@@ -326,6 +365,7 @@ class Queues:
         self.emit = emit
         self.timers = timers
         self.journal = None               # set by the Journal, which needs the queues first
+        self.pager = None                 # the Journal's Pager, with a store that pages
         self.log = log
         self.stats = stats
         self.handle_prefix = options.job_handle_prefix.encode() + b":"
@@ -338,7 +378,8 @@ class Queues:
         # What only a few running jobs have, kept here rather than in every Job:
         self.progress = {}                # job -> (numerator, denominator) from WORK_STATUS
         self.timeouts = {}                # job -> its CAN_DO_TIMEOUT timer
-        self.job_count = 0
+        self.job_count = 0                # the last handle number given
+        self.scheduled = 0                # epoch jobs in memory waiting for their time
         self.dispatching = True           # False once a graceful stop keeps the queue stored
 
     # -- functions and workers
@@ -413,12 +454,9 @@ class Queues:
     def sleep(self, peer):
         """PRE_SLEEP: a NOOP at once if a job waits for the worker, else at the next one."""
         for registration in peer.registrations if self.dispatching else ():
-            for jobs in registration.function.queues:
-                while jobs and jobs[0].ignore:
-                    self.discard(jobs.popleft())
-                if jobs:
-                    self.emit(peer, NOOP, b"")
-                    return
+            if self.has_job(registration.function):
+                self.emit(peer, NOOP, b"")
+                return
         if self.timeouts:
             for registration in peer.registrations:
                 for job in registration.jobs:
@@ -438,13 +476,19 @@ class Queues:
 
     # -- submitting
 
-    def submit(self, peer, name, unique, data, priority, background, when=0, reducer=None):
+    def submit(self, peer, name, unique, data, priority, background, when=0, reducer=None,
+               looked_up=False):
         """A client submits a job: a new one, or the live one with the same unique."""
         if len(unique) > UNIQUE_MAX and reducer is None:
             self.emit(peer, ERROR, UNIQUE_TOO_LARGE)
             return
         function = self.find_or_add_function(name)
         job = self.coalesce(function, unique, data)
+        if job is None and function.spill is not None and not (background or looked_up):
+            # A stored job may hold the unique: ask the store first. (A background
+            # job's row joins a stored one by the store's key when it is written.)
+            if self.pager.look_up(peer, function, unique, data, priority, when, reducer):
+                return
         if job is not None:
             if not background:
                 self.attach_client(job, peer)
@@ -474,24 +518,46 @@ class Queues:
 
     def new_job(self, function, unique, data, priority, when, reducer, background):
         self.job_count += 1
-        handle = b"%s%d" % (self.handle_prefix, self.job_count)
-        job = Job(handle, function, unique, data, priority, when, reducer, background)
-        self.jobs[handle] = job
         function.total += 1
-        if unique:
-            if unique != b"-":
-                function.by_unique[unique] = job
-            elif data:
-                function.by_payload[data] = job
+        return self.index(Job(b"%s%d" % (self.handle_prefix, self.job_count), self.job_count,
+                              function, unique, data, priority, when, reducer, background))
+
+    def stored_job(self, function, number, unique, data, priority, when):
+        """A background job read from the store (counted in its function already);
+        with a paging store its row's seq is its handle's number."""
+        job = self.index(Job(b"%s%d" % (self.handle_prefix, number), number, function,
+                             unique, data, priority, when, None, True))
+        job.queued = True
+        job.row = STORED
         return job
 
-    def restore(self, unique, name, priority, data, when, now):
+    def index(self, job):
+        """Make a new job known: by handle, and by unique for coalescing."""
+        self.jobs[job.handle] = job
+        unique = job.unique
+        if unique:
+            if unique != b"-":
+                job.function.by_unique[unique] = job
+            elif job.data:
+                job.function.by_payload[job.data] = job
+        return job
+
+    def evict(self, job):
+        """The job stays in the store only: forget it here (it is still counted)."""
+        del self.jobs[job.handle]
+        self.unindex(job)
+
+    def restore(self, unique, name, priority, data, when, seq, now):
         """A background job replayed from the store; None if it is there already."""
         function = self.functions.get(name) or self.find_or_add_function(name)
         if self.coalesce(function, unique, data) is not None:
             return None
-        job = self.new_job(function, unique, data, priority, when, None, True)
-        job.queued = True
+        if seq:
+            self.job_count = max(self.job_count, seq)
+        else:
+            self.job_count += 1
+        function.total += 1
+        job = self.stored_job(function, seq or self.job_count, unique, data, priority, when)
         if when > now:
             self.enqueue(job)
         else:
@@ -547,22 +613,35 @@ class Queues:
             delay = job.when - time.time()
             if delay > 0:
                 function.scheduled += 1
+                self.scheduled += 1
                 self.timers.add(delay, self.job_due, job)
                 # C wakes workers at submission too; they find nothing yet and sleep again.
                 self.wake_workers(function)
                 return
-        function.queues[job.priority].append(job)
+        self.queue_up(job)
         self.wake_workers(function)
+
+    def queue_up(self, job):
+        """Put a job at the back of its queue, which may be in the store."""
+        function = job.function
+        spill = function.spill
+        if spill is not None and spill.spilled(job.priority):
+            spill.behind[job.priority].append((self.job_count, job))
+        else:
+            function.queues[job.priority].append(job)
 
     def job_due(self, job):
         function = job.function
         function.scheduled -= 1
+        self.scheduled -= 1
+        if self.pager is not None:
+            self.pager.fired()
         if not self.is_live(job):
             return                        # dropped with its function
         if job.ignore:
             self.discard(job)
             return
-        function.queues[job.priority].append(job)
+        self.queue_up(job)
         self.wake_workers(function)
 
     def grab(self, peer):
@@ -582,15 +661,35 @@ class Queues:
         high, normal, low priority, FIFO within each."""
         for registration in peer.registrations:
             function = registration.function
-            for jobs in function.queues:
-                while jobs and jobs[0].ignore:
-                    self.discard(jobs.popleft())
-                if jobs:
-                    if self.round_robin:
-                        peer.registrations.remove(registration)
-                        peer.registrations.append(registration)
-                    return jobs.popleft(), registration
+            if function.spill is None:
+                job = self.first_job(function)
+            else:
+                job = self.pager.take(function)
+            if job is not None:
+                if self.round_robin:
+                    peer.registrations.remove(registration)
+                    peer.registrations.append(registration)
+                return job, registration
         return None, None
+
+    def first_job(self, function):
+        for jobs in function.queues:
+            while jobs and jobs[0].ignore:
+                self.discard(jobs.popleft())
+            if jobs:
+                return jobs.popleft()
+        return None
+
+    def has_job(self, function):
+        """Would a grab find a job of this function now?"""
+        if function.spill is not None:
+            return self.pager.has_job(function)
+        for jobs in function.queues:
+            while jobs and jobs[0].ignore:
+                self.discard(jobs.popleft())
+            if jobs:
+                return True
+        return False
 
     def assign(self, job, registration):
         job.worker = registration
@@ -620,7 +719,7 @@ class Queues:
             self.discard(job)
             return
         self.progress.pop(job, None)
-        job.function.queues[job.priority].append(job)
+        self.queue_up(job)
         self.wake_workers(job.function)
 
     def unassign(self, job):
@@ -697,6 +796,8 @@ class Queues:
         self.journal.forget(job)
         job.ignore = True
         self.unindex(job)
+        if job.function.spill is not None:
+            self.pager.cancelled(job)
 
     def remove_function(self, function):
         """Admin `drop function`: C leaves the queued jobs behind, unreachable;
@@ -705,6 +806,8 @@ class Queues:
             self.notify(job, WORK_FAIL, job.handle)
             self.discard(job)
         del self.functions[function.name]
+        if function.spill is not None:
+            self.pager.dropped(function)
 
     def store_failed(self, job, new):
         """Its row could not be written, and its background submitters got ERROR.
@@ -737,7 +840,7 @@ class Queues:
         if unique:
             for function in self.functions.values():
                 job = function.by_unique.get(unique)
-                if job is not None and (found is None or handle_number(job) > handle_number(found)):
+                if job is not None and (found is None or job.number > found.number):
                     found = job
         if found is None:
             return None
@@ -777,8 +880,9 @@ class Store:
 
     A store is used by one thread at a time: replay() runs before serving, then
     the writer thread calls write() with the work of one or more loop turns.
-    A record is (unique, function, priority, data, when_to_run), bytes for the
-    first two and the data; a key is (unique, function).
+    A record is (unique, function, priority, data, when_to_run, seq), bytes for
+    the first two and the data; a key is (unique, function, seq). seq is the job's
+    handle number: a store that keeps no order of its own may ignore it.
     """
 
     persistent = False    # writes go to a backend (so a writer thread runs, and JOB_CREATED waits)
@@ -797,10 +901,47 @@ class Store:
     def write(self, adds, dones):
         """Delete the `dones` keys, then store the `adds` records, all or nothing.
         A store that lost its backend raises StoreError(unavailable=True) at once,
-        reconnecting (with backoff) on a later call, never blocking for long."""
+        reconnecting (with backoff) on a later call, never blocking for long.
+        A paging store returns {seq: seq of the row} for the adds whose key a stored
+        job holds already (they join it); the others return nothing."""
 
     def close(self):
         pass
+
+    # -- paging: a store whose `pages` is True keeps queues bigger than memory (see
+    # Pager). Each row has a `seq`: its place in its queue and its job's handle number.
+    # Rows due now have when_to_run 0; the others are "scheduled".
+
+    pages = False
+
+    def counts(self):
+        """(the highest seq, [(function, priority, rows due now)], [(function, scheduled
+        rows)]), from an index, without reading the rows."""
+        raise NotImplementedError
+
+    def page(self, function, priority, after, limit):
+        """The next rows due now of a queue, after seq `after`: [(seq, unique, data)]."""
+        raise NotImplementedError
+
+    def page_scheduled(self, after, limit):
+        """The soonest scheduled rows after (when, seq) `after`:
+        [(when, seq, function, unique, priority, data)]."""
+        raise NotImplementedError
+
+    def find(self, function, unique):
+        """The row with this key: (seq, priority, data, when), or None."""
+        raise NotImplementedError
+
+    def find_sequence(self, seq):
+        """(function, unique, priority, data, when) of the row `seq`, or None."""
+        raise NotImplementedError
+
+    def delete_sequence(self, seq):
+        """Delete the row `seq`; (function, priority, when) of what it held, or None."""
+        raise NotImplementedError
+
+    def delete_function(self, function):
+        raise NotImplementedError
 
 
 class Backoff:
@@ -923,7 +1064,8 @@ class SqlStore(ReconnectingStore):
     # C gearmand's table; {table} is interpolated unquoted, as C does.
     create_sql = ("CREATE TABLE {table} ( unique_key TEXT, function_name TEXT, priority INTEGER,"
                   " data BLOB, when_to_run INTEGER, PRIMARY KEY (unique_key, function_name))")
-    select_sql = "SELECT unique_key, function_name, priority, data, when_to_run FROM {table}"
+    select_sql = ("SELECT unique_key, function_name, priority, data, when_to_run, 0"
+                  " FROM {table}")
 
     def __init__(self, table, label):
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?", table):
@@ -957,9 +1099,9 @@ class SqlStore(ReconnectingStore):
         try:
             cursor = self.replay_cursor()
             cursor.execute(self.sql(self.select_sql))
-            for unique, function, priority, data, when in cursor:
+            for unique, function, priority, data, when, seq in cursor:
                 yield (bytes(unique or b""), bytes(function or b""), priority or 0,
-                       bytes(data or b""), when or 0)
+                       bytes(data or b""), when or 0, seq)
             cursor.close()
             self.connection.commit()
         except self.driver_error as error:
@@ -974,20 +1116,42 @@ class SqlStore(ReconnectingStore):
 
 
 class SqliteStore(SqlStore):
-    """SQLite in WAL mode, durable against power loss unless --sqlite-sync=normal."""
+    """SQLite in WAL mode, durable against power loss unless --sqlite-sync=normal.
+    A row's seq is its rowid: insertion order, as C's rows have it too. Two indexes
+    that C never reads page the queues in: (function_name, priority, when_to_run),
+    whose entries end in the rowid, and the scheduled rows' when_to_run."""
 
+    pages = True
     driver_error = sqlite3.Error
     # Unique and function are bound as TEXT, as C binds them; C refuses BLOBs there on replay.
     # Many rows go in one statement: executemany would hand the GIL back and forth per row.
-    insert_sql = ("INSERT OR REPLACE INTO {table} (unique_key, function_name, priority, data,"
-                  " when_to_run) VALUES {rows}")
-    insert_row = "(CAST(? AS TEXT), CAST(? AS TEXT), ?, ?, ?)"
-    delete_sql = ("DELETE FROM {table} WHERE function_name = CAST(? AS TEXT)"
-                  " AND unique_key IN ({uniques})")
-    rows_per_statement = 200          # 1,000 parameters, well under SQLite's limit
-    # NULLs (C writes empty data as NULL) become what the loop expects, in SQLite.
+    # A key a stored job holds already is not overwritten: the new job joins that one.
+    insert_sql = ("INSERT INTO {table} (rowid, unique_key, function_name, priority, data,"
+                  " when_to_run) VALUES {rows} ON CONFLICT DO NOTHING")
+    insert_row = "(?, CAST(? AS TEXT), CAST(? AS TEXT), ?, ?, ?)"
+    delete_sql = "DELETE FROM {table} WHERE rowid IN ({seqs})"
+    rows_per_statement = 160          # 960 parameters, under SQLite's limit of 999
+    index_sql = ("CREATE INDEX IF NOT EXISTS {index}_gearmand_queue ON {name}"
+                 " (function_name, priority, when_to_run)",
+                 "CREATE INDEX IF NOT EXISTS {index}_gearmand_scheduled ON {name}"
+                 " (when_to_run) WHERE when_to_run != 0")
+    counts_sql = ("SELECT function_name, priority, COUNT(*) FROM {table} WHERE when_to_run = 0"
+                  " GROUP BY function_name, priority")
+    scheduled_counts_sql = ("SELECT function_name, COUNT(*) FROM {table} WHERE when_to_run != 0"
+                            " GROUP BY function_name")
+    page_sql = ("SELECT rowid, IFNULL(unique_key, ''), IFNULL(data, X'') FROM {table}"
+                " WHERE function_name = CAST(? AS TEXT) AND priority = ? AND when_to_run = 0"
+                " AND rowid > ? ORDER BY rowid LIMIT ?")
+    page_scheduled_sql = ("SELECT when_to_run, rowid, function_name, IFNULL(unique_key, ''),"
+                          " priority, IFNULL(data, X'') FROM {table} WHERE when_to_run != 0"
+                          " AND (when_to_run, rowid) > (?, ?) ORDER BY when_to_run, rowid LIMIT ?")
+    find_sql = ("SELECT rowid, priority, IFNULL(data, X''), when_to_run FROM {table}"
+                " WHERE unique_key = CAST(? AS TEXT) AND function_name = CAST(? AS TEXT)")
+    find_sequence_sql = ("SELECT function_name, IFNULL(unique_key, ''), priority,"
+                         " IFNULL(data, X''), when_to_run FROM {table} WHERE rowid = ?")
+    # With --store-queue-on-shutdown the queue is read whole at start.
     select_sql = ("SELECT IFNULL(unique_key, ''), IFNULL(function_name, ''), priority,"
-                  " IFNULL(data, X''), IFNULL(when_to_run, 0) FROM {table} ORDER BY rowid")
+                  " IFNULL(data, X''), IFNULL(when_to_run, 0), rowid FROM {table} ORDER BY rowid")
 
     def __init__(self, path, table, synchronous="full"):
         super().__init__(table, f"SQLite {path}")
@@ -1010,8 +1174,21 @@ class SqliteStore(SqlStore):
         connection.text_factory = bytes
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
-        self.ensure_when_to_run(connection)
         return connection
+
+    def setup(self):
+        super().setup()
+        try:
+            self.ensure_when_to_run(self.connection)
+            name = self.table.rpartition(".")[2]
+            for statement in self.index_sql:
+                self.connection.execute(statement.format(index=self.table, name=name))
+            # C reads a NULL when_to_run (tables older than gearmand 0.22) as 0: so do we.
+            self.connection.execute(self.sql("UPDATE {table} SET when_to_run = 0"
+                                             " WHERE when_to_run IS NULL"))
+        except sqlite3.Error as error:
+            self.disconnect()
+            raise self.error(error) from None
 
     def blocked(self, error):
         # Another process holds the database's lock past the 6 s busy timeout.
@@ -1039,26 +1216,88 @@ class SqliteStore(SqlStore):
 
     def write_batch(self, adds, dones):
         step = self.rows_per_statement
-        by_function = {}
-        for unique, function in dones:
-            by_function.setdefault(function, []).append(unique)
+        joins = {}
         cursor = self.connection.cursor()
         try:
             cursor.execute("BEGIN")
-            for function, uniques in by_function.items():
-                for start in range(0, len(uniques), step):
-                    chunk = uniques[start:start + step]
-                    cursor.execute(self.delete_sql.format(
-                        table=self.table, uniques=", ".join(["CAST(? AS TEXT)"] * len(chunk))),
-                        [function] + chunk)
+            for start in range(0, len(dones), step * 6):
+                chunk = [seq for _, _, seq in dones[start:start + step * 6]]
+                cursor.execute(self.delete_sql.format(
+                    table=self.table, seqs=", ".join(["?"] * len(chunk))), chunk)
             for start in range(0, len(adds), step):
                 chunk = adds[start:start + step]
                 cursor.execute(self.insert_sql.format(
                     table=self.table, rows=", ".join([self.insert_row] * len(chunk))),
-                    [value for row in chunk for value in row])
+                    [value for unique, function, priority, data, when, seq in chunk
+                     for value in (seq, unique, function, priority, data, when)])
+                if cursor.rowcount != len(chunk):
+                    joins.update(self.taken_keys(cursor, chunk))
             cursor.execute("COMMIT")
         finally:
             cursor.close()
+        return joins
+
+    def taken_keys(self, cursor, chunk):
+        """{seq: seq of the stored row} for the rows of `chunk` that were not inserted."""
+        seqs = [row[5] for row in chunk]
+        cursor.execute(self.sql("SELECT rowid FROM {table} WHERE rowid IN (%s)"
+                                % ", ".join(["?"] * len(seqs))), seqs)
+        inserted = {seq for seq, in cursor.fetchall()}
+        joins = {}
+        for unique, function, _, _, _, seq in chunk:
+            if seq not in inserted:
+                cursor.execute(self.sql(self.find_sql), (unique, function))
+                found = cursor.fetchone()
+                if found is None:
+                    raise StoreError(f"{self.label}: the table refused the job {unique!r} of "
+                                     f"{function!r}: its unique is taken under another key "
+                                     f"of the table (the table's own key, not C's)")
+                joins[seq] = found[0]
+        return joins
+
+    # -- paging
+
+    def counts(self):
+        try:
+            connection = self.connection
+            highest = connection.execute(self.sql("SELECT MAX(rowid) FROM {table}")).fetchone()[0]
+            due = connection.execute(self.sql(self.counts_sql)).fetchall()
+            scheduled = connection.execute(self.sql(self.scheduled_counts_sql)).fetchall()
+        except sqlite3.Error as error:
+            raise self.error(error) from None
+        odd = [(function, priority) for function, priority, _ in due if priority not in (0, 1, 2)]
+        if odd:
+            # C replays other priorities as NORMAL: make them so, and count them again.
+            for function, priority in odd:
+                connection.execute(self.sql("UPDATE {table} SET priority = 1 WHERE function_name"
+                                            " = CAST(? AS TEXT) AND priority IS ?"),
+                                   (function, priority))
+            due = connection.execute(self.sql(self.counts_sql)).fetchall()
+        return highest or 0, due, scheduled
+
+    def page(self, function, priority, after, limit):
+        return self.connection.execute(self.sql(self.page_sql),
+                                       (function, priority, after, limit)).fetchall()
+
+    def page_scheduled(self, after, limit):
+        return self.connection.execute(self.sql(self.page_scheduled_sql),
+                                       (after[0], after[1], limit)).fetchall()
+
+    def find(self, function, unique):
+        return self.connection.execute(self.sql(self.find_sql), (unique, function)).fetchone()
+
+    def find_sequence(self, seq):
+        return self.connection.execute(self.sql(self.find_sequence_sql), (seq,)).fetchone()
+
+    def delete_sequence(self, seq):
+        row = self.connection.execute(self.sql("DELETE FROM {table} WHERE rowid = ? RETURNING"
+                                               " function_name, priority, when_to_run"),
+                                      (seq,)).fetchone()
+        return row
+
+    def delete_function(self, function):
+        self.connection.execute(self.sql("DELETE FROM {table} WHERE function_name = CAST(? AS TEXT)"),
+                                (function,))
 
     def rollback(self):
         if self.connection is not None and self.connection.in_transaction:
@@ -1134,10 +1373,19 @@ STORE_PAYLOAD_UNIQUE = b"gearmand.py:payload-unique:"
 
 
 def name_row(job, run_id):
-    """Encode: a job without a unique of its own gets a generated one, a row of its own."""
+    """Encode: a job without a unique of its own gets a generated one. Unique "-" joins
+    jobs by payload, so such a row's unique is a hash of the payload: a stored job with
+    the same payload then holds the key, as a live one would in memory."""
     if job.row_unique is None and (job.unique == b"" or job.unique == b"-"):
-        job.row_unique = b"%s%s.%d" % (STORE_PAYLOAD_UNIQUE if job.unique else STORE_NO_UNIQUE,
-                                       run_id, handle_number(job))
+        if job.unique and job.data:
+            job.row_unique = payload_row_unique(job.data)
+        else:
+            job.row_unique = b"%s%s.%d" % (STORE_PAYLOAD_UNIQUE if job.unique else STORE_NO_UNIQUE,
+                                           run_id, job.number)
+
+
+def payload_row_unique(data):
+    return STORE_PAYLOAD_UNIQUE + hashlib.blake2b(data, digest_size=16).hexdigest().encode()
 
 
 def read_row_unique(unique):
@@ -1155,35 +1403,74 @@ def read_row_unique(unique):
 
 
 def row_key(job):
-    """(unique, function): what names the job's row in the store."""
-    return (job.unique if job.row_unique is None else job.row_unique, job.function.name)
+    """(unique, function, seq): what names the job's row in the store (a store that
+    knows no seq goes by the first two)."""
+    return (job.unique if job.row_unique is None else job.row_unique, job.function.name,
+            job.number)
 
 
 def row_record(job):
-    """(unique, function, priority, data, when): the job's row in the store."""
-    return row_key(job) + (job.priority, job.data, job.when)
+    """(unique, function, priority, data, when, seq): the job's row in the store."""
+    return (job.unique if job.row_unique is None else job.row_unique, job.function.name,
+            job.priority, job.data, job.when, job.number)
 
 
 class Batch:
     """What the journal hands the writer at the end of one or more loop turns: jobs
-    to write, in submission order, and keys to delete. The jobs in `running` were
-    queued or running before (a background submission joined them); the others wait
-    for their row before they may run."""
+    to write, in submission order, keys to delete, and requests to run after them.
+    The jobs in `running` were queued or running before (a background submission
+    joined them); the others wait for their row before they may run."""
 
-    __slots__ = ("jobs", "running", "dones")
+    __slots__ = ("jobs", "running", "dones", "requests")
 
-    def __init__(self, jobs, running, dones):
+    def __init__(self, jobs, running, dones, requests):
         self.jobs = jobs
         self.running = running
         self.dones = dones
+        self.requests = requests
+
+
+class StoreRequest:
+    """A read (or a delete) that the writer thread runs on the store after its
+    batch's writes: `method` of the store with `arguments`. The loop then calls
+    `answer` with the result, or with the exception it raised."""
+
+    __slots__ = ("method", "arguments", "answer", "result")
+
+    def __init__(self, method, arguments, answer):
+        self.method = method
+        self.arguments = arguments
+        self.answer = answer
+        self.result = None
+
+    def run(self, store):
+        try:
+            self.result = getattr(store, self.method)(*self.arguments)
+        except Exception as error:        # the loop hears of it; the writer must live
+            self.result = error if isinstance(error, StoreError) else StoreError(
+                f"{type(error).__name__}: {error}")
+
+
+def in_order(batches):
+    """The batches in groups to write one transaction each: all of them, unless a
+    batch deletes a row an earlier one adds (a transaction deletes before it adds)."""
+    groups = [[]]
+    added = set()
+    for batch in batches:
+        if added and any(key[2] in added for key in batch.dones):
+            groups.append([])
+            added = set()
+        groups[-1].append(batch)
+        added.update(job.number for job in batch.jobs)
+    return groups
 
 
 class StoreWriter(threading.Thread):
     """Owns the store after replay. Takes the batches of many loop turns, writes
-    them in one transaction (group commit) and reports each batch that had jobs
-    in it back to the loop (nobody waits for deletes alone). Deletes that fail
-    are retried with backoff; jobs that fail are reported, so their clients get
-    ERROR.
+    them in one transaction (group commit), runs their requests, and reports each
+    batch that had jobs or requests back to the loop (nobody waits for deletes
+    alone). Deletes that fail are retried with backoff; jobs that fail are
+    reported, so their clients get ERROR.
     """
 
     RETRY_DELAY_MAX = 5.0
@@ -1191,7 +1478,7 @@ class StoreWriter(threading.Thread):
     def __init__(self, store, on_written, log, stats):
         super().__init__(name="store-writer", daemon=True)
         self.store = store
-        self.on_written = on_written      # called from this thread with (batch, failed jobs)
+        self.on_written = on_written      # called from this thread: (batch, failed jobs, joins)
         self.log = log
         self.stats = stats
         self.batches = queue.Queue()
@@ -1201,7 +1488,7 @@ class StoreWriter(threading.Thread):
         self.batches.put(batch)
 
     def run(self):
-        dones = []                        # keys whose delete failed, to retry
+        retry = []                        # keys whose delete failed, to retry
         due = None                        # when to retry them
         retry_delay = DELETE_DELAY
         while True:
@@ -1218,75 +1505,80 @@ class StoreWriter(threading.Thread):
             stop = None in batches
             batches = [batch for batch in batches if batch is not None]
             retrying = due is not None and time.monotonic() < due
-            for batch in batches:
-                dones.extend(batch.dones)
-            adds = [row_record(job) for batch in batches for job in batch.jobs]
-            if not (adds or stop or (dones and not retrying)):
-                continue
-            failed = self.write(adds, dones, batches)
-            if failed is None:
-                dones, due, retry_delay = [], None, DELETE_DELAY
-            else:
-                # Rows written one by one since replaced what these deletes aimed at.
-                written = {row_key(job) for batch in batches for job in batch.jobs
-                           if job not in failed}
-                dones = [key for key in dones if key not in written]
-                retry_delay = min(retry_delay * 2, self.RETRY_DELAY_MAX)
-                due = time.monotonic() + retry_delay if dones else None
-            for batch in batches:
-                if batch.jobs:
-                    self.on_written(batch, failed or ())
+            for group in in_order(batches):
+                dones = retry + [key for batch in group for key in batch.dones]
+                adds = [row_record(job) for batch in group for job in batch.jobs]
+                failed, joins, retry = None, {}, []
+                if adds or (dones and not (retrying and not stop)):
+                    failed, joins = self.write(adds, dones, group)
+                    if failed is None:
+                        due, retry_delay = None, DELETE_DELAY
+                    else:
+                        # Rows written one by one since replaced what these deletes aimed at.
+                        written = {row_key(job)[:2] for batch in group for job in batch.jobs
+                                   if job not in failed}
+                        retry = [key for key in dones if key[:2] not in written]
+                        retry_delay = min(retry_delay * 2, self.RETRY_DELAY_MAX)
+                        due = time.monotonic() + retry_delay if retry else None
+                else:
+                    retry = dones
+                for batch in group:
+                    for request in batch.requests:
+                        request.run(self.store)
+                    if batch.jobs or batch.requests:
+                        self.on_written(batch, failed or (), joins)
             if stop:
                 return
 
     def write(self, adds, dones, batches):
-        """Write everything at once; on failure, find the adds that cannot be
-        written one by one. Returns None if all was written, else the failed jobs."""
+        """Write everything at once; on failure, find the adds that cannot be written
+        one by one. Returns (None, joins) if all was written, else (failed jobs, joins)."""
         started = time.monotonic()
         every_job = {job for batch in batches for job in batch.jobs}
         try:
-            self.store.write(adds, dones)
+            joins = self.store.write(adds, dones) or {}
             self.stats.commit_seconds.observe(time.monotonic() - started)
             self.stats.batch_sizes.observe(len(adds) + len(dones))
-            return None
+            return None, joins
         except Exception as error:        # a driver may raise anything; the thread must live
             self.log.error(f"persistent queue write failed: {error}")
             self.stats.store_errors += 1
             self.stats.store_last_error = str(error)
             self.stats.store_last_error_time = time.time()
             if getattr(error, "unavailable", False):
-                return every_job
+                return every_job, {}
         if dones:
             # Perhaps only a delete fails: the adds alone must not fail with it.
             try:
-                self.store.write(adds, [])
-                return set()              # the deletes are retried later
+                return set(), self.store.write(adds, []) or {}   # the deletes are retried later
             except Exception as error:
                 if getattr(error, "unavailable", False):
-                    return every_job
+                    return every_job, {}
         if len(adds) < 2:
-            return every_job
-        failed = set()
+            return every_job, {}
+        failed, joins = set(), {}
         for batch in batches:             # in order: a later row may replace an earlier
             for job in batch.jobs:
                 try:
-                    self.store.write([row_record(job)], [])
+                    joins.update(self.store.write([row_record(job)], []) or {})
                 except Exception:
                     failed.add(job)
-        return failed
+        return failed, joins
 
 
 class Journal:
     """The loop's side of the store (C's queue.cc): which jobs have rows, the
     writes and deletes of this turn, the writer thread that commits them, the
-    replies that wait for a commit, the replay at start and the write at stop.
+    replies that wait for a commit, the start from what is stored and the write
+    at stop. With a store that pages, its Pager keeps the queues in memory small.
 
     The queues ask four things of it: add(job) a new background job, add_joined(job)
     a foreground one a background submission joined, acknowledge(peer, job) with
     JOB_CREATED once its row is committed, and forget(job) once it ends.
     """
 
-    def __init__(self, store, queues, loop, log, stats, write_at_shutdown=False):
+    def __init__(self, store, queues, loop, log, stats, write_at_shutdown=False,
+                 queue_memory=0):
         self.store = store
         self.queues = queues
         self.loop = loop                  # its timers, emit and send, and wake()
@@ -1297,13 +1589,17 @@ class Journal:
         # --store-queue-on-shutdown writes the queue only when the server stops.
         self.write_ahead = store.persistent and not write_at_shutdown
         self.write_at_shutdown = store.persistent and write_at_shutdown
+        self.pager = None
+        if store.pages and self.write_ahead:
+            self.pager = queues.pager = Pager(queues, self, loop, log, queue_memory)
         self.run_id = uuid.uuid4().hex[:12].encode()   # makes generated row uniques unique
         self.adds = []                    # jobs to write in this turn's batch
         self.running = set()              # those of them that run already
         self.dones = []                   # keys to delete, kept for DELETE_DELAY
+        self.requests = []                # StoreRequests for this turn's batch
         self.dones_timer = None           # sends them when DELETE_DELAY has passed
         self.adds_in_flight = 0           # batches with jobs the writer has not reported
-        self.finished = collections.deque()   # (batch, failed jobs), filled by the writer
+        self.finished = collections.deque()   # (batch, failed jobs, joins), from the writer
         self.waiting = {}                 # job -> peers whose replies wait for its row
         self.writer = None
 
@@ -1348,14 +1644,27 @@ class Journal:
             self.loop.emit(peer, JOB_CREATED, job.handle)
 
     def forget(self, job):
-        """The job ended or was cancelled: delete its row. A row still being
-        written is dealt with when the write is done (see batch_written)."""
+        """The job ended or was cancelled: delete its row. A row still being written
+        is deleted right after the write: its add goes to the writer first."""
         if job.row == WRITING:
+            if job in self.adds:
+                self.hand_to_writer()
+            self.dones.append(row_key(job))
             return
         job.queued = False
         if job.row == STORED:
             self.dones.append(row_key(job))
             job.row = NO_ROW
+
+    def ask(self, method, arguments, answer, alone=False):
+        """Run store.method(*arguments) in the writer thread after this turn's writes,
+        then answer(result) in the loop. `alone`: before any later write, and after
+        every earlier one (a delete that must not touch rows written after it)."""
+        if alone and (self.adds or self.dones or self.requests):
+            self.hand_to_writer()
+        self.requests.append(StoreRequest(method, arguments, answer))
+        if alone:
+            self.hand_to_writer()
 
     # -- replies held for a commit
 
@@ -1388,21 +1697,26 @@ class Journal:
         if self.store.persistent:
             self.writer = StoreWriter(self.store, self.writer_finished, self.log, self.stats)
             self.writer.start()
+            if self.pager is not None:
+                self.pager.start()
 
     def end_turn(self):
-        """Hand this turn's new rows to the writer at once; deletes may wait a little."""
-        if self.adds or len(self.dones) >= DELETE_BATCH:
+        """Hand this turn's new rows and requests to the writer at once; deletes may
+        wait a little."""
+        if self.adds or self.requests or len(self.dones) >= DELETE_BATCH:
             self.hand_to_writer()
         elif self.dones and self.dones_timer is None:
-            self.dones_timer = self.loop.timers.add(DELETE_DELAY, self.hand_deletes_to_writer, None)
+            self.dones_timer = self.loop.timers.add(DELETE_DELAY, self.hand_deletes_to_writer,
+                                                    None)
 
     def hand_to_writer(self):
         if self.adds:
             self.adds_in_flight += 1
-        self.writer.submit(Batch(self.adds, self.running, self.dones))
+        self.writer.submit(Batch(self.adds, self.running, self.dones, self.requests))
         self.adds = []
         self.running = set()
         self.dones = []
+        self.requests = []
         if self.dones_timer is not None:
             self.loop.timers.cancel(self.dones_timer)
             self.dones_timer = None
@@ -1412,9 +1726,9 @@ class Journal:
         if self.dones:
             self.hand_to_writer()
 
-    def writer_finished(self, batch, failed):
+    def writer_finished(self, batch, failed, joins):
         """Called in the writer thread: pass the outcome to the loop."""
-        self.finished.append((batch, failed))
+        self.finished.append((batch, failed, joins))
         self.loop.wake()
 
     def collect(self):
@@ -1422,61 +1736,62 @@ class Journal:
         while self.finished:
             self.batch_written(*self.finished.popleft())
 
-    def batch_written(self, batch, failed):
-        """The writer stored a batch, except the jobs in `failed`."""
-        self.adds_in_flight -= 1
+    def batch_written(self, batch, failed, joins):
+        """The writer stored a batch, except the jobs in `failed`; the jobs whose
+        seq is in `joins` found their key held by a stored job."""
         queues = self.queues
+        if batch.jobs:
+            self.adds_in_flight -= 1
         for job in batch.jobs:
             new = job not in batch.running
             if job in failed:
                 job.row = FAILED
                 job.queued = False
                 queues.store_failed(job, new)
-            elif not queues.is_live(job):
-                # It ended while being written: delete the row, unless a newer
-                # job with the same key has replaced it already.
-                job.row = NO_ROW
+            elif not queues.is_live(job) or job.ignore:
+                job.row = NO_ROW          # it ended meanwhile: its delete is on its way
                 job.queued = False
-                if not self.key_taken(job):
-                    self.dones.append(row_key(job))
+                if new and job.ignore:
+                    queues.discard(job)
+            elif job.number in joins:
+                self.pager.joined(job, joins[job.number], new)
             else:
                 job.row = STORED
-                if job.ignore:
-                    self.forget(job)      # cancelled while being written
                 if new:
-                    queues.enqueue(job)
+                    if self.pager is not None:
+                        self.pager.settle(job)
+                    else:
+                        queues.enqueue(job)
         waiting = self.waiting
         for job in batch.jobs:
             for peer in waiting.pop(job, ()):
                 if peer.held is not None and not peer.closed:
                     self.release(peer)
-
-    def key_taken(self, job):
-        """Does a newer job hold this job's row key (its row replaced this one's)?"""
-        other = self.queues.coalesce(job.function, job.unique, job.data)
-        return (other is not None and other is not job and other.row >= WRITING
-                and row_key(other) == row_key(job))
+        for request in batch.requests:
+            request.answer(request.result)
 
     # -- start and stop
 
     def replay(self):
-        """Load every stored job before the first connection is served."""
+        """Take in what is stored before the first connection is served: with a
+        paging store only how many jobs each queue has; else every job."""
+        if self.pager is not None:
+            return self.pager.load()
         count = 0
         now = time.time()
         restore = self.queues.restore
         # The jobs live long: tracing them over and over while they load only costs time.
         gc.disable()
         try:
-            for unique, name, priority, data, when in self.store.replay():
+            for unique, name, priority, data, when, seq in self.store.replay():
                 unique, row_unique = read_row_unique(unique)
                 if priority != NORMAL and priority != HIGH and priority != LOW:
                     priority = NORMAL
-                job = restore(unique, name, priority, data, when, now)
+                job = restore(unique, name, priority, data, when, seq, now)
                 if job is None:
                     # Two rows for one job (written by an older server): keep one.
-                    self.dones.append((row_unique or unique, name))
+                    self.dones.append((row_unique or unique, name, seq))
                     continue
-                job.row = STORED
                 job.row_unique = row_unique
                 count += 1
         finally:
@@ -1507,6 +1822,427 @@ class Journal:
             except Exception as error:        # the rest of the stop must happen
                 self.log.error(f"could not write to the store on shutdown: {error}")
         self.store.close()
+
+
+# Paging: a queue's window in memory holds a page of jobs at most; windows shrink when
+# many queues are spilled, so that ten thousand functions stay bounded too. A page-in is
+# asked for when the window falls to half. Epoch jobs are paged in by due time.
+WINDOW_MAX = 2000
+WINDOW_MIN = 32
+SCHEDULED_WINDOW = 10000
+JOB_BYTES = 600                   # memory a queued job takes besides its data and unique
+
+
+class Pager:
+    """Keeps the queues of a paging store (SQLite, MySQL, PostgreSQL) within
+    --queue-memory, as a broker's store cursor does. A queue that grows past it is
+    "spilled": its tail is in the store only (its new jobs go there once written),
+    and memory holds a window at its head, paged in from the store in order before
+    it runs dry. A queue that catches up is held in memory again. The counts stay
+    true: each function counts its stored jobs (see Spill).
+
+    At start nothing is loaded: every queue the store holds starts spilled, from its
+    counts, and is paged in as workers take its jobs. A stored job's handle is its
+    row's seq, so it is the same however often the job is paged out and in.
+    """
+
+    def __init__(self, queues, journal, loop, log, budget):
+        self.queues = queues
+        self.journal = journal
+        self.loop = loop
+        self.log = log
+        self.budget = budget              # bytes of queued jobs in memory; 0 = no limit
+        self.job_bytes = JOB_BYTES        # estimated memory of one queued job
+        self.spilled = 0                  # functions with a Spill
+        self.scheduled_cursor = None      # (when, seq) of the last stored epoch job paged in
+        self.scheduled_stored = 0         # epoch jobs in the store only
+        self.scheduled_paging = False
+
+    # -- start
+
+    def load(self):
+        """Count what the store holds; every queue with stored jobs starts spilled."""
+        highest, due, scheduled = self.journal.store.counts()
+        queues = self.queues
+        queues.job_count = max(queues.job_count, highest)
+        count = 0
+        for name, priority, rows in due:
+            function = queues.find_or_add_function(name)
+            self.spill_of(function).stored[priority] += rows
+            function.total += rows
+            count += rows
+        for name, rows in scheduled:
+            function = queues.find_or_add_function(name)
+            self.spill_of(function).scheduled += rows
+            function.total += rows
+            self.scheduled_stored += rows
+            count += rows
+        if self.scheduled_stored:
+            self.scheduled_cursor = (-2 ** 63, 0)
+        self.journal.stats.replayed = count
+        if count:
+            self.log.notice(f"{count} jobs in the persistent queue; paging them in")
+        return count
+
+    def start(self):
+        """With the writer running: the first page of every stored queue."""
+        for function in list(self.queues.functions.values()):
+            spill = function.spill
+            if spill is not None:
+                for priority in (HIGH, NORMAL, LOW):
+                    if spill.stored[priority]:
+                        self.refill(function, priority)
+        self.refill_scheduled()
+
+    def spill_of(self, function):
+        if function.spill is None:
+            function.spill = Spill()
+            self.spilled += 1
+        return function.spill
+
+    def window(self):
+        """How many jobs a spilled queue keeps in memory."""
+        if not self.budget:
+            return WINDOW_MAX
+        jobs = self.budget // self.job_bytes
+        return max(WINDOW_MIN, min(WINDOW_MAX, jobs // (4 * (self.spilled + 1))))
+
+    def over_budget(self):
+        return self.budget and len(self.queues.jobs) * self.job_bytes > self.budget
+
+    # -- new jobs
+
+    def settle(self, job):
+        """A new background job's row is committed: queue it in memory, or leave it
+        in the store only if its queue is spilled."""
+        function = job.function
+        priority = job.priority
+        if job.when > 0 and job.when > time.time():
+            self.schedule(job)
+            return
+        spill = function.spill
+        if spill is not None and spill.spilled(priority):
+            if job.clients:
+                spill.pinned[job.handle] = job    # a client waits: it stays in memory
+            else:
+                self.queues.evict(job)
+            spill.stored[priority] += 1
+            return
+        self.queues.enqueue(job)
+        if self.over_budget():
+            self.job_bytes = (self.job_bytes * 7 + JOB_BYTES + len(job.data)
+                              + len(job.unique)) // 8
+            self.spill(function, priority)
+
+    def spill(self, function, priority):
+        """The queue's tail goes to the store only; memory keeps a window at its head."""
+        jobs = function.queues[priority]
+        keep = self.window()
+        if len(jobs) <= keep:
+            return
+        spill = self.spill_of(function)
+        queues = self.queues
+        window = [jobs.popleft() for _ in range(keep)]
+        highest = max((job.number for job in window), default=0)
+        spill.cursor[priority] = highest
+        behind = spill.behind[priority]
+        stored = 0
+        while jobs:
+            job = jobs.popleft()
+            if job.ignore:
+                queues.discard(job)
+            elif job.row == STORED and not job.clients and job.number > highest:
+                queues.evict(job)
+                stored += 1
+                highest = job.number
+            else:
+                behind.append((highest, job))   # no row to page in from, or out of order
+        jobs.extend(window)
+        spill.stored[priority] += stored
+        self.log.info(f"queue {text(function.name)} ({PRIORITY_NAMES[priority]}) spilled: "
+                      f"{stored} jobs in the store only, {keep} in memory")
+
+    def joined(self, job, seq, new):
+        """The new job's key was held by the stored job `seq`: its submitters hear
+        that job's handle, and it goes, unless a client waits for it."""
+        queues = self.queues
+        job.queued = False
+        job.row = NO_ROW
+        if new and not job.clients:
+            handle = b"%s%d" % (queues.handle_prefix, seq)
+            queues.discard(job)
+            job.handle = handle           # what its held JOB_CREATED says
+        else:
+            job.background = False        # it goes on as a foreground job
+            if new:
+                queues.enqueue(job)
+
+    # -- taking jobs
+
+    def take(self, function):
+        """The next job of a function whose queue is spilled, priority first: None
+        while a higher priority's window is empty and its tail is being paged in."""
+        spill = function.spill
+        queues = self.queues
+        for priority, jobs in enumerate(function.queues):
+            while jobs and jobs[0].ignore:
+                queues.discard(jobs.popleft())
+            if jobs:
+                job = jobs.popleft()
+                if spill.stored[priority] and len(jobs) * 2 < self.window():
+                    self.refill(function, priority)
+                return job
+            if spill.spilled(priority):
+                self.refill(function, priority)
+                if jobs:                  # its stored part was all paged in already
+                    return jobs.popleft()
+                return None
+        return None
+
+    def has_job(self, function):
+        spill = function.spill
+        for priority, jobs in enumerate(function.queues):
+            while jobs and jobs[0].ignore:
+                self.queues.discard(jobs.popleft())
+            if jobs:
+                return True
+            if spill.spilled(priority):
+                self.refill(function, priority)
+                return bool(jobs)
+        return False
+
+    def refill(self, function, priority):
+        """Ask for the next page of a spilled queue; with nothing stored, the jobs
+        behind come forward and the queue is in memory again."""
+        spill = function.spill
+        if spill.paging[priority]:
+            return
+        if not spill.stored[priority]:
+            jobs = function.queues[priority]
+            behind = spill.behind[priority]
+            while behind:
+                jobs.append(behind.popleft()[1])
+            self.settled(function)
+            return
+        spill.paging[priority] = True
+        limit = max(self.window() - len(function.queues[priority]), WINDOW_MIN)
+        self.journal.ask("page", (function.name, priority, spill.cursor[priority], limit),
+                         functools.partial(self.paged, function, priority, limit))
+
+    def paged(self, function, priority, limit, rows):
+        """A page of the queue came in: append it, with the jobs behind it in between."""
+        spill = function.spill
+        if spill is None or self.queues.functions.get(function.name) is not function:
+            return                        # dropped meanwhile
+        spill.paging[priority] = False
+        if isinstance(rows, StoreError):
+            self.log.error(f"cannot page in {text(function.name)}: {rows}; retrying in 1 s")
+            self.loop.timers.add(1.0, lambda _: self.retry(function, priority), None)
+            return
+        queues = self.queues
+        jobs = function.queues[priority]
+        behind = spill.behind[priority]
+        prefix = queues.handle_prefix
+        known = queues.jobs
+        for seq, unique, data in rows:
+            while behind and behind[0][0] < seq:
+                jobs.append(behind.popleft()[1])
+            spill.cursor[priority] = seq
+            if seq in spill.cancelled:
+                spill.cancelled.discard(seq)
+                continue
+            job = known.get(b"%s%d" % (prefix, seq))
+            if job is None:
+                unique, row_unique = read_row_unique(unique)
+                job = queues.stored_job(function, seq, unique, data, priority, 0)
+                job.row_unique = row_unique
+            elif spill.pinned.pop(job.handle, None) is None:
+                continue                  # running, or behind: it has its place already
+            spill.stored[priority] -= 1
+            jobs.append(job)
+        if len(rows) < limit:
+            if spill.stored[priority]:
+                self.log.info(f"{text(function.name)}: {spill.stored[priority]} stored jobs "
+                              f"were gone from the store")
+                function.total -= spill.stored[priority]
+                spill.stored[priority] = 0
+            spill.cancelled.clear()
+            self.refill(function, priority)
+        self.queues.wake_workers(function)
+
+    def retry(self, function, priority):
+        if function.spill is not None and self.queues.functions.get(function.name) is function:
+            self.refill(function, priority)
+
+    def settled(self, function):
+        """Drop a function's Spill once nothing of it is in the store only."""
+        spill = function.spill
+        if spill is not None and spill.empty():
+            function.spill = None
+            self.spilled -= 1
+
+    # -- epoch jobs
+
+    def schedule(self, job):
+        """A new epoch job due later: a timer in memory, or the store only if it is
+        due after every stored one paged in."""
+        cursor = self.scheduled_cursor
+        if cursor is not None and (job.when, job.number) > cursor and not job.clients:
+            self.queues.evict(job)
+            self.spill_of(job.function).scheduled += 1
+            self.scheduled_stored += 1
+            return
+        self.queues.enqueue(job)
+        if cursor is None and self.queues.scheduled > SCHEDULED_WINDOW:
+            # Those due later than this one stay in the store; this one is the cursor.
+            self.scheduled_cursor = (job.when, job.number)
+
+    def fired(self):
+        if (self.scheduled_cursor is not None and not self.scheduled_paging
+                and self.queues.scheduled * 2 < SCHEDULED_WINDOW):
+            self.refill_scheduled()
+
+    def refill_scheduled(self):
+        if self.scheduled_cursor is None or self.scheduled_paging:
+            return
+        if not self.scheduled_stored:
+            self.scheduled_cursor = None
+            return
+        self.scheduled_paging = True
+        limit = SCHEDULED_WINDOW // 2
+        self.journal.ask("page_scheduled", (self.scheduled_cursor, limit),
+                         functools.partial(self.paged_scheduled, limit))
+
+    def paged_scheduled(self, limit, rows):
+        self.scheduled_paging = False
+        if isinstance(rows, StoreError):
+            self.log.error(f"cannot page in epoch jobs: {rows}; retrying in 1 s")
+            self.loop.timers.add(1.0, lambda _: self.refill_scheduled(), None)
+            return
+        queues = self.queues
+        for when, seq, name, unique, priority, data in rows:
+            self.scheduled_cursor = (when, seq)
+            function = queues.functions.get(name)
+            if function is None or function.spill is None:
+                continue                  # dropped meanwhile
+            spill = function.spill
+            if seq in spill.cancelled:
+                spill.cancelled.discard(seq)
+                continue
+            job = queues.jobs.get(b"%s%d" % (queues.handle_prefix, seq))
+            if job is None:
+                unique, row_unique = read_row_unique(unique)
+                job = queues.stored_job(function, seq, unique, data,
+                                        priority if priority in (HIGH, NORMAL, LOW) else NORMAL,
+                                        when)
+                job.row_unique = row_unique
+            elif spill.pinned.pop(job.handle, None) is None:
+                continue
+            spill.scheduled -= 1
+            self.scheduled_stored -= 1
+            queues.enqueue(job)
+            self.settled(function)
+        if len(rows) < limit:
+            self.scheduled_stored = 0
+            self.scheduled_cursor = None
+
+    # -- stored jobs a client asks about
+
+    def look_up(self, peer, function, unique, data, priority, when, reducer):
+        """A foreground submission with a unique, to a function with stored jobs: ask
+        the store whether one holds it, then submit. True if the peer now waits."""
+        if not unique or (unique == b"-" and not data):
+            return False
+        key = payload_row_unique(data) if unique == b"-" else unique
+        self.loop.pause(peer)
+        self.journal.ask("find", (function.name, key), functools.partial(
+            self.found, peer, function, unique, data, priority, when, reducer))
+        return True
+
+    def found(self, peer, function, unique, data, priority, when, reducer, row):
+        queues = self.queues
+        if (isinstance(row, tuple) and queues.functions.get(function.name) is function
+                and function.spill is not None
+                and queues.jobs.get(b"%s%d" % (queues.handle_prefix, row[0])) is None):
+            seq, stored_priority, stored_data, stored_when = row
+            job = queues.stored_job(function, seq, unique, stored_data, stored_priority,
+                                    stored_when)
+            if unique == b"-":
+                job.row_unique = payload_row_unique(data)
+            function.spill.pinned[job.handle] = job
+        if not peer.closed:
+            queues.submit(peer, function.name, unique, data, priority, False, when, reducer,
+                          looked_up=True)
+            self.loop.resume(peer)
+
+    def status_of_stored(self, peer, number, answer):
+        """GET_STATUS of a handle that is not in memory: is its job in the store?
+        answer(known) once the store has said."""
+        self.loop.pause(peer)
+        self.journal.ask("find_sequence", (number,), functools.partial(
+            self.status_found, peer, number, answer))
+
+    def status_found(self, peer, number, answer, row):
+        if not peer.closed:
+            answer(peer, isinstance(row, tuple) or
+                   b"%s%d" % (self.queues.handle_prefix, number) in self.queues.jobs)
+            self.loop.resume(peer)
+
+    def cancel_stored(self, peer, number, answer):
+        """Admin `cancel job` of a job in the store only: delete its row; answer(found)."""
+        self.loop.pause(peer)
+        self.journal.ask("delete_sequence", (number,), functools.partial(
+            self.stored_cancelled, peer, number, answer), alone=True)
+
+    def stored_cancelled(self, peer, number, answer, row):
+        queues = self.queues
+        found = isinstance(row, tuple)
+        job = queues.jobs.get(b"%s%d" % (queues.handle_prefix, number))
+        if job is not None:
+            queues.cancel(job)            # paged in meanwhile: cancelled in memory too
+            found = True
+        elif found:
+            name, priority, when = row
+            function = queues.functions.get(name)
+            if function is not None and function.spill is not None:
+                spill = function.spill
+                spill.cancelled.add(number)   # a page-in on its way may still bring it
+                if when:
+                    spill.scheduled -= 1
+                    self.scheduled_stored -= 1
+                else:
+                    spill.stored[priority if priority in (HIGH, NORMAL, LOW) else NORMAL] -= 1
+                function.total -= 1
+        if not peer.closed:
+            answer(peer, found)
+            self.loop.resume(peer)
+
+    def cancelled(self, job):
+        """A job in memory was cancelled; a pinned one leaves its stored count."""
+        spill = job.function.spill
+        if spill.pinned.pop(job.handle, None) is not None:
+            spill.cancelled.add(job.number)
+            if job.when:
+                spill.scheduled -= 1
+                self.scheduled_stored -= 1
+            else:
+                spill.stored[job.priority] -= 1
+            self.queues.discard(job)
+
+    def dropped(self, function):
+        """Admin `drop function`: its stored jobs go too."""
+        self.journal.ask("delete_function", (function.name,), self.function_deleted, alone=True)
+        self.scheduled_stored -= function.spill.scheduled
+        function.spill = None
+        self.spilled -= 1
+
+    def function_deleted(self, result):
+        if isinstance(result, StoreError):
+            self.log.error(f"drop function: {result}")
+
+    def stored_count(self):
+        return sum(sum(f.spill.stored) + f.spill.scheduled
+                   for f in self.queues.functions.values() if f.spill is not None)
 
 
 # --- logging and stats --------------------------------------------------------
@@ -1730,6 +2466,7 @@ class EventLoop:
         self.selector = selectors.DefaultSelector()
         self.timers = Timers()
         self.dirty = []                   # connections with output to send this turn
+        self.resuming = []                # paused connections whose input may go on
         self.stopping = None              # None, "now" or "graceful"
         self.stop_requested = None        # set by signal handlers, applied by the loop
         self.flush_deadline = None        # graceful stop: give up on unread output then
@@ -1829,8 +2566,13 @@ class EventLoop:
         every reply at once. Closing a connection here requeues or drops its jobs,
         which makes more of both (NOOPs, WORK_FAILs, deletes): repeat until there is none."""
         while True:
+            if self.resuming:
+                resuming, self.resuming = self.resuming, []
+                for conn in resuming:
+                    if not conn.closed and not conn.paused:
+                        conn.protocol.resume(conn)
             self.owner.turn_ended()
-            if not self.dirty:
+            if not self.dirty and not self.resuming:
                 return
             dirty = self.dirty
             self.dirty = []
@@ -1889,6 +2631,15 @@ class EventLoop:
 
     # -- input
 
+    def pause(self, conn):
+        """Read no further requests of this peer until resume(): its last one waits
+        for the store, and its replies must come in order."""
+        conn.paused = True
+
+    def resume(self, conn):
+        conn.paused = False
+        self.resuming.append(conn)
+
     def handshake(self, conn):
         try:
             conn.sock.do_handshake()
@@ -1935,6 +2686,13 @@ class EventLoop:
             self.stop_gathering(conn)
         elif conn.inbuf:
             data = conn.inbuf + data
+        if conn.paused:
+            conn.inbuf = data
+            if len(data) > self.max_input_buffer:
+                self.log.warning(f"{conn.address}: sent over --max-input-buffer while its "
+                                 f"request waits for the store, closing")
+                self.close(conn)
+            return
         try:
             conn.protocol.receive(conn, data)
         except Exception:
@@ -2113,7 +2871,20 @@ class BinaryProtocol:
                 self.admin.line(conn, line)
             if conn.closed:
                 return
+            if conn.paused:
+                break
         conn.inbuf = data[start:] if start < end else b""
+
+    def resume(self, conn):
+        """Go on with the requests that came while the connection was paused."""
+        if conn.inbuf:
+            data, conn.inbuf = conn.inbuf, b""
+            try:
+                self.receive(conn, data)
+            except Exception:
+                self.loop.log.error(f"{conn.address}: closing after an internal error:\n"
+                                    + traceback.format_exc())
+                self.loop.close(conn)
 
     def packet_handlers(self):
         handlers = [self.reject] * PACKET_TYPES
@@ -2272,11 +3043,21 @@ class BinaryProtocol:
             return
         status = self.queues.job_status(handle)
         if status is None:
+            pager = self.queues.pager
+            number = stored_handle_number(handle, self.queues.handle_prefix)
+            if pager is not None and number:
+                pager.status_of_stored(conn, number, functools.partial(self.stored_status,
+                                                                       handle))
+                return
             self.loop.send(conn, packet(STATUS_RES, handle + b"\x000\x000\x000\x000"))
             return
         running, numerator, denominator = status
         self.loop.send(conn, packet(STATUS_RES, b"%s\x001\x00%d\x00%d\x00%d" % (
             handle, running, numerator, denominator)))
+
+    def stored_status(self, handle, conn, known):
+        self.loop.send(conn, packet(STATUS_RES, handle + (b"\x001\x000\x000\x000" if known
+                                                          else b"\x000\x000\x000\x000")))
 
     def get_status_unique(self, conn, args):
         unique = args[0]
@@ -2331,6 +3112,9 @@ def unknown_command(command):
     return b"ERR UNKNOWN_COMMAND Unknown+server+command" + command + b"\r\n"
 
 
+WAIT = object()        # an admin command's answer comes later, once the store has said
+
+
 class Admin:
     """The text admin protocol, byte for byte as C gearmand 1.1.20, plus `shutdown`."""
 
@@ -2350,9 +3134,9 @@ class Admin:
             b"create": self.create,
             b"drop": self.drop,
             b"maxqueue": self.maxqueue,
-            b"getpid": lambda tokens, bare: b"OK %d\n" % os.getpid(),
-            b"verbose": lambda tokens, bare: b"OK %s\n" % server.log.level_name.encode(),
-            b"version": lambda tokens, bare: b"OK %s\n" % GEARMAND_VERSION.encode(),
+            b"getpid": lambda conn, tokens, bare: b"OK %d\n" % os.getpid(),
+            b"verbose": lambda conn, tokens, bare: b"OK %s\n" % server.log.level_name.encode(),
+            b"version": lambda conn, tokens, bare: b"OK %s\n" % GEARMAND_VERSION.encode(),
             b"shutdown": self.shutdown,
         }
 
@@ -2374,7 +3158,9 @@ class Admin:
             reply = (b"ERR PERMISSION_DENIED " + word + b"+is+not+allowed+from+"
                      + conn.address.encode() + b"\r\n")
         else:
-            reply = command(tokens, bare_newline)
+            reply = command(conn, tokens, bare_newline)
+            if reply is WAIT:
+                return                    # it answers once the store has
         self.loop.send(conn, reply or b"ERR UNKNOWN_ERROR\r\n")
 
     def allowed(self, conn):
@@ -2384,19 +3170,19 @@ class Admin:
             return is_loopback(conn.address)
         return False
 
-    def status(self, tokens, bare):
+    def status(self, conn, tokens, bare):
         rows = [b"%s\t%d\t%d\t%d\n" % (c_string(f.name), f.total, f.running,
                                          len(f.registrations))
                 for f in self.queues.functions_in_c_order()]
         return b"".join(rows) + b".\n"
 
-    def priority_status(self, tokens, bare):
+    def priority_status(self, conn, tokens, bare):
         rows = [b"%s\t%d\t%d\t%d\t%d\n" % (c_string(f.name), f.queued(HIGH), f.queued(NORMAL),
                                            f.queued(LOW), len(f.registrations))
                 for f in self.queues.functions_in_c_order()]
         return b"".join(rows) + b".\n"
 
-    def workers(self, tokens, bare):
+    def workers(self, conn, tokens, bare):
         rows = []
         for conn in reversed(list(self.loop.connections.values())):
             names = b"".join(b" " + c_string(r.function.name) for r in conn.registrations)
@@ -2404,7 +3190,7 @@ class Admin:
                                              c_string(conn.client_id), names))
         return b"".join(rows) + b".\n"
 
-    def show(self, tokens, bare):
+    def show(self, conn, tokens, bare):
         words = [token.lower() for token in tokens]
         if len(tokens) == 1:
             return unknown_command(tokens[0])
@@ -2417,7 +3203,13 @@ class Admin:
     def show_jobs(self):
         rows = [b"%s\t%d\t%d\t%d\n" % (job.handle, job.retries, job.ignore, job.queued)
                 for job in self.queues.jobs_in_c_order(lambda job: gm_hash(job.handle))]
-        return b"".join(rows) + b".\n"
+        return b"".join(rows) + self.stored_line() + b".\n"
+
+    def stored_line(self):
+        """What `show jobs` cannot list: the jobs that are in the store only."""
+        pager = self.queues.pager
+        stored = pager.stored_count() if pager is not None else 0
+        return b"# and %d more in the persistent queue only\n" % stored if stored else b""
 
     def show_unique_jobs(self):
         def key(job):
@@ -2425,20 +3217,28 @@ class Admin:
                 return gm_hash(job.data) if job.data else 0
             return gm_hash(job.unique) if job.unique else 0
         rows = [job.unique + b"\n" for job in self.queues.jobs_in_c_order(key)]
-        return b"".join(rows) + b".\n"
+        return b"".join(rows) + self.stored_line() + b".\n"
 
-    def cancel(self, tokens, bare):
+    def cancel(self, conn, tokens, bare):
         if len(tokens) < 3:
             return unknown_command(tokens[0])
         if len(tokens) != 3 or tokens[1].lower() != b"job":
             return b"ERR UNKNOWN_ERROR\r\n"
         job = self.queues.jobs.get(tokens[2])
         if job is None:
-            return b"ERR UNKNOWN_JOB\r\n"
+            pager = self.queues.pager
+            number = stored_handle_number(tokens[2], self.queues.handle_prefix)
+            if pager is None or not number:
+                return b"ERR UNKNOWN_JOB\r\n"
+            pager.cancel_stored(conn, number, self.stored_cancelled)
+            return WAIT
         self.queues.cancel(job)
         return b"OK\r\n"
 
-    def create(self, tokens, bare):
+    def stored_cancelled(self, conn, found):
+        self.loop.send(conn, b"OK\r\n" if found else b"ERR UNKNOWN_JOB\r\n")
+
+    def create(self, conn, tokens, bare):
         if len(tokens) != 3 or tokens[1].lower() != b"function":
             return invalid_arguments(tokens[0])
         # C drops two bytes it takes for CRLF, so a bare LF costs the name its last byte.
@@ -2446,7 +3246,7 @@ class Admin:
         self.queues.find_or_add_function(name)
         return b"OK\r\n"
 
-    def drop(self, tokens, bare):
+    def drop(self, conn, tokens, bare):
         if len(tokens) != 3 or tokens[1].lower() != b"function":
             return invalid_arguments(tokens[0])
         wanted = tokens[2].lower()
@@ -2463,7 +3263,7 @@ class Admin:
                 replies.append(b"OK\r\n")
         return b"".join(replies)
 
-    def maxqueue(self, tokens, bare):
+    def maxqueue(self, conn, tokens, bare):
         if len(tokens) < 2:
             return invalid_arguments(tokens[0])
         function = self.queues.functions.get(tokens[1])
@@ -2474,7 +3274,7 @@ class Admin:
             function.max_queue = (limits + [0, 0, 0])[:3]
         return b"OK\r\n"
 
-    def shutdown(self, tokens, bare):
+    def shutdown(self, conn, tokens, bare):
         if len(tokens) == 1:
             self.loop.request_stop("now")
         elif len(tokens) == 2 and tokens[1].lower() == b"graceful":
@@ -2526,7 +3326,6 @@ class HttpProtocol:
         self.loop = server.loop
         self.queues = server.queues
         self.max_packet = server.options.max_packet_size
-        self.resuming = []                # connections with a request left to read
         self.routes = {b"/": self.page, b"/metrics": self.metrics, b"/status": self.status}
 
     def opened(self, conn):
@@ -2543,11 +3342,9 @@ class HttpProtocol:
         elif len(exchange.buffer) > HTTP_HEAD_MAX + self.max_packet:
             self.loop.close(conn)        # pipelining far ahead of its answers
 
-    def resume(self):
-        resuming, self.resuming = self.resuming, []
-        for conn in resuming:
-            if not conn.closed and not conn.http.busy:
-                self.next_request(conn)
+    def resume(self, conn):
+        data, conn.inbuf = conn.inbuf, b""
+        self.receive(conn, data)
 
     def next_request(self, conn):
         """Answer buffered requests in order; stop at one that waits for its job."""
@@ -2671,7 +3468,7 @@ class HttpProtocol:
         exchange = conn.http
         exchange.busy = False
         if exchange.buffer and not conn.closing:
-            self.resuming.append(conn)
+            self.loop.resume(conn)        # a request left to read
         self.loop.send(conn, response)
 
     def error(self, conn, status, message, keep=False):
@@ -2871,7 +3668,7 @@ class Server:
         self.loop = EventLoop(self, options, log, self.stats)
         self.queues = Queues(options, self.loop.emit, self.loop.timers, log, self.stats)
         self.journal = Journal(store, self.queues, self.loop, log, self.stats,
-                               options.store_queue_on_shutdown)
+                               options.store_queue_on_shutdown, options.queue_memory)
         self.admin = Admin(self)
         self.gearman = BinaryProtocol(self)
         self.http = HttpProtocol(self)
@@ -2892,8 +3689,6 @@ class Server:
     # -- what the loop tells its owner
 
     def turn_ended(self):
-        if self.http.resuming:
-            self.http.resume()
         self.journal.end_turn()
 
     def woken(self):
@@ -2986,6 +3781,10 @@ def build_parser():
                          help="Bytes of large packets still arriving that all connections "
                               "together may hold; past it the connection adding more is "
                               "closed (default 512 MiB).")
+    general.add_argument("--queue-memory", type=memory_size, default=256 << 20,
+                         help="With a SQLite, MySQL or Postgres queue: memory for queued jobs "
+                              "(bytes, or with K, M, G; default 256M; 0 = no limit). Past it, "
+                              "a queue's tail stays in the store only and is paged in.")
     general.add_argument("--max-output", type=int, default=256 << 20,
                          help="Close connections that leave more unread replies (bytes; "
                               "default 256 MiB).")
@@ -3066,6 +3865,14 @@ def build_parser():
     tokyo.add_argument("--libtokyocabinet-optimize", nargs="?", const="true", default="true",
                        help="Optimize the database on open (default true).")
     return parser
+
+
+def memory_size(text):
+    """256M, 1G, 1048576: bytes."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)b?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (say 256M, 1G or bytes)")
+    return int(match[1]) << {"": 0, "k": 10, "m": 20, "g": 30}[match[2].lower()]
 
 
 def config_file_tokens(argv):

@@ -149,7 +149,7 @@ class MemcachedStore(ReconnectingStore):
         """Delete the finished jobs' items, then set the new ones: two round trips
         to each server concerned."""
         deletes = collections.defaultdict(list)
-        for unique, function in dones:
+        for unique, function, _ in dones:
             key = self.key(function, unique)
             deletes[self.client_for(key)].append(key)
             extra_key = self.extra_key(key)
@@ -157,7 +157,7 @@ class MemcachedStore(ReconnectingStore):
         for client, keys in deletes.items():
             client.delete_many(keys)
         sets = collections.defaultdict(dict)
-        for unique, function, priority, data, when in adds:
+        for unique, function, priority, data, when, _ in adds:
             key = self.key(function, unique)
             sets[self.client_for(key)][key] = (data, priority)
             cut = len(self.prefix) + len(function) + 1 + len(unique) > KEY_MAX
@@ -204,7 +204,7 @@ class MemcachedStore(ReconnectingStore):
                 if not dash:
                     continue
                 when = 0
-            yield (unique, function, flags if flags in (0, 1, 2) else 1, data, when)
+            yield (unique, function, flags if flags in (0, 1, 2) else 1, data, when, 0)
         for key, extra in extras.items():
             if key not in found:
                 listed.get(extra[3], self.client_for(extra[3])).delete(extra[3])

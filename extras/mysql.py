@@ -373,13 +373,13 @@ class MySQLStore(SqlStore):
         cursor = self.connection.cursor()
         try:
             if dones:
-                rows = (b"(%s,%s)" % (key(unique), key(function)) for unique, function in dones)
+                rows = (b"(%s,%s)" % (key(unique), key(function)) for unique, function, _ in dones)
                 for statement in self.statements(self.delete_sql, rows, DELETE_KEYS_MAX):
                     cursor.execute(statement)
             if adds:
                 rows = (b"(%s,%s,%d,%s,%d)" % (key(unique), key(function), priority,
                                                self.data_literal(data), when)
-                        for unique, function, priority, data, when in adds)
+                        for unique, function, priority, data, when, _ in adds)
                 for statement in self.statements(self.insert_sql, rows, len(adds)):
                     try:
                         cursor.execute(statement)

@@ -171,12 +171,12 @@ class PostgresStore(SqlStore):
             if dones:
                 psycopg2.extras.execute_values(
                     cursor, self.sql(self.delete_sql),
-                    [(Text(unique), Text(function)) for unique, function in dones],
+                    [(Text(unique), Text(function)) for unique, function, _ in dones],
                     page_size=PAGE_SIZE)
             if adds:
                 # ON CONFLICT cannot touch one row twice in a statement: keep the last.
                 rows = {}
-                for unique, function, priority, data, when in adds:
+                for unique, function, priority, data, when, _ in adds:
                     rows.pop((unique, function), None)
                     rows[unique, function] = (Text(unique), Text(function), priority,
                                               data, when)

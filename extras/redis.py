@@ -129,10 +129,10 @@ class RedisStore(ReconnectingStore):
         if not adds and not dones:
             return
         parts = []
-        for unique, function in dones:
+        for unique, function, _ in dones:
             key = self.key(function, unique)
             parts += (BYTE_LENGTH(0, len(key)), key)
-        for unique, function, priority, data, when in adds:
+        for unique, function, priority, data, when, _ in adds:
             key = self.key(function, unique)
             self.sequence += 1
             if when or b"-" in function:
@@ -190,7 +190,7 @@ class RedisStore(ReconnectingStore):
                 record = self.parse(key, index.get(key))
                 if record is not None:
                     unique, function, when = record
-                    yield (unique, function, priority, data, when)
+                    yield (unique, function, priority, data, when, 0)
         stale = [key for key in index if key not in keys]
         for start in range(0, len(stale), SCAN_COUNT):
             self.client.hdel(self.index, *stale[start:start + SCAN_COUNT])

@@ -68,7 +68,7 @@ def record(function, unique, priority, data, when):
 
 
 def parse(value):
-    """(unique, function, priority, data, when) of a stored value, or None."""
+    """(unique, function, priority, data, when, 0) of a stored value, or None."""
     parts = value.split(b"\0", 2)
     if len(parts) < 3 or not parts[2]:
         return None
@@ -79,7 +79,7 @@ def parse(value):
     number = WHEN.match(rest, 1)
     end = number.end() if number else 1
     when = int(number.group()) if number else 0
-    return unique, function, priority, rest[end + 1:], when     # +1 skips the NUL
+    return unique, function, priority, rest[end + 1:], when, 0  # +1 skips the NUL
 
 
 class TokyoCabinetStore(Store):
@@ -135,11 +135,11 @@ class TokyoCabinetStore(Store):
 
     def write(self, adds, dones):
         lib, db = self.lib, self.db
-        for unique, function in dones:
+        for unique, function, _ in dones:
             key = function + b"-" + unique
             if not lib.tcadbout(db, key, len(key)) and self.error_code() not in (TCENOREC, None):
                 raise StoreError(f"Tokyo Cabinet {self.name}: delete: {self.error()}")
-        for unique, function, priority, data, when in adds:
+        for unique, function, priority, data, when, _ in adds:
             key, value = record(function, unique, priority, data, when)
             if not lib.tcadbput(db, key, len(key), value, len(value)):
                 raise StoreError(f"Tokyo Cabinet {self.name}: put: {self.error()}")
