@@ -484,10 +484,10 @@ class Queues:
             return
         function = self.find_or_add_function(name)
         job = self.coalesce(function, unique, data)
-        if job is None and function.spill is not None and not (background or looked_up):
+        if function.spill is not None and not (background or looked_up):
             # A stored job may hold the unique: ask the store first. (A background
             # job's row joins a stored one by the store's key when it is written.)
-            if self.pager.look_up(peer, function, unique, data, priority, when, reducer):
+            if self.pager.look_up(peer, job, function, unique, data, priority, when, reducer):
                 return
         if job is not None:
             if not background:
@@ -665,6 +665,8 @@ class Queues:
                 job = self.first_job(function)
             else:
                 job = self.pager.take(function)
+                if job is PAGING:
+                    return None, None     # its next job is on its way from the store
             if job is not None:
                 if self.round_robin:
                     peer.registrations.remove(registration)
@@ -1034,7 +1036,7 @@ class ReconnectingStore(Store):
                     self.disconnect()
                     raise self.backoff.failed(str(self.error(error))) from None
             try:
-                self.write_batch(adds, dones)
+                joins = self.write_batch(adds, dones)
             except StoreError:
                 self.rollback()
                 raise
@@ -1051,7 +1053,7 @@ class ReconnectingStore(Store):
                 self.rollback()
                 raise
             self.backoff.succeeded()
-            return
+            return joins
 
     def close(self):
         self.disconnect()
@@ -1767,6 +1769,9 @@ class Journal:
             for peer in waiting.pop(job, ()):
                 if peer.held is not None and not peer.closed:
                     self.release(peer)
+        if self.pager is not None and self.pager.waiting_for_rows:
+            for job in batch.jobs:
+                self.pager.row_written(job)
         for request in batch.requests:
             request.answer(request.result)
 
@@ -1829,8 +1834,9 @@ class Journal:
 # asked for when the window falls to half. Epoch jobs are paged in by due time.
 WINDOW_MAX = 2000
 WINDOW_MIN = 32
-SCHEDULED_WINDOW = 10000
+SCHEDULED_MAX = 10000             # epoch jobs in memory, at most, once any is stored only
 JOB_BYTES = 600                   # memory a queued job takes besides its data and unique
+PAGING = object()                 # no job yet: the next one is being paged in
 
 
 class Pager:
@@ -1857,6 +1863,7 @@ class Pager:
         self.scheduled_cursor = None      # (when, seq) of the last stored epoch job paged in
         self.scheduled_stored = 0         # epoch jobs in the store only
         self.scheduled_paging = False
+        self.waiting_for_rows = {}        # job -> submissions to make again once it is written
 
     # -- start
 
@@ -1906,6 +1913,12 @@ class Pager:
             return WINDOW_MAX
         jobs = self.budget // self.job_bytes
         return max(WINDOW_MIN, min(WINDOW_MAX, jobs // (4 * (self.spilled + 1))))
+
+    def scheduled_window(self):
+        """How many epoch jobs memory holds before those due last stay in the store."""
+        if not self.budget:
+            return SCHEDULED_MAX
+        return max(WINDOW_MIN, min(SCHEDULED_MAX, self.budget // self.job_bytes // 4))
 
     def over_budget(self):
         return self.budget and len(self.queues.jobs) * self.job_bytes > self.budget
@@ -1980,8 +1993,8 @@ class Pager:
     # -- taking jobs
 
     def take(self, function):
-        """The next job of a function whose queue is spilled, priority first: None
-        while a higher priority's window is empty and its tail is being paged in."""
+        """The next job of a function whose queue is spilled, priority first; PAGING
+        while the window it would come from is empty and its tail is being paged in."""
         spill = function.spill
         queues = self.queues
         for priority, jobs in enumerate(function.queues):
@@ -1996,7 +2009,7 @@ class Pager:
                 self.refill(function, priority)
                 if jobs:                  # its stored part was all paged in already
                     return jobs.popleft()
-                return None
+                return PAGING
         return None
 
     def has_job(self, function):
@@ -2093,13 +2106,13 @@ class Pager:
             self.scheduled_stored += 1
             return
         self.queues.enqueue(job)
-        if cursor is None and self.queues.scheduled > SCHEDULED_WINDOW:
+        if cursor is None and self.queues.scheduled > self.scheduled_window():
             # Those due later than this one stay in the store; this one is the cursor.
             self.scheduled_cursor = (job.when, job.number)
 
     def fired(self):
         if (self.scheduled_cursor is not None and not self.scheduled_paging
-                and self.queues.scheduled * 2 < SCHEDULED_WINDOW):
+                and self.queues.scheduled * 2 < self.scheduled_window()):
             self.refill_scheduled()
 
     def refill_scheduled(self):
@@ -2109,7 +2122,7 @@ class Pager:
             self.scheduled_cursor = None
             return
         self.scheduled_paging = True
-        limit = SCHEDULED_WINDOW // 2
+        limit = max(self.scheduled_window() // 2, WINDOW_MIN)
         self.journal.ask("page_scheduled", (self.scheduled_cursor, limit),
                          functools.partial(self.paged_scheduled, limit))
 
@@ -2145,12 +2158,24 @@ class Pager:
         if len(rows) < limit:
             self.scheduled_stored = 0
             self.scheduled_cursor = None
+        else:
+            self.fired()                  # those due already took no timer
 
     # -- stored jobs a client asks about
 
-    def look_up(self, peer, function, unique, data, priority, when, reducer):
-        """A foreground submission with a unique, to a function with stored jobs: ask
-        the store whether one holds it, then submit. True if the peer now waits."""
+    def look_up(self, peer, job, function, unique, data, priority, when, reducer):
+        """A foreground submission with a unique, to a function with stored jobs: if
+        no job in memory has the unique, ask the store whether one holds it, then
+        submit. If the one in memory is a new job whose row is being written, it may
+        turn out to join a stored one: submit again once its row is. True if the
+        peer now waits."""
+        if job is not None:
+            if job.row != WRITING:
+                return False
+            self.loop.pause(peer)
+            self.waiting_for_rows.setdefault(job, []).append(functools.partial(
+                self.found, peer, function, unique, data, priority, when, reducer, None))
+            return True
         if not unique or (unique == b"-" and not data):
             return False
         key = payload_row_unique(data) if unique == b"-" else unique
@@ -2158,6 +2183,11 @@ class Pager:
         self.journal.ask("find", (function.name, key), functools.partial(
             self.found, peer, function, unique, data, priority, when, reducer))
         return True
+
+    def row_written(self, job):
+        """The journal has dealt with the job's written row: submit what waited for it."""
+        for submit in self.waiting_for_rows.pop(job, ()):
+            submit()
 
     def found(self, peer, function, unique, data, priority, when, reducer, row):
         queues = self.queues
@@ -2172,7 +2202,7 @@ class Pager:
             function.spill.pinned[job.handle] = job
         if not peer.closed:
             queues.submit(peer, function.name, unique, data, priority, False, when, reducer,
-                          looked_up=True)
+                          looked_up=row is not None)
             self.loop.resume(peer)
 
     def status_of_stored(self, peer, number, answer):
