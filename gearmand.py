@@ -3811,10 +3811,12 @@ def build_parser():
                          help="Bytes of large packets still arriving that all connections "
                               "together may hold; past it the connection adding more is "
                               "closed (default 512 MiB).")
-    general.add_argument("--queue-memory", type=memory_size, default=256 << 20,
-                         help="With a SQLite, MySQL or Postgres queue: memory for queued jobs "
-                              "(bytes, or with K, M, G; default 256M; 0 = no limit). Past it, "
-                              "a queue's tail stays in the store only and is paged in.")
+    general.add_argument("--queue-memory", type=memory_size, default=128 << 20,
+                         help="With a libsqlite3, MySQL or Postgres queue: memory for queued "
+                              "jobs (bytes, or with K, M, G; default 128M; 0 = no limit). Past "
+                              "it a queue's tail stays in the store only, paged in as needed. "
+                              "redis, libmemcached and libtokyocabinet queues are held in "
+                              "memory whole.")
     general.add_argument("--max-output", type=int, default=256 << 20,
                          help="Close connections that leave more unread replies (bytes; "
                               "default 256 MiB).")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.register_assert_rewrite("storetools", "gearproto")
+
 ROOT = Path(__file__).resolve().parent.parent
 IMPL = os.environ.get("GEARMAND_TEST_IMPL", "py")
 REQUIRE_SERVICES = os.environ.get("GEARMAND_TEST_REQUIRE_SERVICES") == "1"
