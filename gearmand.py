@@ -1549,7 +1549,7 @@ class StoreWriter(threading.Thread):
             self.stats.store_last_error_time = time.time()
             if getattr(error, "unavailable", False):
                 return every_job, {}
-        if dones:
+        if dones and adds:
             # Perhaps only a delete fails: the adds alone must not fail with it.
             try:
                 return set(), self.store.write(adds, []) or {}   # the deletes are retried later
@@ -1793,6 +1793,7 @@ class Journal:
                 if priority != NORMAL and priority != HIGH and priority != LOW:
                     priority = NORMAL
                 job = restore(unique, name, priority, data, when, seq, now)
+                self.queues.job_count = max(self.queues.job_count, seq)
                 if job is None:
                     # Two rows for one job (written by an older server): keep one.
                     self.dones.append((row_unique or unique, name, seq))
@@ -1930,11 +1931,19 @@ class Pager:
         in the store only if its queue is spilled."""
         function = job.function
         priority = job.priority
-        if job.when > 0 and job.when > time.time():
-            self.schedule(job)
+        if job.when:                      # an epoch job: it has no place in the stored FIFO
+            if job.when > time.time():
+                self.schedule(job)
+            else:
+                self.queues.enqueue(job)
             return
         spill = function.spill
         if spill is not None and spill.spilled(priority):
+            if job.number <= spill.cursor[priority]:
+                # Queued after the window was paged in (its row took longer than a
+                # foreground job's queueing): it comes before every stored job.
+                function.queues[priority].append(job)
+                return
             if job.clients:
                 spill.pinned[job.handle] = job    # a client waits: it stays in memory
             else:
@@ -1956,7 +1965,7 @@ class Pager:
         spill = self.spill_of(function)
         queues = self.queues
         window = [jobs.popleft() for _ in range(keep)]
-        highest = max((job.number for job in window), default=0)
+        highest = max((job.number for job in window if job.row == STORED), default=0)
         spill.cursor[priority] = highest
         behind = spill.behind[priority]
         stored = 0
@@ -1964,7 +1973,8 @@ class Pager:
             job = jobs.popleft()
             if job.ignore:
                 queues.discard(job)
-            elif job.row == STORED and not job.clients and job.number > highest:
+            elif (job.row == STORED and not job.clients and not job.when
+                  and job.number > highest):
                 queues.evict(job)
                 stored += 1
                 highest = job.number
@@ -2073,7 +2083,7 @@ class Pager:
                 continue                  # running, or behind: it has its place already
             spill.stored[priority] -= 1
             jobs.append(job)
-        if len(rows) < limit:
+        if len(rows) < limit or not spill.stored[priority]:
             if spill.stored[priority]:
                 self.log.info(f"{text(function.name)}: {spill.stored[priority]} stored jobs "
                               f"were gone from the store")
