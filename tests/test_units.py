@@ -1,10 +1,12 @@
 """Unit tests: gearmand.py's rooms driven in-process, no subprocess, no socket.
 
 Each collaborator has one small fake below (a clock, a log, a journal, a store, a
-backend, a writer, a loop); everything else is the real class. Expected values that
+backend, a writer, a loop, a paging store); everything else is the real class. The
+Pager's tests run the real StoreWriter in the test's thread (run_writer, turn). Expected values that
 C gearmand decides (gm_hash, atoi, the order of `status` rows) were checked once
 against C gearmand 1.1.20 and its source, and are written here as literals.
 """
+import collections
 import gc
 import hashlib
 import importlib.util
@@ -1255,6 +1257,14 @@ class FakeLoop:
         self.timers = gearmand.Timers()
         self.events = []
         self.woken = threading.Event()
+        self.resumed = []
+
+    def pause(self, peer):
+        peer.paused = True
+
+    def resume(self, peer):
+        peer.paused = False
+        self.resumed.append(peer)
 
     def emit(self, peer, ptype, payload):
         if peer.held is not None:
@@ -1283,12 +1293,12 @@ class FakeWriter:
         self.batches.append(batch)
 
 
-def make_journal(store=None, write_at_shutdown=False, **options):
+def make_journal(store=None, write_at_shutdown=False, queue_memory=0, **options):
     loop = FakeLoop()
     stats = gearmand.Stats()
     queues = gearmand.Queues(queue_options(**options), loop.emit, loop.timers, FakeLog(), stats)
     journal = gearmand.Journal(store or FakeStore(), queues, loop, FakeLog(), stats,
-                               write_at_shutdown)
+                               write_at_shutdown, queue_memory)
     journal.writer = FakeWriter()
     return journal, queues, loop
 
@@ -1571,6 +1581,748 @@ def test_journal_store_queue_on_shutdown():
     journal.writer = None
     journal.close()
     assert store.writes == [([(b"u", b"f", NORMAL, b"d", 0, 1)], [])]
+
+
+# --- Pager ------------------------------------------------------------------------------
+
+class PagingStore(FakeStore):
+    """A paging store over a table in memory, {seq: (unique, function, priority, data,
+    when)}, as SQLite pages: rows due now have when 0, and a key a stored row holds
+    already is not written again (the new job joins that row). `calls` records the
+    paging methods the writer ran."""
+
+    pages = True
+
+    def __init__(self, rows=()):
+        super().__init__()
+        self.table = {seq: (unique, function, priority, data, when)
+                      for unique, function, priority, data, when, seq in rows}
+        self.calls = []
+
+    def holder(self, function, unique):
+        for seq, (row_unique, name, _, _, _) in self.table.items():
+            if (row_unique, name) == (unique, function):
+                return seq
+        return None
+
+    def write(self, adds, dones):
+        super().write(adds, dones)
+        for _, _, seq in dones:
+            self.table.pop(seq, None)
+        joins = {}
+        for unique, function, priority, data, when, seq in adds:
+            held = self.holder(function, unique)
+            if held is None:
+                self.table[seq] = (unique, function, priority, data, when)
+            elif held != seq:
+                joins[seq] = held
+        return joins
+
+    def ordered(self):
+        return sorted(self.table.items())
+
+    def counts(self):
+        self.calls.append(("counts",))
+        due, scheduled = collections.Counter(), collections.Counter()
+        for _, (_, function, priority, _, when) in self.ordered():
+            if when:
+                scheduled[function] += 1
+            else:
+                due[function, priority] += 1
+        return (max(self.table, default=0), [key + (count,) for key, count in due.items()],
+                list(scheduled.items()))
+
+    def page(self, function, priority, after, limit):
+        self.calls.append(("page", function, priority, after, limit))
+        return [(seq, unique, data) for seq, (unique, name, row_priority, data, when)
+                in self.ordered() if (name, row_priority, when) == (function, priority, 0)
+                and seq > after][:limit]
+
+    def page_scheduled(self, after, limit):
+        self.calls.append(("page_scheduled", after, limit))
+        rows = sorted((when, seq, function, unique, priority, data) for seq, (
+            unique, function, priority, data, when) in self.ordered() if when)
+        return [row for row in rows if row[:2] > tuple(after)][:limit]
+
+    def find(self, function, unique):
+        self.calls.append(("find", function, unique))
+        seq = self.holder(function, unique)
+        if seq is None:
+            return None
+        _, _, priority, data, when = self.table[seq]
+        return seq, priority, data, when
+
+    def find_sequence(self, seq):
+        self.calls.append(("find_sequence", seq))
+        if seq not in self.table:
+            return None
+        unique, function, priority, data, when = self.table[seq]
+        return function, unique, priority, data, when
+
+    def delete_sequence(self, seq):
+        self.calls.append(("delete_sequence", seq))
+        if seq not in self.table:
+            return None
+        _, function, priority, _, when = self.table.pop(seq)
+        return function, priority, when
+
+    def delete_function(self, function):
+        self.calls.append(("delete_function", function))
+        for seq in [seq for seq, row in self.table.items() if row[1] == function]:
+            del self.table[seq]
+
+
+def stored_row(seq, unique=b"", function=b"f", priority=NORMAL, data=b"", when=0):
+    return (unique, function, priority, data, when, seq)
+
+
+def make_pager(rows=(), budget=0, **options):
+    """A Journal with a Pager over a PagingStore, replayed (counted), its writer
+    (not started: run_writer drives it) taking the place of the thread."""
+    store = PagingStore(rows)
+    journal, queues, loop = make_journal(store, queue_memory=budget, **options)
+    journal.writer = gearmand.StoreWriter(store, journal.writer_finished, FakeLog(),
+                                          journal.stats)
+    journal.replay()
+    return journal, queues, loop, store
+
+
+def run_writer(journal):
+    """What the writer thread does with the batches handed to it so far."""
+    journal.writer.submit(None)
+    journal.writer.run()                  # in this thread; it returns at the None
+
+
+def turn(journal):
+    """End the loop's turn, and let the writer and the loop finish everything it
+    started (deletes too, as DELETE_DELAY would), until nothing is left."""
+    for _ in range(100):
+        journal.end_turn()
+        if journal.dones:
+            journal.hand_to_writer()
+        if journal.writer.batches.empty():
+            return
+        run_writer(journal)
+        journal.collect()
+    raise AssertionError("the journal never settles")
+
+
+def queued_numbers(function, priority=NORMAL):
+    return [job.number for job in function.queues[priority]]
+
+
+def grab_all(queues, journal, worker):
+    """Grab and complete jobs until none is left, turning the loop between grabs;
+    the numbers of the jobs, in the order they were grabbed."""
+    numbers = []
+    for _ in range(10000):
+        job = queues.grab(worker)
+        if job is None:
+            turn(journal)
+            job = queues.grab(worker)
+            if job is None:
+                return numbers
+        numbers.append(job.number)
+        queues.complete(job, job.handle + b"\0")
+        turn(journal)
+        check_counts(journal)
+    raise AssertionError("endless")
+
+
+def check_counts(journal):
+    """The counts a spilled queue keeps (total, queued(), the Spill's) against the jobs
+    in memory, and, with nothing in flight, against the rows of the store."""
+    queues = journal.queues
+    idle = not journal.adds and not journal.adds_in_flight
+    store = None
+    if not journal.dones and journal.writer.batches.empty():
+        store = journal.store             # every write and delete is done
+    for function in queues.functions.values():
+        spill = function.spill
+        mine = [job for job in queues.jobs.values() if job.function is function]
+        stored = 0
+        if spill is not None:
+            stored = sum(spill.stored) + spill.scheduled - len(spill.pinned)
+            assert all(count >= 0 for count in spill.stored) and spill.scheduled >= 0
+        assert function.total == len(mine) + stored, function.name
+        if idle:
+            waiting = sum(function.queued(priority) for priority in (HIGH, NORMAL, LOW))
+            assert waiting + function.running == function.total, function.name
+        if store is not None and idle:
+            rows = {seq for seq, row in store.table.items() if row[1] == function.name}
+            kept = {job.number for job in mine if job.row == STORED}
+            assert kept <= rows, function.name
+            assert len(rows - kept) == stored, function.name
+    spilled = [f for f in queues.functions.values() if f.spill is not None]
+    if journal.pager is not None:
+        assert journal.pager.spilled == len(spilled)
+
+
+def make_admin(journal, loop):
+    server = types.SimpleNamespace(loop=loop, queues=journal.queues,
+                                   options=types.SimpleNamespace(admin_allow="any"),
+                                   log=types.SimpleNamespace(level_name="ERROR"))
+    admin = gearmand.Admin(server)
+
+    def command(conn, line):
+        before = len(loop.events)
+        admin.line(conn, line + b"\r")
+        return b"".join(data for peer, kind, data in loop.events[before:]
+                        if peer is conn and kind == "send")
+    return command
+
+
+# 256 jobs of 600 bytes: over budget past 256 jobs in memory; a queue's window is
+# 256 // (4 * (spilled functions + 1)): 64 while none is spilled, 32 with one.
+BUDGET = 600 * 256
+
+
+def test_journal_has_a_pager_only_for_a_paging_store_written_ahead():
+    journal, queues, _ = make_journal(PagingStore(), queue_memory=1000)
+    assert journal.pager is queues.pager and journal.pager.budget == 1000
+    assert make_journal(PagingStore(), write_at_shutdown=True)[0].pager is None
+    assert make_journal(FakeStore())[0].pager is None
+
+
+def test_pager_load_counts_and_spills_every_stored_queue(clock):
+    later = int(clock.time()) + 100
+    rows = [stored_row(1, b"a"), stored_row(2, b"b"), stored_row(3, b"c", priority=HIGH),
+            stored_row(4, b"d"), stored_row(5, b"e", b"g", LOW),
+            stored_row(6, b"s1", when=later), stored_row(9, b"s2", b"h", when=later + 1)]
+    journal, queues, loop, store = make_pager(rows)
+    pager = journal.pager
+    assert store.calls == [("counts",)]   # no row is read
+    assert queues.jobs == {} and journal.writer.batches.empty()
+    f, g, h = (queues.functions[name] for name in (b"f", b"g", b"h"))
+    assert pager.spilled == 3 and all(function.spill for function in (f, g, h))
+    assert (f.spill.stored, f.spill.scheduled, f.total) == ([1, 3, 0], 1, 5)
+    assert (f.queued(HIGH), f.queued(NORMAL), f.queued(LOW)) == (1, 4, 0)
+    assert (g.spill.stored, g.total, g.queued(LOW)) == ([0, 0, 1], 1, 1)
+    assert (h.spill.scheduled, h.total, h.queued(NORMAL)) == (1, 1, 1)
+    assert (pager.scheduled_stored, pager.scheduled_cursor) == (2, (-2 ** 63, 0))
+    assert journal.stats.replayed == 7 and pager.stored_count() == 7
+    assert pager.log.lines == [("NOTICE", "7 jobs in the persistent queue; paging them in")]
+    assert queues.job_count == 9          # above the highest stored seq
+    assert submit(queues, Client("c"), b"new").number == 10
+    command = make_admin(journal, loop)
+    assert sorted(command(Client("admin"), b"prioritystatus").split(b"\n")) == [
+        b"", b".", b"f\t1\t4\t0\t0", b"g\t0\t0\t1\t0", b"h\t0\t1\t0\t0", b"new\t0\t1\t0\t0"]
+    assert command(Client("admin"), b"show jobs") == (
+        b"H:test:10\t0\t0\t0\n# and 7 more in the persistent queue only\n.\n")
+
+
+def test_pager_start_asks_for_first_pages_and_a_short_page_makes_the_queue_resident(clock):
+    later = int(clock.time()) + 100
+    rows = [stored_row(1, b"a"), stored_row(2, b"b"), stored_row(3, b"c", priority=HIGH),
+            stored_row(4, b"d"), stored_row(5, b"e", b"g", LOW),
+            stored_row(6, b"s1", when=later)]
+    journal, queues, loop, store = make_pager(rows)
+    pager = journal.pager
+    pager.start()
+    f, g = queues.functions[b"f"], queues.functions[b"g"]
+    assert [(r.method, r.arguments) for r in journal.requests] == [
+        ("page", (b"f", HIGH, 0, 2000)), ("page", (b"f", NORMAL, 0, 2000)),
+        ("page", (b"g", LOW, 0, 2000)), ("page_scheduled", ((-2 ** 63, 0), 5000))]
+    assert f.spill.paging == [True, True, False] and pager.scheduled_paging
+    turn(journal)
+    assert (queued_numbers(f, HIGH), queued_numbers(f), queued_numbers(g, LOW)) == (
+        [3], [1, 2, 4], [5])
+    assert f.spill is None and g.spill is None and pager.spilled == 0
+    assert pager.scheduled_cursor is None and pager.scheduled_stored == 0
+    assert queues.scheduled == f.scheduled == 1
+    job = queues.jobs[b"H:test:2"]
+    assert (job.unique, job.row, job.queued, job.background) == (b"b", STORED, True, True)
+    assert (f.total, f.queued(NORMAL), f.queued(HIGH)) == (5, 4, 1)
+    check_counts(journal)
+    worker = Client("w")
+    queues.register(worker, b"f", 0)
+    assert grab_all(queues, journal, worker) == [3, 1, 2, 4]
+    clock.advance(100)
+    loop.timers.run_due()
+    assert grab_all(queues, journal, worker) == [6]
+    assert store.table == {5: (b"e", b"g", LOW, b"", 0)} and f.total == 0
+
+
+def test_pager_page_in_appends_in_seq_order_with_the_jobs_behind_merged_by_position(clock):
+    journal, queues, loop, store = make_pager(
+        [stored_row(seq, b"u%d" % seq) for seq in range(1, 41)], BUDGET)
+    f = queues.functions[b"f"]
+    client = Client("c")
+    early = submit(queues, client, data=b"fg")       # a foreground job: no row
+    assert early.number == 41 and list(f.spill.behind[NORMAL]) == [(41, early)]
+    written = submit(queues, client, unique=b"bg", background=True)
+    late = submit(queues, client, data=b"fg2")
+    turn(journal)                         # written's row is stored: the store only
+    assert written.handle not in queues.jobs and f.spill.stored[NORMAL] == 41
+    assert [position for position, _ in f.spill.behind[NORMAL]] == [41, 43]
+    assert f.queued(NORMAL) == f.total == 43
+    journal.pager.start()
+    turn(journal)
+    assert store.calls[1:] == [("page", b"f", NORMAL, 0, 32)]
+    assert queued_numbers(f) == list(range(1, 33)) and f.spill.cursor[NORMAL] == 32
+    check_counts(journal)
+    worker = Client("w")
+    queues.register(worker, b"f", 0)
+    assert grab_all(queues, journal, worker) == list(range(1, 41)) + [41, 42, 43]
+    assert store.calls[2:] == [("page", b"f", NORMAL, 32, 32)]   # when 15 were left
+    assert f.spill is None and f.total == 0 and store.table == {}
+
+
+def test_pager_settle_spills_a_queue_over_budget_keeping_a_window_then_evicts(clock):
+    journal, queues, loop, store = make_pager(budget=600 * 160)   # 160 jobs in memory
+    pager = journal.pager
+    client = Client("c")
+    for n in range(160):
+        submit(queues, client, unique=b"u%d" % n, background=True)
+    turn(journal)
+    f = queues.functions[b"f"]
+    assert f.spill is None and len(f.queues[NORMAL]) == 160       # at the budget, not over
+    over = submit(queues, client, unique=b"over", background=True)
+    turn(journal)
+    # 161 jobs: the queue keeps a window of 160 // 4 = 40 and leaves the rest in the store.
+    assert queued_numbers(f) == list(range(1, 41)) and f.spill.cursor[NORMAL] == 40
+    assert f.spill.stored == [0, 121, 0] and over.handle not in queues.jobs
+    assert len(queues.jobs) == 40 and pager.spilled == 1
+    assert (f.total, f.queued(NORMAL)) == (161, 161)
+    assert ("INFO", "queue f (normal) spilled: 121 jobs in the store only, 40 in memory") in \
+        pager.log.lines
+    assert queues.coalesce(f, b"u100", b"") is None               # evicted: not indexed
+    evicted = submit(queues, client, unique=b"next", background=True)
+    turn(journal)                         # the queue is spilled: straight to the store
+    assert evicted.handle not in queues.jobs and f.spill.stored[NORMAL] == 122
+    assert loop.to(client)[-1] == (JOB_CREATED, evicted.handle)
+    other = submit(queues, client, b"g", unique=b"g1", background=True)
+    turn(journal)                         # another queue stays in memory...
+    assert queues.jobs[other.handle] is other and queues.functions[b"g"].spill is None
+    check_counts(journal)
+    worker = Client("w")
+    queues.register(worker, b"f", 0)
+    assert grab_all(queues, journal, worker) == list(range(1, 163))
+    assert f.spill is None and pager.spilled == 0 and f.total == 0
+    assert [page[3:] for page in store.calls if page[0] == "page"] == [
+        (40, 32), (72, 32), (104, 32), (136, 32)]
+    assert list(store.table) == [163]
+
+
+def test_pager_spill_leaves_jobs_with_clients_or_out_of_order_in_memory_behind(clock):
+    journal, queues, loop, store = make_pager(budget=600 * 160)
+    client, worker = Client("c"), Client("w")
+    queues.register(worker, b"f", 0)
+    first = submit(queues, client, unique=b"first", background=True)
+    turn(journal)
+    assert queues.grab(worker) is first
+    for n in range(120):
+        submit(queues, client, unique=b"u%d" % n, background=True)
+    turn(journal)
+    waited = submit(queues, client, unique=b"waited", background=True)
+    submit(queues, Client("fg"), unique=b"waited")                # a client waits for it
+    turn(journal)
+    fg = submit(queues, client, data=b"foreground")              # no row to page in from
+    for n in range(37):
+        submit(queues, client, unique=b"v%d" % n, background=True)
+    turn(journal)
+    queues.peer_left(worker)              # first goes back: to the end of the queue
+    f = queues.functions[b"f"]
+    assert f.spill is None and len(queues.jobs) == 160
+    assert queued_numbers(f) == list(range(2, 161)) + [1]
+    last = submit(queues, client, unique=b"last", background=True)
+    turn(journal)                         # 161 in memory: spilled, window 160 // 4
+    assert (waited.number, fg.number, last.number) == (122, 123, 161)
+    assert queued_numbers(f) == list(range(2, 42))
+    assert [(position, job.number) for position, job in f.spill.behind[NORMAL]] == [
+        (121, 122), (121, 123), (160, 1)]
+    assert f.spill.stored[NORMAL] == 161 - 40 - 3 and len(queues.jobs) == 43
+    check_counts(journal)
+    worker = Client("w2")
+    queues.register(worker, b"f", 0)
+    # 122 and 123 come where they were, before 124; 1 before 161, after 160.
+    assert grab_all(queues, journal, worker) == list(range(2, 161)) + [1, 161]
+    assert f.spill is None and f.total == 0 and store.table == {}
+
+
+@pytest.mark.parametrize("spilled, budget, window", [
+    (1, 600 * 1600, 200), (3, 600 * 1600, 100), (7, 600 * 1600, 50), (15, 600 * 1600, 32),
+    (3, 0, 2000), (1, 600 * 100000, 2000),
+])
+def test_pager_windows_shrink_as_more_queues_are_spilled(spilled, budget, window):
+    rows = [stored_row(n, b"u", b"f%d" % n) for n in range(1, spilled + 1)]
+    journal, queues, loop, store = make_pager(rows, budget)
+    assert journal.pager.spilled == spilled and journal.pager.window() == window
+    journal.pager.start()
+    assert {request.arguments[3] for request in journal.requests} == {window}
+
+
+def test_pager_take_waits_for_a_higher_priority_being_paged_in():
+    journal, queues, loop, store = make_pager(
+        [stored_row(seq, b"h%d" % seq, priority=HIGH) for seq in (1, 2)])
+    client, worker = Client("c"), Client("w")
+    normal = submit(queues, client, data=b"normal")   # NORMAL is in memory
+    f = queues.functions[b"f"]
+    assert list(f.queues[NORMAL]) == [normal] and f.spill.stored == [2, 0, 0]
+    queues.register(worker, b"f", 0)
+    queues.sleep(worker)                  # nothing to hand out yet: no NOOP
+    assert loop.to(worker) == [] and [r.method for r in journal.requests] == ["page"]
+    assert queues.grab(worker) is None    # not the normal job, though it waits
+    assert f.spill.paging[HIGH] and len(journal.requests) == 1   # asked once
+    queues.sleep(worker)
+    turn(journal)
+    assert loop.to(worker) == [(NOOP, b"")]   # the page came in: a NOOP
+    assert grab_all(queues, journal, worker) == [1, 2, normal.number]
+
+
+def test_pager_requeue_into_a_spilled_queue_goes_behind_the_stored_jobs(clock):
+    journal, queues, loop, store = make_pager(
+        [stored_row(seq, b"u%d" % seq) for seq in range(1, 41)], BUDGET)
+    journal.pager.start()
+    turn(journal)
+    f = queues.functions[b"f"]
+    worker, client = Client("w"), Client("c")
+    queues.register(worker, b"f", 0)
+    job = queues.grab(worker)
+    assert job.number == 1 and f.queued(NORMAL) == 39 and f.running == 1
+    queues.peer_left(worker)              # it goes back, behind the 8 stored jobs
+    assert job not in f.queues[NORMAL] and list(f.spill.behind[NORMAL]) == [(40, job)]
+    assert job.retries == 1 and f.queued(NORMAL) == 40 and f.total == 40
+    newer = submit(queues, client, unique=b"newer", background=True)
+    turn(journal)
+    assert f.spill.stored[NORMAL] == 9    # written after the requeue: after it
+    check_counts(journal)
+    worker = Client("w2")
+    queues.register(worker, b"f", 0)
+    taken = []
+    while True:
+        grabbed = queues.grab(worker)
+        if grabbed is None:
+            turn(journal)
+            grabbed = queues.grab(worker)
+            if grabbed is None:
+                break
+        taken.append(grabbed)
+        queues.complete(grabbed, b"")
+        turn(journal)
+    assert [j.number for j in taken] == list(range(2, 41)) + [1, newer.number]
+    assert taken[-2] is job               # the same job, not a copy from its row
+
+
+def spilled_forty(**options):
+    """f: 40 stored jobs u1..u40 (data d1..d40); after start, 1..32 are in memory."""
+    journal, queues, loop, store = make_pager(
+        [stored_row(seq, b"u%d" % seq, data=b"d%d" % seq) for seq in range(1, 41)], BUDGET,
+        **options)
+    journal.pager.start()
+    turn(journal)
+    f = queues.functions[b"f"]
+    assert queued_numbers(f) == list(range(1, 33)) and f.spill.stored[NORMAL] == 8
+    return journal, queues, loop, store, f
+
+
+def test_pager_foreground_lookup_pins_the_stored_job_and_the_page_in_keeps_it(clock):
+    journal, queues, loop, store, f = spilled_forty()
+    client, other = Client("c"), Client("c2")
+    queues.submit(client, b"f", b"u38", b"mine", NORMAL, False)
+    assert client.paused and loop.to(client) == [] and queues.jobs.get(b"H:test:38") is None
+    assert [(r.method, r.arguments) for r in journal.requests] == [("find", (b"f", b"u38"))]
+    turn(journal)
+    assert loop.to(client) == [(JOB_CREATED, b"H:test:38")]
+    assert not client.paused and loop.resumed == [client]
+    pinned = queues.jobs[b"H:test:38"]
+    assert f.spill.pinned == {b"H:test:38": pinned} and pinned.clients == [client]
+    assert (pinned.data, pinned.row, pinned.background) == (b"d38", STORED, True)
+    assert pinned not in f.queues[NORMAL] and f.spill.stored[NORMAL] == 8   # still stored
+    assert (f.total, f.queued(NORMAL)) == (40, 40)
+    check_counts(journal)
+    queues.submit(other, b"f", b"u38", b"", NORMAL, False)   # in memory now: no find
+    assert loop.to(other) == [(JOB_CREATED, b"H:test:38")] and journal.requests == []
+    queues.submit(other, b"f", b"nowhere", b"", NORMAL, False)
+    turn(journal)                         # not stored: a new job, behind the stored ones
+    created = queues.jobs[b"H:test:41"]
+    assert loop.to(other)[-1] == (JOB_CREATED, b"H:test:41")
+    assert list(f.spill.behind[NORMAL]) == [(41, created)]
+    worker = Client("w")
+    queues.register(worker, b"f", 0)
+    taken = []
+    for _ in range(41):
+        job = queues.grab(worker)
+        taken.append(job)
+        queues.complete(job, job.handle + b"\0done")
+        turn(journal)
+        check_counts(journal)
+    assert [job.number for job in taken] == list(range(1, 42))
+    assert taken[37] is pinned and f.spill is None
+    assert (WORK_COMPLETE, b"H:test:38\0done") in loop.to(client)
+    assert (WORK_COMPLETE, b"H:test:38\0done") in loop.to(other)
+    assert store.table == {} and f.total == 0
+
+
+def test_pager_lookup_by_payload_for_unique_dash(clock):
+    data = b"same payload"
+    journal, queues, loop, store = make_pager(
+        [stored_row(1, gearmand.payload_row_unique(data), data=data)])
+    client = Client("c")
+    queues.submit(client, b"f", b"-", data, NORMAL, False)
+    assert [(r.method, r.arguments) for r in journal.requests] == [
+        ("find", (b"f", gearmand.payload_row_unique(data)))]
+    turn(journal)
+    assert loop.to(client) == [(JOB_CREATED, b"H:test:1")]
+    job = queues.jobs[b"H:test:1"]
+    assert (job.unique, job.row_unique) == (b"-", gearmand.payload_row_unique(data))
+    queues.submit(client, b"f", b"-", b"", NORMAL, False)    # no payload: nothing to find
+    assert journal.requests == [] and loop.to(client)[-1] == (JOB_CREATED, b"H:test:2")
+
+
+def test_pager_admin_cancel_of_a_pinned_job_and_of_a_stored_only_job(clock):
+    journal, queues, loop, store, f = spilled_forty()
+    command = make_admin(journal, loop)
+    admin, client = Client("admin"), Client("c")
+    queues.submit(client, b"f", b"u38", b"", NORMAL, False)
+    turn(journal)
+    assert command(admin, b"cancel job H:test:38") == b"OK\r\n"
+    assert loop.to(client)[-1] == (WORK_FAIL, b"H:test:38")
+    assert b"H:test:38" not in queues.jobs and f.spill.pinned == {}
+    assert f.spill.cancelled == {38} and f.spill.stored[NORMAL] == 7
+    assert (f.total, f.queued(NORMAL)) == (39, 39)
+    assert command(admin, b"cancel job H:test:39") == b""        # the store answers later
+    assert admin.paused
+    turn(journal)
+    assert loop.to(admin)[-1] == ("send", b"OK\r\n") and not admin.paused
+    assert ("delete_sequence", 39) in store.calls and 39 not in store.table
+    assert f.spill.cancelled == {38, 39} and f.spill.stored[NORMAL] == 6
+    assert (f.total, f.queued(NORMAL)) == (38, 38)
+    check_counts(journal)
+    command(admin, b"cancel job H:test:99")
+    turn(journal)
+    assert loop.to(admin)[-1] == ("send", b"ERR UNKNOWN_JOB\r\n")
+    assert command(admin, b"cancel job H:elsewhere:5") == b"ERR UNKNOWN_JOB\r\n"
+    assert b"more in the persistent queue only" in command(admin, b"show jobs")
+    worker = Client("w")
+    queues.register(worker, b"f", 0)
+    assert grab_all(queues, journal, worker) == list(range(1, 38)) + [40]
+    assert f.spill is None and not store.table
+
+
+def test_pager_a_page_read_before_a_pinned_job_was_cancelled_skips_its_row(clock):
+    journal, queues, loop, store = make_pager(
+        [stored_row(seq, b"u%d" % seq) for seq in range(1, 81)], BUDGET)
+    journal.pager.start()
+    turn(journal)
+    f = queues.functions[b"f"]
+    command = make_admin(journal, loop)
+    client, worker = Client("c"), Client("w")
+    queues.submit(client, b"f", b"u38", b"", NORMAL, False)
+    turn(journal)
+    queues.register(worker, b"f", 0)
+    for _ in range(17):                   # down to 15 of 32: the next page is asked for
+        queues.complete(queues.grab(worker), b"")
+    assert [r.method for r in journal.requests] == ["page"]
+    journal.end_turn()
+    run_writer(journal)                   # the writer reads rows 33..64, 38 among them
+    assert command(Client("admin"), b"cancel job H:test:38") == b"OK\r\n"
+    assert f.spill.cancelled == {38} and f.spill.stored[NORMAL] == 47
+    journal.collect()                     # then the loop takes the page in
+    assert b"H:test:38" not in queues.jobs and f.spill.cancelled == set()
+    assert queued_numbers(f) == list(range(18, 38)) + list(range(39, 65))
+    assert f.spill.stored[NORMAL] == 16 and f.spill.cursor[NORMAL] == 64
+    check_counts(journal)
+    turn(journal)
+    check_counts(journal)
+    assert 38 not in store.table
+    assert grab_all(queues, journal, worker) == list(range(18, 38)) + list(range(39, 81))
+
+
+def test_pager_a_page_read_before_a_stored_only_job_was_cancelled_skips_its_row(clock):
+    journal, queues, loop, store, f = spilled_forty()
+    command = make_admin(journal, loop)
+    worker = Client("w")
+    queues.register(worker, b"f", 0)
+    for _ in range(17):
+        queues.complete(queues.grab(worker), b"")
+    page = journal.requests.pop()         # the page-in, read now but answered later
+    page.run(store)
+    assert [seq for seq, _, _ in page.result] == list(range(33, 41))
+    command(Client("admin"), b"cancel job H:test:36")
+    turn(journal)                         # the row is deleted, the counts lowered
+    assert f.spill.cancelled == {36} and f.spill.stored[NORMAL] == 7 and f.total == 22
+    page.answer(page.result)
+    assert b"H:test:36" not in queues.jobs
+    assert queued_numbers(f) == list(range(18, 36)) + list(range(37, 41))
+    assert f.spill is None and f.total == 22
+    check_counts(journal)
+
+
+def test_pager_a_stored_only_cancel_of_a_job_paged_in_meanwhile_cancels_it_in_memory(clock):
+    journal, queues, loop, store, f = spilled_forty()
+    command = make_admin(journal, loop)
+    admin, worker = Client("admin"), Client("w")
+    queues.register(worker, b"f", 0)
+    for _ in range(17):
+        queues.complete(queues.grab(worker), b"")
+    journal.end_turn()                    # the page-in goes to the writer first,
+    command(admin, b"cancel job H:test:36")   # then the delete, alone
+    turn(journal)
+    assert loop.to(admin)[-1] == ("send", b"OK\r\n")
+    job = queues.jobs[b"H:test:36"]       # paged in before the delete's answer came
+    assert job.ignore and f.spill is None and f.total == 23
+    assert grab_all(queues, journal, worker) == list(range(18, 36)) + list(range(37, 41))
+    assert f.total == 0 and store.table == {}
+
+
+def test_pager_drop_function_deletes_its_stored_jobs_and_ignores_pages_on_their_way(clock):
+    later = int(clock.time()) + 60
+    rows = [stored_row(seq, b"u%d" % seq) for seq in range(1, 41)] + [
+        stored_row(41, b"s", when=later), stored_row(42, b"g1", b"g"),
+        stored_row(43, b"g2", b"g", when=later)]
+    journal, queues, loop, store = make_pager(rows, BUDGET)
+    command = make_admin(journal, loop)
+    pager = journal.pager
+    client = Client("c")
+    fg = submit(queues, client, data=b"waits")        # a foreground job of f, in memory
+    pager.start()                         # pages of f and g, and of the epoch jobs, asked
+    assert pager.spilled == 2 and pager.scheduled_stored == 2
+    assert command(Client("admin"), b"drop function f") == b"OK\r\n"
+    assert loop.to(client) == [(JOB_CREATED, fg.handle), (WORK_FAIL, fg.handle)]
+    assert b"f" not in queues.functions and pager.spilled == 1 and pager.scheduled_stored == 1
+    turn(journal)                         # the pages read before the delete come in
+    assert ("delete_function", b"f") in store.calls
+    assert sorted(store.table) == [42, 43]
+    assert [job.number for job in queues.jobs.values()] == [42, 43]
+    assert b"f" not in queues.functions and pager.stored_count() == 0
+    g = queues.functions[b"g"]
+    assert g.spill is None and g.total == 2 and pager.spilled == 0
+    check_counts(journal)
+    again = submit(queues, client, b"f", data=b"again")     # a new function f
+    assert queues.functions[b"f"].spill is None and queues.functions[b"f"].total == 1
+    assert again.number == 45
+
+
+def test_pager_a_background_job_whose_key_a_stored_job_holds_joins_it(clock):
+    journal, queues, loop, store, f = spilled_forty()
+    client = Client("c")
+    job = submit(queues, client, unique=b"u39", data=b"other", background=True)
+    assert job.number == 41 and f.total == 41
+    turn(journal)                         # the store says seq 39 holds (u39, f)
+    assert loop.to(client) == [(JOB_CREATED, b"H:test:39")]
+    assert b"H:test:41" not in queues.jobs and 41 not in store.table
+    assert store.table[39] == (b"u39", b"f", NORMAL, b"d39", 0)
+    assert (f.total, f.queued(NORMAL), f.spill.stored[NORMAL]) == (40, 40, 8)
+    check_counts(journal)
+
+
+def test_pager_pages_epoch_jobs_in_by_when_then_seq(clock, monkeypatch):
+    monkeypatch.setattr(gearmand, "SCHEDULED_WINDOW", 4)   # pages of 2 epoch jobs
+    t = int(clock.time())
+    rows = [stored_row(1, b"a", when=t + 30), stored_row(2, b"b", when=t + 10),
+            stored_row(3, b"c", when=t + 20), stored_row(4, b"d", when=t + 10),
+            stored_row(5, b"e", when=t + 40)]
+    journal, queues, loop, store = make_pager(rows)
+    pager = journal.pager
+    f = queues.functions[b"f"]
+    assert (f.spill.scheduled, f.queued(NORMAL), f.total) == (5, 5, 5)
+    pager.start()
+    turn(journal)
+    assert store.calls[1:] == [("page_scheduled", (-2 ** 63, 0), 2)]
+    assert sorted(queues.jobs) == [b"H:test:2", b"H:test:4"]
+    assert pager.scheduled_cursor == (t + 10, 4) and pager.scheduled_stored == 3
+    assert (f.scheduled, queues.scheduled, f.spill.scheduled) == (2, 2, 3)
+    assert (f.queued(NORMAL), f.total) == (5, 5)
+    client = Client("c")
+    later = submit(queues, client, unique=b"later", background=True, when=t + 35)
+    sooner = submit(queues, client, unique=b"sooner", background=True, when=t + 5)
+    turn(journal)
+    # Due after the last one paged in: the store only. Before it: a timer in memory.
+    assert later.handle not in queues.jobs and queues.jobs[sooner.handle] is sooner
+    assert (f.spill.scheduled, pager.scheduled_stored, f.scheduled) == (4, 4, 3)
+    assert (f.queued(NORMAL), f.total) == (7, 7)
+    check_counts(journal)
+    worker = Client("w")
+    queues.register(worker, b"f", 0)
+    order = []
+    for _ in range(8):
+        clock.advance(5)
+        loop.timers.run_due()             # fewer than half a window waits: a page-in
+        turn(journal)
+        check_counts(journal)
+        order += grab_all(queues, journal, worker)
+    assert order == [sooner.number, 2, 4, 3, 1, later.number, 5]
+    # The third page brings the last two it counted: no fourth is asked for.
+    assert [call[1:] for call in store.calls if call[0] == "page_scheduled"] == [
+        ((-2 ** 63, 0), 2), ((t + 10, 4), 2), ((t + 30, 1), 2)]
+    assert pager.scheduled_cursor is None and pager.scheduled_stored == 0
+    assert f.spill is None and f.total == 0 and store.table == {}
+
+
+def test_pager_keeps_epoch_jobs_due_after_a_full_window_in_the_store(clock, monkeypatch):
+    monkeypatch.setattr(gearmand, "SCHEDULED_WINDOW", 4)
+    t = int(clock.time())
+    journal, queues, loop, store = make_pager()
+    pager = journal.pager
+    client = Client("c")
+    jobs = [submit(queues, client, unique=b"e%d" % n, background=True, when=t + 10 + n)
+            for n in range(1, 8)]
+    turn(journal)
+    # The fifth is one past the window: it is the cursor, and those due after it wait
+    # in the store; one due sooner than the cursor still waits in memory.
+    assert pager.scheduled_cursor == (t + 15, 5)
+    assert [job.handle in queues.jobs for job in jobs] == [True] * 5 + [False] * 2
+    f = queues.functions[b"f"]
+    assert (f.scheduled, f.spill.scheduled, f.total, f.queued(NORMAL)) == (5, 2, 7, 7)
+    sooner = submit(queues, client, unique=b"sooner", background=True, when=t + 1)
+    turn(journal)
+    assert queues.jobs[sooner.handle] is sooner and f.scheduled == 6
+    check_counts(journal)
+    worker = Client("w")
+    queues.register(worker, b"f", 0)
+    order = []
+    for _ in range(20):
+        clock.advance(1)
+        loop.timers.run_due()
+        turn(journal)
+        check_counts(journal)
+        order += grab_all(queues, journal, worker)
+    assert order == [sooner.number, 1, 2, 3, 4, 5, 6, 7]
+    assert [call[1:] for call in store.calls if call[0] == "page_scheduled"] == [
+        ((t + 15, 5), 2)]
+    assert pager.scheduled_cursor is None and f.spill is None and store.table == {}
+
+
+def test_pager_counts_stay_true_through_spill_page_in_run_and_completion(clock):
+    journal, queues, loop, store = make_pager(
+        [stored_row(seq, b"s%d" % seq, priority=(HIGH, NORMAL, LOW)[seq % 3])
+         for seq in range(1, 91)], BUDGET)
+    command = make_admin(journal, loop)
+    admin = Client("admin")
+    pager = journal.pager
+    f = queues.functions[b"f"]
+
+    def status():
+        return command(admin, b"status"), command(admin, b"prioritystatus")
+
+    assert status() == (b"f\t90\t0\t0\n.\n", b"f\t30\t30\t30\t0\n.\n")
+    pager.start()
+    turn(journal)
+    assert status() == (b"f\t90\t0\t0\n.\n", b"f\t30\t30\t30\t0\n.\n")
+    check_counts(journal)
+    client, worker = Client("c"), Client("w")
+    for n in range(300):                  # over budget: another spill
+        submit(queues, client, unique=b"n%d" % n, background=True, priority=n % 3)
+    turn(journal)
+    check_counts(journal)
+    submit(queues, client, data=b"foreground")
+    check_counts(journal)
+    assert status() == (b"f\t391\t0\t0\n.\n", b"f\t130\t131\t130\t0\n.\n")
+    assert len(queues.jobs) <= 256 + 32
+    queues.register(worker, b"f", 0)
+    running = [queues.grab(worker) for _ in range(3)]
+    turn(journal)
+    assert status() == (b"f\t391\t3\t1\n.\n", b"f\t127\t131\t130\t1\n.\n")
+    check_counts(journal)
+    for job in running:
+        queues.complete(job, b"")
+    turn(journal)
+    assert status() == (b"f\t388\t0\t1\n.\n", b"f\t127\t131\t130\t1\n.\n")
+    done = grab_all(queues, journal, worker)
+    assert len(done) == 388 and len(set(done)) == 388
+    assert status() == (b"f\t0\t0\t1\n.\n", b"f\t0\t0\t0\t1\n.\n")
+    assert f.spill is None and pager.spilled == 0 and store.table == {}
 
 
 # --- parse_options ----------------------------------------------------------------------
