@@ -2092,6 +2092,21 @@ def test_pager_lookup_by_payload_for_unique_dash(clock):
     assert journal.requests == [] and loop.to(client)[-1] == (JOB_CREATED, b"H:test:2")
 
 
+def test_pager_status_of_a_job_in_the_store_only(clock):
+    journal, queues, loop, store, f = spilled_forty()
+    client, answers = Client("c"), []
+
+    def answer(peer, known):
+        answers.append((peer, known))
+
+    for asked, number in enumerate((39, 99)):
+        journal.pager.status_of_stored(client, number, answer)
+        assert client.paused and len(answers) == asked     # until the store answers
+        turn(journal)
+    assert answers == [(client, True), (client, False)] and not client.paused
+    assert ("find_sequence", 39) in store.calls and f.total == 40
+
+
 def test_pager_admin_cancel_of_a_pinned_job_and_of_a_stored_only_job(clock):
     journal, queues, loop, store, f = spilled_forty()
     command = make_admin(journal, loop)
