@@ -185,8 +185,12 @@ def c_integer(text, bits=64):
 
 
 def atoi(text):
-    value = c_integer(text, 32)
-    return 0 if value is None else value
+    """glibc's atoi: (int)strtol(), so a value past 32 bits wraps (past 64 it saturates first)."""
+    match = _LEADING_INTEGER.match(text)
+    if not match:
+        return 0
+    value = max(-(1 << 63), min(int(match.group(1)), (1 << 63) - 1))
+    return ((value + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
 
 
 def gm_hash(data):
@@ -2132,7 +2136,7 @@ class Pager:
             self.scheduled_cursor = None
             return
         self.scheduled_paging = True
-        limit = max(self.scheduled_window() // 2, WINDOW_MIN)
+        limit = max(self.scheduled_window() // 2, 1)
         self.journal.ask("page_scheduled", (self.scheduled_cursor, limit),
                          functools.partial(self.paged_scheduled, limit))
 
@@ -2184,7 +2188,7 @@ class Pager:
                 return False
             self.loop.pause(peer)
             self.waiting_for_rows.setdefault(job, []).append(functools.partial(
-                self.found, peer, function, unique, data, priority, when, reducer, None))
+                self.resubmit, peer, function.name, unique, data, priority, when, reducer))
             return True
         if not unique or (unique == b"-" and not data):
             return False
@@ -2212,7 +2216,12 @@ class Pager:
             function.spill.pinned[job.handle] = job
         if not peer.closed:
             queues.submit(peer, function.name, unique, data, priority, False, when, reducer,
-                          looked_up=row is not None)
+                          looked_up=True)
+            self.loop.resume(peer)
+
+    def resubmit(self, peer, name, unique, data, priority, when, reducer):
+        if not peer.closed:
+            self.queues.submit(peer, name, unique, data, priority, False, when, reducer)
             self.loop.resume(peer)
 
     def status_of_stored(self, peer, number, answer):

@@ -210,8 +210,6 @@ def test_atoi_in_range(text, expected):
 # 2147483648/4294967295 (ours: 0/0); 4294967297/9999999999 gives 1/1410065407; a
 # numerator of 99999999999999999999 gives 4294967295; and `maxqueue g 4294967298`
 # limits g to 2 jobs (ours: no limit).
-@pytest.mark.xfail(strict=True, reason="atoi() returns 0 outside 32 bits where glibc's "
-                   "atoi wraps (int)strtol(): WORK_STATUS and maxqueue differ from C")
 @pytest.mark.parametrize("text, expected", [
     (b"2147483648", -2147483648), (b"4294967295", -1), (b"4294967297", 1),
     (b"-2147483649", 2147483647), (b"9999999999", 1410065407),
@@ -719,9 +717,6 @@ def test_writer_tries_a_failed_delete_once_more_at_stop():
     assert store.times[-1] - store.times[0] < 0.1
 
 
-@pytest.mark.xfail(strict=True, reason="StoreWriter.write() falls back to "
-                   "store.write(adds, []) when a write with deletes fails, even when there "
-                   "are no adds: a refused delete-only batch costs an empty transaction")
 def test_writer_failed_deletes_alone_do_not_write_an_empty_batch():
     store = FakeStore(lambda adds, dones: StoreError("locked") if dones else None)
     writer = Writer(store)
@@ -1539,9 +1534,6 @@ def test_journal_replay_of_a_store_with_seqs_keeps_them_as_handle_numbers(clock)
     assert submit(queues, Client("c"), unique=b"d").handle == b"H:test:10"
 
 
-@pytest.mark.xfail(strict=True, reason="Journal.replay() skips a duplicate row before "
-                   "Queues.restore() counts its seq: job_count stays below the highest stored "
-                   "seq, and a new job takes the seq of a row whose delete is still pending")
 def test_journal_replay_counts_the_seq_of_a_duplicate_row_too(clock):
     rows = [(b"a", b"f", NORMAL, b"1", 0, 5), (b"a", b"f", NORMAL, b"again", 0, 9)]
     journal, queues, loop = make_journal(FakeStore(rows=rows))
@@ -1868,10 +1860,6 @@ def test_pager_page_in_appends_in_seq_order_with_the_jobs_behind_merged_by_posit
     assert f.spill is None and f.total == 0 and store.table == {}
 
 
-@pytest.mark.xfail(strict=True, reason="Pager.paged() ends a queue's spill only on a "
-                   "short page (len(rows) < limit): a full page that brings the last stored "
-                   "job leaves an empty Spill forever, so every foreground submission with a "
-                   "unique waits for a find in the store, and other windows stay smaller")
 def test_pager_a_full_page_that_brings_the_last_stored_job_makes_the_queue_resident():
     journal, queues, loop, store = make_pager(
         [stored_row(seq, b"u%d" % seq) for seq in range(1, 33)], BUDGET)
@@ -1879,7 +1867,7 @@ def test_pager_a_full_page_that_brings_the_last_stored_job_makes_the_queue_resid
     journal.pager.start()
     turn(journal)
     assert store.calls[1:] == [("page", b"f", NORMAL, 0, 32)]   # exactly the 32 stored
-    assert queued_numbers(f) == list(range(1, 33)) and f.spill.stored == [0, 0, 0]
+    assert queued_numbers(f) == list(range(1, 33)) and f.spill is None
     worker = Client("w")
     queues.register(worker, b"f", 0)
     assert grab_all(queues, journal, worker) == list(range(1, 33))
@@ -2245,7 +2233,7 @@ def test_pager_a_background_job_whose_key_a_stored_job_holds_joins_it(clock):
 
 
 def test_pager_pages_epoch_jobs_in_by_when_then_seq(clock, monkeypatch):
-    monkeypatch.setattr(gearmand, "SCHEDULED_WINDOW", 4)   # pages of 2 epoch jobs
+    monkeypatch.setattr(gearmand.Pager, "scheduled_window", lambda self: 4)   # pages of 2
     t = int(clock.time())
     rows = [stored_row(1, b"a", when=t + 30), stored_row(2, b"b", when=t + 10),
             stored_row(3, b"c", when=t + 20), stored_row(4, b"d", when=t + 10),
@@ -2288,7 +2276,7 @@ def test_pager_pages_epoch_jobs_in_by_when_then_seq(clock, monkeypatch):
 
 
 def test_pager_keeps_epoch_jobs_due_after_a_full_window_in_the_store(clock, monkeypatch):
-    monkeypatch.setattr(gearmand, "SCHEDULED_WINDOW", 4)
+    monkeypatch.setattr(gearmand.Pager, "scheduled_window", lambda self: 4)
     t = int(clock.time())
     journal, queues, loop, store = make_pager()
     pager = journal.pager
@@ -2321,10 +2309,6 @@ def test_pager_keeps_epoch_jobs_due_after_a_full_window_in_the_store(clock, monk
     assert pager.scheduled_cursor is None and f.spill is None and store.table == {}
 
 
-@pytest.mark.xfail(strict=True, reason="Pager.settle() leaves an epoch job that is due "
-                   "already (0 < when <= now) in the store only when its queue is spilled, "
-                   "counted in spill.stored, but page() reads only rows with when_to_run 0: "
-                   "it never comes back, and the last page-in drops it as gone from the store")
 def test_pager_an_epoch_job_due_already_in_a_spilled_queue_still_runs(clock):
     journal, queues, loop, store, f = spilled_forty()
     client = Client("c")
@@ -2336,10 +2320,6 @@ def test_pager_an_epoch_job_due_already_in_a_spilled_queue_still_runs(clock):
     assert grab_all(queues, journal, worker) == list(range(1, 41)) + [due.number]
 
 
-@pytest.mark.xfail(strict=True, reason="Pager.spill() evicts a due epoch job from the tail "
-                   "of a queue like any stored job (row STORED, number past the window), but "
-                   "its row has when_to_run != 0, which page() never reads: the job is lost "
-                   "until a restart")
 def test_pager_an_epoch_job_that_fell_due_survives_a_spill(clock):
     journal, queues, loop, store = make_pager(budget=600 * 160)
     client = Client("c")
@@ -2355,18 +2335,13 @@ def test_pager_an_epoch_job_that_fell_due_survives_a_spill(clock):
     for n in range(120):
         submit(queues, client, unique=b"v%d" % n, background=True)
     turn(journal)                         # 161 in memory: the queue spills
-    assert f.spill is not None and epoch.handle not in queues.jobs
+    # It has no place in the stored FIFO (its row is an epoch row): it waits behind.
+    assert f.spill is not None and epoch.handle in queues.jobs
     worker = Client("w")
     queues.register(worker, b"f", 0)
     assert grab_all(queues, journal, worker) == list(range(1, 162))
 
 
-@pytest.mark.xfail(strict=True, reason="Pager.spill() takes the highest number in the "
-                   "window as the cursor, and a foreground job queued at submission ahead of "
-                   "background jobs still being written has a higher number than they: "
-                   "settle() then evicts those jobs with seqs below the cursor, page() never "
-                   "reads them, and the last page-in writes them off as gone from the store: "
-                   "acknowledged jobs do not run (until a restart)")
 def test_pager_a_foreground_job_in_the_window_does_not_lose_the_jobs_written_after_it(clock):
     journal, queues, loop, store = make_pager(budget=600 * 160)   # a first spill keeps 40
     client = Client("c")
