@@ -1968,7 +1968,7 @@ class Server:
             return
         if job.clients:
             exception = packet(WORK_EXCEPTION, b"\0".join(args))
-            downgraded = packet(WORK_FAIL, job.handle + b"\0")   # as C sends it
+            downgraded = packet(WORK_FAIL, job.handle)   # C 1.1.20 adds a stray NUL
             for client in reversed(job.clients):
                 self.send(client, exception if client.exceptions else downgraded)
         self.stats.failed[KINDS[job.background]] += 1

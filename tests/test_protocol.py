@@ -412,7 +412,8 @@ def test_work_fail_forwarded(srv):
     assert srv.status() == {"f": (0, 0, 1)}
 
 
-def test_work_exception_becomes_work_fail_with_nul_without_exceptions_option(srv):
+@pytest.mark.skipif(IMPL == "c", reason="C 1.1.20 sends the handle and a stray NUL (issue #12)")
+def test_work_exception_becomes_work_fail_without_exceptions_option(srv):
     plain, opted, w = srv.connect(), srv.connect(), srv.connect()
     send(opted, OPTION_REQ, "exceptions")
     expect(opted, OPTION_RES, "exceptions")
@@ -421,7 +422,7 @@ def test_work_exception_becomes_work_fail_with_nul_without_exceptions_option(srv
     can_do(w, "f")
     grab(w)
     send(w, WORK_EXCEPTION, h, "boom")
-    expect(plain, WORK_FAIL, h + b"\0")
+    expect(plain, WORK_FAIL, h)
     expect(opted, WORK_EXCEPTION, h, "boom")
     sync(plain)
     sync(opted)
