@@ -867,6 +867,25 @@ class Stats:
                                          0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
 
 
+TRIM_AFTER_FREEING = 1 << 20   # bytes of tables freed at once that make it worth a trim
+_malloc_trim = None
+
+
+def trim_malloc():
+    """Give back to the system the free memory glibc's malloc keeps after large frees
+    (it keeps up to twice the largest block it freed); nothing where there is no
+    malloc_trim."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (ImportError, OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
 class Server:
     """The job server: functions, jobs, connections, one selectors loop."""
 
@@ -1555,8 +1574,22 @@ class Server:
     def discard(self, job):
         if self.jobs.pop(job.handle, None) is None:
             return
-        job.function.total -= 1
+        function = job.function
+        function.total -= 1
         self.unindex(job)
+        if not function.total:
+            # Dicts never shrink and deques keep spare blocks: an empty function lets
+            # go of what it grew while it was deep (it stays listed, as in C), and so
+            # does the job table once no job is left. clear() frees a dict's table.
+            freed = sys.getsizeof(function.by_unique) + sys.getsizeof(function.by_payload)
+            function.by_unique.clear()
+            function.by_payload.clear()
+            function.queues = (collections.deque(), collections.deque(), collections.deque())
+            if not self.jobs:
+                freed += sys.getsizeof(self.jobs)
+                self.jobs.clear()
+            if freed > TRIM_AFTER_FREEING:
+                trim_malloc()
         if self.progress:
             self.progress.pop(job, None)
         if job.clients:
