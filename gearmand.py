@@ -712,25 +712,39 @@ def store_class(queue_type):
     if driver and importlib.util.find_spec(driver.split(".")[0]) is None:
         raise StoreError(f"queue type {title} needs {DRIVER_PACKAGES[driver]}: "
                          f"pip install 'gearmand-py[{extra}]'")
-    # Next to this file in a checkout or a plain copy; gearmand_extras when pip-installed.
-    name = "gearmand_extras." + module_name
+    # The backends are extras/ beside this file. Vendored in a package (myproj/gearmand.py)
+    # they are its subpackage (myproj.extras); a checkout or a plain copy loads them as
+    # gearmand_extras, the package pip installs beside the module gearmand.
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "extras", module_name + ".py")
+    name = (f"{__package__}.extras." if __package__ else "gearmand_extras.") + module_name
+    if name not in sys.modules and not os.path.isfile(path) and (
+            __package__ or importlib.util.find_spec("gearmand_extras") is None):
+        raise StoreError(f"queue type {title} needs extras/{module_name}.py next to "
+                         f"gearmand.py: copy it there, or pip install "
+                         f"'gearmand-py[{extra or 'all'}]'")
+
+    def driver_failed(error):
+        # The driver is there but does not load (too old, a missing system library).
+        return StoreError(f"queue type {title}: cannot load its driver ({error}): "
+                          f"pip install --upgrade 'gearmand-py[{extra or 'all'}]'")
     try:
-        if name not in sys.modules and os.path.isfile(path):
+        if driver:
+            importlib.import_module(driver)
+    except ImportError as error:
+        raise driver_failed(error) from None
+    try:
+        if name not in sys.modules and not __package__ and os.path.isfile(path):
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
             spec.loader.exec_module(module)
-        elif importlib.util.find_spec("gearmand_extras") is None:
-            raise StoreError(f"queue type {title} needs extras/{module_name}.py next to "
-                             f"gearmand.py: copy it there, or pip install "
-                             f"'gearmand-py[{extra or 'all'}]'")
         return getattr(importlib.import_module(name), class_name)
     except ImportError as error:
-        # The driver is there but does not load (too old, a missing system library).
         sys.modules.pop(name, None)
-        raise StoreError(f"queue type {title}: cannot load its driver ({error}): "
-                         f"pip install --upgrade 'gearmand-py[{extra or 'all'}]'") from None
+        if driver and (error.name or "").split(".")[0] == driver.split(".")[0]:
+            raise driver_failed(error) from None      # a part the backend needs is missing
+        raise StoreError(f"queue type {title}: cannot load {name} ({error}): extras/ and "
+                         f"gearmand.py must come from the same release") from None
 
 
 # --- logging ------------------------------------------------------------------
@@ -3035,6 +3049,10 @@ def run(options):
 
 
 if __name__ == "__main__":
-    # Backends in extras/ import this module by name; let them find this copy.
+    # Backends in extras/ import this module by name (gearmand, or myproj.gearmand when
+    # vendored and run as python -m myproj.gearmand): let them find this copy, not load
+    # a second one whose StoreError the server would not catch.
     sys.modules.setdefault("gearmand", sys.modules[__name__])
+    if __spec__ is not None:
+        sys.modules.setdefault(__spec__.name, sys.modules[__name__])
     sys.exit(main())
