@@ -9,7 +9,6 @@ and a distinct payload) while workers pipeline grabs and completions.
 """
 import os
 import selectors
-import socket
 import struct
 import time
 
