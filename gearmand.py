@@ -359,6 +359,26 @@ class Peer:
         self.paused = False               # its request waits for the store: read no further
 
 
+SHRINK_FROM = 8192              # bytes of a function's dicts that are worth giving back
+TRIM_AFTER_FREEING = 1 << 20   # bytes of tables freed at once that make it worth a trim
+_malloc_trim = None
+
+
+def trim_malloc():
+    """Give back to the system the free memory glibc's malloc keeps after large frees
+    (it keeps up to twice the largest block it freed); nothing where there is no
+    malloc_trim."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (ImportError, OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
 class Queues:
     """Functions, jobs and worker registrations: C's function.cc, job.cc, worker.cc
     and client.cc. It reaches the outside through three hooks: `emit(peer, type,
@@ -785,8 +805,11 @@ class Queues:
     def discard(self, job):
         if self.jobs.pop(job.handle, None) is None:
             return
-        job.function.total -= 1
+        function = job.function
+        function.total -= 1
         self.unindex(job)
+        if not function.total:
+            self.shrink(function)
         if self.progress:
             self.progress.pop(job, None)
         if job.clients:
@@ -794,6 +817,22 @@ class Queues:
                 client.client_jobs.remove(job)
             job.clients = None
         self.journal.forget(job)
+
+    def shrink(self, function):
+        """Dicts never shrink and deques keep spare blocks: a function that empties
+        lets go of what it grew while it was deep (it stays listed, as in C), and so
+        does the job table once no job is left."""
+        freed = sys.getsizeof(function.by_unique) + sys.getsizeof(function.by_payload)
+        if freed < SHRINK_FROM:
+            return                        # it never grew: nothing worth the work
+        function.by_unique.clear()        # clear() frees a dict's table
+        function.by_payload.clear()
+        function.queues = (collections.deque(), collections.deque(), collections.deque())
+        if not self.jobs:
+            freed += sys.getsizeof(self.jobs)
+            self.jobs.clear()
+        if freed > TRIM_AFTER_FREEING:
+            trim_malloc()
 
     def cancel(self, job):
         """Admin `cancel job`: tell the clients it failed and delete its row; it is
@@ -1341,25 +1380,39 @@ def store_class(queue_type):
     if driver and importlib.util.find_spec(driver.split(".")[0]) is None:
         raise StoreError(f"queue type {title} needs {DRIVER_PACKAGES[driver]}: "
                          f"pip install 'gearmand-py[{extra}]'")
-    # Next to this file in a checkout or a plain copy; gearmand_extras when pip-installed.
-    name = "gearmand_extras." + module_name
+    # The backends are extras/ beside this file. Vendored in a package (myproj/gearmand.py)
+    # they are its subpackage (myproj.extras); a checkout or a plain copy loads them as
+    # gearmand_extras, the package pip installs beside the module gearmand.
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "extras", module_name + ".py")
+    name = (f"{__package__}.extras." if __package__ else "gearmand_extras.") + module_name
+    if name not in sys.modules and not os.path.isfile(path) and (
+            __package__ or importlib.util.find_spec("gearmand_extras") is None):
+        raise StoreError(f"queue type {title} needs extras/{module_name}.py next to "
+                         f"gearmand.py: copy it there, or pip install "
+                         f"'gearmand-py[{extra or 'all'}]'")
+
+    def driver_failed(error):
+        # The driver is there but does not load (too old, a missing system library).
+        return StoreError(f"queue type {title}: cannot load its driver ({error}): "
+                          f"pip install --upgrade 'gearmand-py[{extra or 'all'}]'")
     try:
-        if name not in sys.modules and os.path.isfile(path):
+        if driver:
+            importlib.import_module(driver)
+    except ImportError as error:
+        raise driver_failed(error) from None
+    try:
+        if name not in sys.modules and not __package__ and os.path.isfile(path):
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
             spec.loader.exec_module(module)
-        elif importlib.util.find_spec("gearmand_extras") is None:
-            raise StoreError(f"queue type {title} needs extras/{module_name}.py next to "
-                             f"gearmand.py: copy it there, or pip install "
-                             f"'gearmand-py[{extra or 'all'}]'")
         return getattr(importlib.import_module(name), class_name)
     except ImportError as error:
-        # The driver is there but does not load (too old, a missing system library).
         sys.modules.pop(name, None)
-        raise StoreError(f"queue type {title}: cannot load its driver ({error}): "
-                         f"pip install --upgrade 'gearmand-py[{extra or 'all'}]'") from None
+        if driver and (error.name or "").split(".")[0] == driver.split(".")[0]:
+            raise driver_failed(error) from None      # a part the backend needs is missing
+        raise StoreError(f"queue type {title}: cannot load {name} ({error}): extras/ and "
+                         f"gearmand.py must come from the same release") from None
 
 
 # --- persistence: the writer thread and the journal ---------------------------
@@ -4205,6 +4258,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # Backends in extras/ import this module by name; let them find this copy.
+    # Backends in extras/ import this module by name (gearmand, or myproj.gearmand when
+    # vendored and run as python -m myproj.gearmand): let them find this copy, not load
+    # a second one whose StoreError the server would not catch.
     sys.modules.setdefault("gearmand", sys.modules[__name__])
+    if __spec__ is not None:
+        sys.modules.setdefault(__spec__.name, sys.modules[__name__])
     sys.exit(main())

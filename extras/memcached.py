@@ -18,7 +18,10 @@ from pymemcache.client.base import Client
 from pymemcache.exceptions import (MemcacheClientError, MemcacheError, MemcacheServerError,
                                    MemcacheUnexpectedCloseError)
 
-from gearmand import ReconnectingStore, StoreError
+if "." in __package__:    # vendored: myproj/extras/ beside myproj/gearmand.py
+    from ..gearmand import ReconnectingStore, StoreError
+else:                     # gearmand_extras, beside the module gearmand
+    from gearmand import ReconnectingStore, StoreError
 
 KEY_MAX = 250                # memcached's key limit; C cuts its keys there
 SOCKET_TIMEOUT = 2.0         # seconds a connect, or one reply, may take

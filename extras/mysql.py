@@ -16,7 +16,10 @@ import mysql.connector
 from mysql.connector import constants as mysql_constants
 from mysql.connector.optionfiles import MySQLOptionsParser
 
-from gearmand import SqlStore, StoreError
+if "." in __package__:    # vendored: myproj/extras/ beside myproj/gearmand.py
+    from ..gearmand import SqlStore, StoreError
+else:                     # gearmand_extras, beside the module gearmand
+    from gearmand import SqlStore, StoreError
 
 CONNECT_TIMEOUT = 2          # seconds to open a connection
 IO_TIMEOUT = 10              # seconds one read or write on the connection may take

@@ -11,7 +11,10 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
-from gearmand import SqlStore, StoreError
+if "." in __package__:    # vendored: myproj/extras/ beside myproj/gearmand.py
+    from ..gearmand import SqlStore, StoreError
+else:                     # gearmand_extras, beside the module gearmand
+    from gearmand import SqlStore, StoreError
 
 CONNECT_TIMEOUT = 2          # seconds to open a connection
 # A statement (its lock waits included), or unacknowledged data on the TCP

@@ -16,7 +16,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gearmand import ReconnectingStore, StoreError, atoi
+if "." in __package__:    # vendored: myproj/extras/ beside myproj/gearmand.py
+    from ..gearmand import ReconnectingStore, StoreError, atoi
+else:                     # gearmand_extras, beside the module gearmand
+    from gearmand import ReconnectingStore, StoreError, atoi
 
 SOCKET_TIMEOUT = 2.0         # seconds a connect, or one reply, may take
 SCAN_COUNT = 1000            # keys per SCAN / HSCAN step, and per replay round trip

@@ -12,7 +12,10 @@ import errno
 import os
 import re
 
-from gearmand import Store, StoreError
+if "." in __package__:    # vendored: myproj/extras/ beside myproj/gearmand.py
+    from ..gearmand import Store, StoreError
+else:                     # gearmand_extras, beside the module gearmand
+    from gearmand import Store, StoreError
 
 LIBRARY = "libtokyocabinet.so.9"
 ADBOHDB, ADBOBDB = 3, 4      # tcadbomode(): a hash or a B+ tree database

@@ -5,7 +5,9 @@ submissions of every kind, grabs, results for held and unknown handles, registra
 coming and going, workers dying, status queries, admin listings. After each step every
 connection is synchronised with an ECHO and all it received must be the same bytes from
 both servers. Steps that reach our deliberate differences from C (cancelled or abandoned
-jobs, future epoch jobs, drop function with queued jobs) are not generated.
+jobs, future epoch jobs, drop function with queued jobs) are not generated; the one that
+can't be avoided, C's stray NUL after the handle in the WORK_FAIL that stands in for a
+WORK_EXCEPTION, is taken off C's packets before comparing.
 
 GEARMAND_DIFF_SEEDS=N runs N seeds instead of the few that CI runs.
 """
@@ -178,5 +180,7 @@ def test_random_sessions_match_c_packet_for_packet(make_server, seed, options):
             history.append((index, data[4:8], data[12:]))
             token = b"step%d" % step
             c_seen, our_seen = c.step(index, data, token), ours.step(index, data, token)
+            c_seen = [[(14, p[1][:-1]) if p[0] == 14 and p[1].endswith(b"\0") else p
+                       for p in packets] for packets in c_seen]
             assert our_seen == c_seen, (f"step {step}: C {c_seen!r}, ours {our_seen!r}; "
                                         f"before: {history[-12:]}")

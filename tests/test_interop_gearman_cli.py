@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from conftest import need_tool
-from clients import (RawConn, WORK_COMPLETE, WORK_DATA, finish, procs, run,  # noqa: F401
-                     status_unique, wait_until)
+from conftest import IMPL, need_tool
+from clients import (CAN_DO, GRAB_JOB, JOB_ASSIGN, RawConn, WORK_COMPLETE, WORK_DATA,  # noqa: F401
+                     WORK_EXCEPTION, finish, procs, run, status_unique, wait_until)
 
 REVERSE_PY = "import sys; d = sys.stdin.buffer.read(); sys.stdout.buffer.write(d[::-1])"
 
@@ -181,3 +181,20 @@ def test_cli_client_timeout_when_no_worker_answers(server, gm):
     assert elapsed < 5
     # the job had been accepted by the server before the client gave up
     assert server.status()["nobody"][0] == 1
+
+
+@pytest.mark.skipif(IMPL == "c", reason="C 1.1.20 sends WORK_FAIL as the handle and a stray NUL, "
+                                        "which libgearman matches to no task: the client hangs "
+                                        "(issue #12)")
+def test_cli_client_reports_failure_when_the_worker_sends_an_exception(server, gm, procs):
+    client = procs.start(gm("-f", "boom", "--", "payload"))
+    wait_until(lambda: server.status().get("boom", (0, 0, 0))[0] == 1, 10, "job queued")
+    worker = RawConn(server)
+    worker.send(CAN_DO, "boom")
+    worker.send(GRAB_JOB)
+    ptype, body = worker.recv()
+    assert ptype == JOB_ASSIGN
+    worker.send(WORK_EXCEPTION, body.split(b"\0")[0], "it broke")
+    rc, out, err = finish(client, timeout=10)
+    assert (rc, out, err) == (1, b"", b"Job failed\n")
+    assert server.status()["boom"][:2] == (0, 0)

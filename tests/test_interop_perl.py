@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import need_tool, unavailable
+from conftest import IMPL, need_tool, unavailable
 from clients import (HANDLE_PREFIX, finish, log_lines, procs, run, run_client_script,  # noqa: F401
                      status_unique, wait_status, wait_until)
 
@@ -275,3 +275,23 @@ def test_perl_worker_outliving_its_timeout_dies_on_the_error_and_job_reruns(serv
     assert finish(perl.worker(1))[0] == 0
     assert perl.log_lines() == ["o", "o"]
     wait_status(server, "overrun", (0, 0, 0))
+
+
+@pytest.mark.skipif(IMPL == "c", reason="C 1.1.20 sends WORK_FAIL as the handle and a stray NUL, "
+                                        "which Gearman::Client dies on (issue #12)")
+def test_perl_worker_exception_fails_the_task_of_client_without_exceptions(server, perl):
+    perl.idle_worker(1)
+    out = perl.client(r"""
+my $plain = Gearman::Client->new(job_servers => ["127.0.0.1:$port"]);
+my @log;
+my $ts = $plain->new_task_set;
+$ts->add_task(dies => "d", {
+    on_exception => sub { push @log, "exception" },
+    on_complete => sub { push @log, "complete" },
+    on_fail => sub { push @log, "fail:$_[0]" },
+});
+$ts->wait(timeout => 10);
+print $json->encode(\@log);
+""")
+    assert out == ["fail:jshandle fail"]
+    assert server.status()["dies"][:2] == (0, 0)
