@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 IMPL = os.environ.get("GEARMAND_TEST_IMPL", "py")
 REQUIRE_SERVICES = os.environ.get("GEARMAND_TEST_REQUIRE_SERVICES") == "1"
 C_GEARMAND = "/usr/sbin/gearmand"
+# What a server's log must never hold, whatever the test did to it.
+LOG_PROBLEMS = ("Traceback", "internal error")
 
 
 def unavailable(reason):
@@ -33,6 +35,17 @@ def need_tool(name):
     if not path:
         unavailable(f"{name} is not installed")
     return path
+
+
+def import_gearmand(monkeypatch, name="gearmand", path=None):
+    """This checkout's gearmand.py (or `path`) imported in-process as `name`, for
+    one test only (monkeypatch puts sys.modules back afterwards)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, path or ROOT / "gearmand.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port():
@@ -136,6 +149,37 @@ class Server:
         except OSError:
             return ""
 
+    def log_files(self):
+        """Every file the server logs to: its stderr, and a -l/--log-file of its own."""
+        paths = [self.log_path]
+        args = self.args
+        for i, arg in enumerate(args):
+            value = None
+            if arg in ("-l", "--log-file") and i + 1 < len(args):
+                value = args[i + 1]
+            elif arg.startswith("--log-file="):
+                value = arg.split("=", 1)[1]
+            if value and value not in ("stderr", "none"):
+                paths.append(self.workdir / value)    # relative to its cwd; absolute stays
+        return paths
+
+    def log_problems(self):
+        """Lines of its logs that say something went wrong inside the server: a
+        traceback (an exception nothing caught) or an "internal error" (one the loop
+        caught to save itself). Expected errors (a store that cannot write, a peer
+        closed for misbehaving) are logged otherwise and are not reported here."""
+        problems = []
+        for path in self.log_files():
+            try:
+                text = Path(path).read_text(errors="replace")
+            except OSError:
+                continue
+            lines = text.splitlines()
+            for number, line in enumerate(lines):
+                if any(marker in line for marker in LOG_PROBLEMS):
+                    problems.append(f"{path}:{number + 1}: " + "\n".join(lines[number:number + 30]))
+        return problems
+
     def stop(self, sig=signal.SIGTERM, timeout=15):
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -176,7 +220,9 @@ class Server:
 
 @pytest.fixture
 def make_server(tmp_path):
-    """Factory: make_server(*options, impl=...) starts a server and stops it after the test."""
+    """Factory: make_server(*options, impl=...) starts a server and stops it after the test.
+    At the end, every server's log is read: a traceback or an "internal error" fails the
+    test, so an exception the server swallowed is charged to the test that caused it."""
     servers = []
 
     def factory(*args, impl=IMPL, start=True, **kw):
@@ -187,6 +233,10 @@ def make_server(tmp_path):
     yield factory
     for server in servers:
         server.stop(signal.SIGKILL)
+    problems = [problem for server in servers for problem in server.log_problems()]
+    if problems:
+        pytest.fail("the server logged an internal error:\n" + "\n".join(problems),
+                    pytrace=False)
 
 
 @pytest.fixture
