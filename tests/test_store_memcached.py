@@ -16,8 +16,10 @@ pytest.register_assert_rewrite("storetools")
 
 import gearproto as gp  # noqa: E402
 from conftest import IMPL, free_port, unavailable  # noqa: E402
-from storetools import (HIGH, LOW, QUEUE_ERROR, Job, check_replay_any_order, drain,  # noqa: E402
-                        need_c, run_once, sample_jobs, submit_all, submit_ok, wait_until)
+from storetools import (HIGH, LOW, QUEUE_ERROR, Job, check_ended_jobs_leave_the_store,  # noqa: E402
+                        check_kill_9_at_a_random_instant, check_replay_any_order,
+                        check_submissions_share_commits, drain, need_c, run_once, sample_jobs,
+                        submit_all, submit_ok, wait_until)
 
 try:
     from pymemcache.client.base import Client
@@ -103,6 +105,35 @@ def options(prefix):
 
 def key_of(prefix, job):
     return (prefix.encode() + job.function + b"-" + job.unique)[:250]
+
+
+def job_keys(prefix):
+    """{(function, unique)} of the job items under `prefix` (no `-` in uniques)."""
+    return {tuple(key[len(prefix):].rsplit(b"-", 1)) for key in all_keys()
+            if key.startswith(prefix.encode())}
+
+
+@pytest.mark.parametrize("round_number", range(2))
+def test_acknowledged_jobs_survive_kill_9_at_random_instants(make_server, prefix, round_number):
+    """memcached is not durable: it loses every item when it restarts and evicts
+    items under memory pressure, silently. What it does promise, and what this
+    checks, is the job server's part while memcached stays up and has room (these
+    few MB): storetools.check_kill_9_at_a_random_instant, no acknowledged job lost
+    to a kill -9 of the job server, and only jobs running at the kill run twice."""
+    server = make_server(*options(prefix))
+    print(check_kill_9_at_a_random_instant(server, b"%s.crash%d" % (prefix.encode(),
+                                                                      round_number)))
+
+
+def test_pipelined_submissions_share_commits(make_server, prefix):
+    """Each batch is one round trip: 400 pipelined submissions make few."""
+    check_submissions_share_commits(make_server, options(prefix), prefix.encode())
+    assert len(job_keys(prefix)) == 400
+
+
+def test_items_leave_when_jobs_end_and_a_dead_workers_job_stays(make_server, prefix):
+    check_ended_jobs_leave_the_store(make_server(*options(prefix)), prefix.encode(),
+                                     lambda: job_keys(prefix))
 
 
 def test_background_jobs_survive_kill_9_and_replay_exactly_once(make_server, prefix):
