@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import C_GEARMAND, IMPL, Server, recv_until, wait_until
+from conftest import C_GEARMAND, IMPL, Server, recv_until, unavailable, wait_until
 from gearproto import (
     GRAB_JOB, GRAB_JOB_UNIQ, JOB_ASSIGN, JOB_ASSIGN_UNIQ, NO_JOB, SUBMIT_JOB, WORK_COMPLETE,
     Closed, can_do, expect, recv, round_trip, send, submit, sync,
@@ -165,11 +165,11 @@ def test_daemon_holds_its_sqlite_store(tmp_path, daemons):
 
 def test_user_switch_to_nobody(make_server):
     if os.getuid() != 0:
-        pytest.skip("switching users needs root")
+        unavailable("switching users needs root")
     try:
         nobody = pwd.getpwnam("nobody")
     except KeyError:
-        pytest.skip("there is no user nobody")
+        unavailable("there is no user nobody")
     # the pid file is written as nobody: give it a directory nobody may write in
     run_dir = tempfile.mkdtemp(prefix="gearmand-test-")
     try:
