@@ -668,6 +668,36 @@ def test_background_job_is_stored_with_sqlite(make_server, tmp_path):
 
 
 @ours_only
+def test_a_store_that_cannot_write_shows_in_health_and_http_is_503(make_server, tmp_path):
+    """README: a background job whose write failed gets QUEUE_ERROR, never
+    JOB_CREATED; over HTTP that is 503 with X-Gearman-Error: QUEUE_ERROR. The
+    failures show in gearman_store_errors_total and in /status's store health."""
+    db = tmp_path / "q.db"
+    server = start(make_server, "-q", "libsqlite3", "--libsqlite3-db", str(db))
+    assert request(server, "POST", "/f", b"before", BACKGROUND)[0] == 200
+    with sqlite3.connect(db) as sql:
+        sql.execute("DROP TABLE gearman_queue")   # the store can write nothing now
+    sql.close()
+
+    status, headers, body = request(server, "POST", "/f", b"during", BACKGROUND)
+    assert status == 503
+    assert gearman_headers(headers) == {"x-gearman-command": "ERROR",
+                                        "x-gearman-error": "QUEUE_ERROR"}
+    assert body == b"QUEUE_ERROR\n"
+    with server.connect() as sock:                # the Gear port says the same
+        assert gp.call(sock, gp.SUBMIT_JOB_BG, "f", "u", "x") == \
+            (gp.ERROR, b"QUEUE_ERROR\0QUEUE_ERROR")
+    samples = metric_samples(server)
+    assert sample(samples, "gearman_store_errors_total") >= 2
+    store = json.loads(request(server, "GET", "/status")[2])["store"]
+    assert store["healthy"] is False
+    assert store["errors"] == sample(samples, "gearman_store_errors_total")
+    assert "no such table" in store["last_error"]
+    # Nothing was queued for the refused jobs; the one stored before still is.
+    assert server.status()["f"] == (1, 0, 0)
+
+
+@ours_only
 def test_large_body_is_read_in_linear_time(make_server):
     """A 40 MB POST body costs about what a 40 MB gear submission does: the body
     must not be re-copied on every read (quadratic: ~10x slower at 40 MB)."""
