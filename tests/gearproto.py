@@ -74,7 +74,12 @@ class Closed(Exception):
 
 
 def b(x):
-    return x.encode() if isinstance(x, str) else bytes(x)
+    """An argument as bytes: str is UTF-8, an int its decimal digits."""
+    if isinstance(x, str):
+        return x.encode()
+    if isinstance(x, int):
+        return str(x).encode()
+    return bytes(x)
 
 
 def payload(*args):
@@ -86,7 +91,7 @@ def pack(ptype, *args, magic=REQ):
     return HEADER.pack(magic, ptype, len(body)) + body
 
 
-def header(ptype, size, magic=REQ):
+def header(ptype, size=0, magic=REQ):
     """A packet header alone, announcing any size: for cut and malformed packets."""
     return HEADER.pack(magic, ptype, size)
 

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+import gearproto as gp
+
 from conftest import (IMPL, ROOT, Server, admin_reply_complete, free_port, recv_until,
                       unavailable, wait_for_port)
 
@@ -124,8 +126,7 @@ def test_config_file_options_and_command_line_precedence(tmp_path):
             server.start()
             assert server.admin("verbose") == b"OK NOTICE\n"
             with server.connect() as sock:
-                sock.sendall(b"\0REQ" + (18).to_bytes(4, "big") + (5).to_bytes(4, "big")
-                             + b"f\0u\0x")
+                sock.sendall(gp.pack(gp.SUBMIT_JOB_BG, "f", "u", "x"))
                 assert sock.recv(100).endswith(b"FROMFILE:1")
         finally:
             server.kill()

@@ -18,8 +18,8 @@ from gearproto import (
     CAN_DO, CAN_DO_TIMEOUT, ECHO_REQ, ECHO_RES, GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ, NOOP, PRE_SLEEP,
     RES, SUBMIT_JOB, SUBMIT_JOB_BG, SUBMIT_JOB_HIGH, SUBMIT_JOB_LOW_BG,
     SUBMIT_REDUCE_JOB_BACKGROUND, WORK_COMPLETE, WORK_EXCEPTION, WORK_STATUS, WORK_WARNING,
-    Closed, can_do, closed, expect, pack, read_to_eof, recv, recv_exact, round_trip, send,
-    submit, sync, work_off,
+    Closed, can_do, closed, expect, header, pack, read_to_eof, recv, recv_exact, round_trip,
+    send, submit, sync, work_off,
 )
 
 LONG = os.environ.get("GEARMAND_TEST_LONG") == "1"
@@ -71,9 +71,6 @@ def reset(sock):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
 
-
-def header(ptype, size, magic=b"\0REQ"):
-    return magic + struct.pack(">II", ptype, size)
 
 
 # --- a server with work that must survive every misbehaving peer ---------------

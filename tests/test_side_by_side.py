@@ -6,35 +6,14 @@ the version string, where Debian's C build says 1.1.20+ds).
 """
 import os
 import re
-import struct
 
 import pytest
 
 from conftest import C_GEARMAND, admin_reply_complete, recv_until, unavailable, wait_until
+from gearproto import RES, header, recv as read_packet, pack as request
 
 LISTINGS = ["status", "prioritystatus", "show jobs", "show unique jobs", "workers"]
 PREFIX = "--job-handle-prefix=SBS"
-
-
-def request(ptype, *args):
-    payload = b"\0".join(args)
-    return b"\0REQ" + struct.pack(">II", ptype, len(payload)) + payload
-
-
-def read_packet(sock):
-    header = recv_exactly(sock, 12)
-    ptype, size = struct.unpack(">II", header[4:])
-    return ptype, recv_exactly(sock, size)
-
-
-def recv_exactly(sock, size):
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data
 
 
 class Pair:
@@ -147,7 +126,7 @@ def test_admin_replies_match_c_through_a_whole_session(servers):
 def test_error_packets_match_c(servers):
     pair = Pair(servers)
     try:
-        for data in (b"\0RES" + struct.pack(">II", 16, 1) + b"x",        # wrong magic
+        for data in (header(16, 1, magic=RES) + b"x",        # wrong magic
                      request(8, b"H:x"), request(10), request(19, b"a", b"b"),  # not for servers
                      request(13, b"SBS:77", b"x"), request(14, b"SBS:77"),
                      request(25, b"SBS:77", b"x"), request(28, b"SBS:77", b"x"),
