@@ -5,6 +5,7 @@ which is how we check that a test asserts what C gearmand 1.1.20 really does.
 GEARMAND_TEST_REQUIRE_SERVICES=1 turns "tool or service missing" skips into failures.
 """
 import os
+import random
 import shutil
 import signal
 import socket
@@ -19,6 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 IMPL = os.environ.get("GEARMAND_TEST_IMPL", "py")
 REQUIRE_SERVICES = os.environ.get("GEARMAND_TEST_REQUIRE_SERVICES") == "1"
 C_GEARMAND = "/usr/sbin/gearmand"
+# test_differential's random sessions: new seeds every run unless GEARMAND_DIFF_SEED fixes
+# the first; shown at the end of the run so that a failure can be replayed.
+DIFF_SEEDS = int(os.environ.get("GEARMAND_DIFF_SEEDS", "3"))
+DIFF_FIRST_SEED = int(os.environ.get("GEARMAND_DIFF_SEED")
+                      or random.SystemRandom().randrange(1 << 31))
 # What a server's log must never hold, whatever the test did to it.
 LOG_PROBLEMS = ("Traceback", "internal error")
 
@@ -242,3 +248,12 @@ def make_server(tmp_path):
 @pytest.fixture
 def server(make_server):
     return make_server()
+
+
+def pytest_terminal_summary(terminalreporter):
+    ran = any("test_differential.py" in getattr(report, "nodeid", "")
+              for reports in terminalreporter.stats.values() for report in reports)
+    if ran:
+        terminalreporter.write_line(
+            f"test_differential seeds {DIFF_FIRST_SEED}..{DIFF_FIRST_SEED + DIFF_SEEDS - 1}: "
+            f"GEARMAND_DIFF_SEED={DIFF_FIRST_SEED} GEARMAND_DIFF_SEEDS={DIFF_SEEDS} replays them")
