@@ -6,11 +6,10 @@ import errno
 import os
 import shutil
 import socket
-import subprocess
 
 import pytest
 
-from conftest import IMPL, Server, free_port, unavailable, wait_for_port, wait_until
+from conftest import IMPL, free_port, unavailable, wait_until
 
 SYS_PIDFD_GETFD = 438      # the same number on every Linux architecture
 

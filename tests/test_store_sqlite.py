@@ -3,7 +3,6 @@ written by C gearmand 1.1.20 replay in ours and ours in C."""
 import contextlib
 import os
 import resource
-import select
 import signal
 import socket
 import sqlite3
