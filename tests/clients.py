@@ -10,27 +10,26 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import threading
 
 import pytest
 
+import gearproto as gp
 from conftest import admin_reply_complete, wait_until  # noqa: F401  (re-exported)
 
 NODENAME = os.uname().nodename
 HANDLE_PREFIX = "H:" + NODENAME   # default job handle prefix of gearmand 1.1.20
 
-# packet types
-CAN_DO, CANT_DO, RESET_ABILITIES, PRE_SLEEP = 1, 2, 3, 4
-NOOP, SUBMIT_JOB, JOB_CREATED, GRAB_JOB, NO_JOB, JOB_ASSIGN = 6, 7, 8, 9, 10, 11
-WORK_STATUS, WORK_COMPLETE, WORK_FAIL, GET_STATUS = 12, 13, 14, 15
-ECHO_REQ, ECHO_RES, SUBMIT_JOB_BG, ERROR, STATUS_RES = 16, 17, 18, 19, 20
-SUBMIT_JOB_HIGH, SET_CLIENT_ID, CAN_DO_TIMEOUT = 21, 22, 23
-WORK_EXCEPTION, OPTION_REQ, OPTION_RES, WORK_DATA, WORK_WARNING = 25, 26, 27, 28, 29
-GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ = 30, 31
-SUBMIT_JOB_HIGH_BG, SUBMIT_JOB_LOW, SUBMIT_JOB_LOW_BG = 32, 33, 34
-GET_STATUS_UNIQUE, STATUS_RES_UNIQUE = 41, 42
+# packet types, from the shared codec
+from gearproto import (  # noqa: E402,F401  (re-exported to the interop tests)
+    CAN_DO, CAN_DO_TIMEOUT, CANT_DO, ECHO_REQ, ECHO_RES, ERROR, GET_STATUS, GET_STATUS_UNIQUE,
+    GRAB_JOB, GRAB_JOB_UNIQ, JOB_ASSIGN, JOB_ASSIGN_UNIQ, JOB_CREATED, NO_JOB, NOOP, OPTION_REQ,
+    OPTION_RES, PRE_SLEEP, RESET_ABILITIES, SET_CLIENT_ID, STATUS_RES, STATUS_RES_UNIQUE,
+    SUBMIT_JOB, SUBMIT_JOB_BG, SUBMIT_JOB_HIGH, SUBMIT_JOB_HIGH_BG, SUBMIT_JOB_LOW,
+    SUBMIT_JOB_LOW_BG, WORK_COMPLETE, WORK_DATA, WORK_EXCEPTION, WORK_FAIL, WORK_STATUS,
+    WORK_WARNING,
+)
 
 
 def wait_status(server, func, expected, timeout=10.0):
@@ -125,9 +124,7 @@ def log_lines(path):
 
 # --------------------------------------------------------------------------- raw protocol
 
-def packet(ptype, *args, magic=b"\0REQ"):
-    payload = b"\0".join(a if isinstance(a, bytes) else str(a).encode() for a in args)
-    return magic + struct.pack(">II", ptype, len(payload)) + payload
+packet = gp.pack
 
 
 class RawConn:
@@ -150,13 +147,11 @@ class RawConn:
         """Next packet as (type, payload). Raises on EOF/timeout."""
         self.sock.settimeout(timeout)
         while True:
-            if len(self.buf) >= 12:
-                magic, ptype, size = self.buf[:4], *struct.unpack(">II", self.buf[4:12])
-                assert magic == b"\0RES", f"bad magic {self.buf[:12]!r}"
-                if len(self.buf) >= 12 + size:
-                    payload = self.buf[12:12 + size]
-                    self.buf = self.buf[12 + size:]
-                    return ptype, payload
+            packet, self.buf = gp.unpack(self.buf)
+            if packet is not None:
+                magic, ptype, payload = packet
+                assert magic == gp.RES, f"bad magic {magic!r}"
+                return ptype, payload
             chunk = self.sock.recv(1 << 20)
             if not chunk:
                 raise ConnectionError("server closed the connection")

@@ -5,6 +5,7 @@ which is how we check that a test asserts what C gearmand 1.1.20 really does.
 GEARMAND_TEST_REQUIRE_SERVICES=1 turns "tool or service missing" skips into failures.
 """
 import os
+import random
 import shutil
 import signal
 import socket
@@ -21,6 +22,13 @@ ROOT = Path(__file__).resolve().parent.parent
 IMPL = os.environ.get("GEARMAND_TEST_IMPL", "py")
 REQUIRE_SERVICES = os.environ.get("GEARMAND_TEST_REQUIRE_SERVICES") == "1"
 C_GEARMAND = "/usr/sbin/gearmand"
+# test_differential's random sessions: new seeds every run unless GEARMAND_DIFF_SEED fixes
+# the first; shown at the end of the run so that a failure can be replayed.
+DIFF_SEEDS = int(os.environ.get("GEARMAND_DIFF_SEEDS", "3"))
+DIFF_FIRST_SEED = int(os.environ.get("GEARMAND_DIFF_SEED")
+                      or random.SystemRandom().randrange(1 << 31))
+# What a server's log must never hold, whatever the test did to it.
+LOG_PROBLEMS = ("Traceback", "internal error")
 
 
 def unavailable(reason):
@@ -35,6 +43,17 @@ def need_tool(name):
     if not path:
         unavailable(f"{name} is not installed")
     return path
+
+
+def import_gearmand(monkeypatch, name="gearmand", path=None):
+    """This checkout's gearmand.py (or `path`) imported in-process as `name`, for
+    one test only (monkeypatch puts sys.modules back afterwards)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, path or ROOT / "gearmand.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port():
@@ -138,6 +157,37 @@ class Server:
         except OSError:
             return ""
 
+    def log_files(self):
+        """Every file the server logs to: its stderr, and a -l/--log-file of its own."""
+        paths = [self.log_path]
+        args = self.args
+        for i, arg in enumerate(args):
+            value = None
+            if arg in ("-l", "--log-file") and i + 1 < len(args):
+                value = args[i + 1]
+            elif arg.startswith("--log-file="):
+                value = arg.split("=", 1)[1]
+            if value and value not in ("stderr", "none"):
+                paths.append(self.workdir / value)    # relative to its cwd; absolute stays
+        return paths
+
+    def log_problems(self):
+        """Lines of its logs that say something went wrong inside the server: a
+        traceback (an exception nothing caught) or an "internal error" (one the loop
+        caught to save itself). Expected errors (a store that cannot write, a peer
+        closed for misbehaving) are logged otherwise and are not reported here."""
+        problems = []
+        for path in self.log_files():
+            try:
+                text = Path(path).read_text(errors="replace")
+            except OSError:
+                continue
+            lines = text.splitlines()
+            for number, line in enumerate(lines):
+                if any(marker in line for marker in LOG_PROBLEMS):
+                    problems.append(f"{path}:{number + 1}: " + "\n".join(lines[number:number + 30]))
+        return problems
+
     def stop(self, sig=signal.SIGTERM, timeout=15):
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -178,7 +228,9 @@ class Server:
 
 @pytest.fixture
 def make_server(tmp_path):
-    """Factory: make_server(*options, impl=...) starts a server and stops it after the test."""
+    """Factory: make_server(*options, impl=...) starts a server and stops it after the test.
+    At the end, every server's log is read: a traceback or an "internal error" fails the
+    test, so an exception the server swallowed is charged to the test that caused it."""
     servers = []
 
     def factory(*args, impl=IMPL, start=True, **kw):
@@ -189,8 +241,21 @@ def make_server(tmp_path):
     yield factory
     for server in servers:
         server.stop(signal.SIGKILL)
+    problems = [problem for server in servers for problem in server.log_problems()]
+    if problems:
+        pytest.fail("the server logged an internal error:\n" + "\n".join(problems),
+                    pytrace=False)
 
 
 @pytest.fixture
 def server(make_server):
     return make_server()
+
+
+def pytest_terminal_summary(terminalreporter):
+    ran = any("test_differential.py" in getattr(report, "nodeid", "")
+              for reports in terminalreporter.stats.values() for report in reports)
+    if ran:
+        terminalreporter.write_line(
+            f"test_differential seeds {DIFF_FIRST_SEED}..{DIFF_FIRST_SEED + DIFF_SEEDS - 1}: "
+            f"GEARMAND_DIFF_SEED={DIFF_FIRST_SEED} GEARMAND_DIFF_SEEDS={DIFF_SEEDS} replays them")

@@ -74,7 +74,12 @@ class Closed(Exception):
 
 
 def b(x):
-    return x.encode() if isinstance(x, str) else bytes(x)
+    """An argument as bytes: str is UTF-8, an int its decimal digits."""
+    if isinstance(x, str):
+        return x.encode()
+    if isinstance(x, int):
+        return str(x).encode()
+    return bytes(x)
 
 
 def payload(*args):
@@ -84,6 +89,23 @@ def payload(*args):
 def pack(ptype, *args, magic=REQ):
     body = payload(*args)
     return HEADER.pack(magic, ptype, len(body)) + body
+
+
+def header(ptype, size=0, magic=REQ):
+    """A packet header alone, announcing any size: for cut and malformed packets."""
+    return HEADER.pack(magic, ptype, size)
+
+
+def unpack(buffer):
+    """Split the first whole packet off `buffer`: ((magic, type, payload), rest),
+    or (None, buffer) while it is incomplete."""
+    if len(buffer) < HEADER.size:
+        return None, buffer
+    magic, ptype, size = HEADER.unpack_from(buffer)
+    end = HEADER.size + size
+    if len(buffer) < end:
+        return None, buffer
+    return (magic, ptype, bytes(buffer[HEADER.size:end])), buffer[end:]
 
 
 def send(sock, ptype, *args, magic=REQ):
@@ -122,6 +144,21 @@ def expect(sock, ptype, *args):
     want = (ptype, payload(*args))
     assert got == want, f"expected {show(want)}, got {show(got)}"
     return got
+
+
+def packets_until_echo(sock, token, timeout=5.0):
+    """Every packet (type, payload) the server sends before the ECHO_RES carrying
+    `token` (the caller sent its ECHO_REQ); if the server closes the connection
+    first, the packets and then ("closed",)."""
+    packets = []
+    while True:
+        try:
+            packet = recv(sock, timeout)
+        except Closed:
+            return packets + [("closed",)]
+        if packet == (ECHO_RES, token):
+            return packets
+        packets.append(packet)
 
 
 def show(packet):

@@ -7,9 +7,15 @@ check a replay; and the checks the SQL stores (MySQL, Postgres) share.
 """
 import collections
 import os
+import random
+import select
+import socket
 import subprocess
+import threading
 import time
+import urllib.request
 
+import conftest
 import gearproto as gp
 from conftest import C_GEARMAND, IMPL, unavailable, wait_until
 
@@ -156,29 +162,36 @@ def in_priority_order(jobs):
 
 def check_replay(server, jobs, priorities=True, epoch_waits=True, timeout=15.0):
     """After a restart: `jobs` (from sample_jobs) are all queued and each runs exactly
-    once with its data; with `priorities`, in priority then submission order; with
-    `epoch_waits`, the epoch job runs only when due."""
+    once with its data, in submission order within a priority (README: "in insertion
+    order within each priority"); with `priorities`, higher priorities first (else in
+    submission order whatever the priority); with `epoch_waits`, an epoch job is not
+    runnable before it is due and runs once it is. Call it at once after the start:
+    the epoch check needs the job's time still ahead."""
+    epochs = [job for job in jobs if job.when]
+    if epoch_waits:
+        for job in epochs:
+            # runnable() takes 0.3 s; a slow start leaves no time to check: say so.
+            assert time.time() + 0.5 < job.when, (
+                f"the replay was checked {time.time() - job.when + 0.5:.1f} s too late to see "
+                f"the epoch job wait: give it a later time")
+            assert not runnable(server, [job.function]), "epoch job runnable too early"
     if priorities:
         assert {f: row[:3] for f, row in priority_status(server).items()
                 if f in functions_of(jobs)} == expected_priority_status(jobs)
     totals = collections.Counter(job.function for job in jobs)
     assert {f: row[0] for f, row in status(server).items() if f in totals} == dict(totals)
 
-    epochs = [job for job in jobs if job.when]
     others = [job for job in jobs if not job.when]
     by_function = collections.defaultdict(list)
     for job in others:
         by_function[job.function].append(job)
     for function, group in by_function.items():
         ran = drain(server, [function], len(group))
-        want = [(j.function, j.unique, j.data) for j in group]
-        if priorities and len({j.priority for j in group}) > 1:
+        if priorities:
             assert ran == in_priority_order(group)
         else:
-            assert sorted(ran) == sorted(want)
+            assert ran == [(j.function, j.unique, j.data) for j in group]
     for job in epochs:
-        if epoch_waits and time.time() < job.when - 1:
-            assert not runnable(server, [job.function]), "epoch job runnable too early"
         ran = drain(server, [job.function], 1, timeout=timeout + max(0, job.when - time.time()))
         assert ran == [(job.function, job.unique, job.data)]
         if epoch_waits:
@@ -191,6 +204,9 @@ def check_replay_any_order(server, jobs):
     functions = {job.function for job in jobs}
     assert {f: row[:3] for f, row in priority_status(server).items()
             if f in functions} == expected_priority_status(jobs)
+    epochs = [job for job in jobs if job.when]
+    if epochs:
+        check_replay(server, epochs)      # first: it checks they wait while still due later
     by_function = collections.defaultdict(list)
     for job in jobs:
         if not job.when:
@@ -201,9 +217,6 @@ def check_replay_any_order(server, jobs):
         priority = {(j.function, j.unique, j.data): j.priority for j in group}
         order = [priority[job] for job in ran]
         assert order == sorted(order), ran
-    epochs = [job for job in jobs if job.when]
-    if epochs:
-        check_replay(server, epochs)
 
 
 def need_c():
@@ -326,3 +339,331 @@ def check_bad_settings_exit_1(make_server, arg_sets, store):
         assert time.monotonic() - started < 10
         lines = [line for line in server.log().splitlines() if line.strip()]
         assert IMPL == "c" or len(lines) == 1 and store in lines[0], server.log()
+
+
+# -- kill -9 at a random instant, under load: the same rounds for every backend --------
+
+class Load:
+    """What the load threads saw, filled in as they go (list appends and dict
+    stores are atomic): when each submission was sent (monotonic time taken just
+    before its bytes left, so the server saw it later), which were acknowledged,
+    what the worker took, which WORK_COMPLETEs it sent, and when each one was
+    confirmed processed (a reply to a GRAB sent after it arrived), and any reply
+    that should not have come."""
+
+    def __init__(self):
+        self.sent_at = {}
+        self.acked = []
+        self.taken = []
+        self.completing = []
+        self.confirmed = {}
+        self.wrong = []
+
+
+def _submitter(port, function, prefix, load, stop, window=64):
+    """Pipeline SUBMIT_JOB_BG of `function` until the server dies or `stop` is set."""
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), 5)
+    except OSError:
+        return
+    in_flight = collections.deque()
+    number = 0
+    try:
+        while not stop.is_set():
+            batch = []
+            sent_at = time.monotonic()
+            while len(in_flight) < window:
+                unique = b"%s-%d" % (prefix, number)
+                number += 1
+                in_flight.append(unique)
+                load.sent_at[unique] = sent_at
+                batch.append(gp.pack(gp.SUBMIT_JOB_BG, function, unique, unique))
+            sock.sendall(b"".join(batch))
+            while len(in_flight) > window // 2:
+                try:
+                    reply = gp.recv(sock, timeout=10)
+                except gp.Closed:
+                    return                # killed
+                except socket.timeout:
+                    load.wrong.append((in_flight[0], "no reply within 10 s"))
+                    return
+                unique = in_flight.popleft()
+                if reply[0] == gp.JOB_CREATED:
+                    load.acked.append(unique)
+                else:
+                    load.wrong.append((unique, gp.show(reply)))
+    except OSError:
+        return                            # killed while sending
+    finally:
+        sock.close()
+
+
+def _worker(port, function, load, stop, window=16):
+    """Run jobs of `function` until the server dies or `stop` is set, asking for
+    `window` at a time (a thread sharing the GIL with busy submitters would run
+    few jobs one round trip at a time)."""
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), 5)
+    except OSError:
+        return
+    completing = []
+    try:
+        gp.send(sock, gp.CAN_DO, function)
+        while not stop.is_set():
+            load.completing.extend(unique for _, unique in completing)
+            sock.sendall(b"".join(packet for packet, _ in completing)
+                         + gp.pack(gp.GRAB_JOB_UNIQ) * window)
+            confirming, completing, empty = [unique for _, unique in completing], [], 0
+            for _ in range(window):
+                while True:
+                    ptype, body = gp.recv(sock, timeout=10)
+                    if ptype != gp.NOOP:  # a wake-up left over from a PRE_SLEEP
+                        break
+                if confirming:
+                    now = time.monotonic()
+                    for unique in confirming:
+                        load.confirmed[unique] = now
+                    confirming = []
+                if ptype == gp.NO_JOB:
+                    empty += 1
+                    continue
+                if ptype != gp.JOB_ASSIGN_UNIQ:
+                    load.wrong.append((None, gp.show((ptype, body))))
+                    return
+                handle, _, unique, _ = body.split(b"\0", 3)
+                load.taken.append(unique)
+                completing.append((gp.pack(gp.WORK_COMPLETE, handle, b""), unique))
+            if empty == window:
+                gp.send(sock, gp.PRE_SLEEP)
+                try:
+                    gp.recv(sock, timeout=0.5)  # the NOOP
+                except socket.timeout:
+                    pass
+    except (gp.Closed, OSError):
+        return
+    finally:
+        sock.close()
+
+
+def drain_fast(server, function, count, timeout=60.0, window=100):
+    """Like drain() for one function, for many jobs: the worker asks for `window`
+    jobs at a time. Returns [(unique, data)] in the order run; checks that nothing
+    else is runnable at the end."""
+    ran = []
+    deadline = time.monotonic() + timeout
+    with server.connect() as sock:
+        gp.can_do(sock, function)
+        while True:
+            sock.sendall(gp.pack(gp.GRAB_JOB_UNIQ) * window)
+            completions, empty = [], 0
+            for _ in range(window):
+                ptype, body = gp.recv(sock, timeout=10)
+                if ptype == gp.NO_JOB:
+                    empty += 1
+                    continue
+                assert ptype == gp.JOB_ASSIGN_UNIQ, gp.show((ptype, body))
+                handle, _, unique, data = body.split(b"\0", 3)
+                ran.append((unique, data))
+                completions.append(gp.pack(gp.WORK_COMPLETE, handle, b""))
+            sock.sendall(b"".join(completions))
+            if empty == window and len(ran) >= count:
+                gp.sync(sock)
+                return ran
+            assert time.monotonic() < deadline, f"only {len(ran)} of {count} jobs ran"
+
+
+def check_kill_9_at_a_random_instant(server, function, submitters=3, instant=(0.3, 1.2)):
+    """Clients pipeline background submissions of `function` as fast as the server
+    takes them and a worker runs them, until the server is killed with SIGKILL at a
+    random instant; then it is started again and every job it replays is run.
+
+    What must hold, as README's "Persistence" section promises:
+    - every reply during the load is JOB_CREATED (an ERROR fails the round);
+    - no acknowledged job is lost: each one whose WORK_COMPLETE the worker had not
+      sent runs after the restart;
+    - no job runs twice after the restart, none was handed out twice before the
+      kill, and only jobs that were submitted are replayed, with their data;
+    - only jobs running at the kill may run twice: a job's delete goes along with
+      any later job's commit, so a job whose WORK_COMPLETE the server had processed
+      before some acknowledged submission was sent must not come back. Others (the
+      job running, or completed after the last acknowledged submission was sent)
+      may.
+    Returns a summary line."""
+    load = Load()
+    stop = threading.Event()
+    threads = [threading.Thread(target=_submitter, daemon=True,
+                                args=(server.port, function, b"c%d" % i, load, stop))
+               for i in range(submitters)]
+    threads.append(threading.Thread(target=_worker, daemon=True,
+                                    args=(server.port, function, load, stop)))
+    for thread in threads:
+        thread.start()
+    # The round proves something once a job completed before a later submission
+    # was acknowledged (a slow store takes a while): then kill at a random instant.
+    started = time.monotonic()
+
+    def fenced_once():
+        first = min(list(load.confirmed.values()), default=None)
+        return first is not None and load.acked and load.sent_at[load.acked[-1]] > first
+
+    wait_until(lambda: fenced_once() or load.wrong or time.monotonic() - started > 20, 30,
+               what="a job to complete before a later submission was acknowledged")
+    time.sleep(random.uniform(*instant))  # the random instant of the crash
+    server.kill()
+    stop.set()
+    for thread in threads:
+        thread.join(15)
+        assert not thread.is_alive(), "a client thread hangs after the kill"
+
+    assert not load.wrong, f"unexpected replies during the load: {load.wrong[:5]}"
+    sent, acked, taken = load.sent_at, set(load.acked), load.taken
+    completing, confirmed = set(load.completing), load.confirmed
+    assert len(acked) > 100, f"the clients hardly got to submit anything: {len(acked)}"
+    assert len(taken) == len(set(taken)), "a job was handed out twice before the kill"
+    # The last submission sent that was acknowledged: every WORK_COMPLETE the server
+    # processed before it was sent has had its delete committed by then.
+    fence = max(sent[unique] for unique in acked)
+    fenced = {unique for unique, at in confirmed.items() if at < fence}
+    assert fenced, "no job was completed before the last acknowledged submission"
+
+    server.start()
+    total = status(server).get(function, (0, 0, 0))[0]
+    ran = drain_fast(server, function, total)
+    after = [unique for unique, _ in ran]
+    assert all(unique == data for unique, data in ran), "a replayed job lost its data"
+    assert len(after) == len(set(after)), "a replayed job ran twice after the restart"
+    assert set(after) <= set(sent), "a job nobody submitted was replayed"
+    lost = (acked - completing) - set(after)
+    assert not lost, f"{len(lost)} acknowledged jobs lost, e.g. {sorted(lost)[:5]}"
+    twice = set(taken) & set(after)
+    wrongly = twice & fenced
+    assert not wrongly, (f"{len(wrongly)} jobs ran again although their WORK_COMPLETE was "
+                         f"processed before a later job was acknowledged, e.g. "
+                         f"{sorted(wrongly)[:5]}")
+    return (f"{len(acked)} acknowledged, {len(taken)} ran before the kill ({len(fenced)} "
+            f"of them fenced by a later acknowledgement), {len(after)} after, "
+            f"{len(twice)} ran twice")
+
+
+def store_batches(http_port):
+    """(commits, jobs added and deleted) the store has done, from /metrics:
+    gearman_store_batch_size's _count and _sum."""
+    url = f"http://127.0.0.1:{http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("gearman_store_batch_size_count", "gearman_store_batch_size_sum"):
+            values[name] = int(float(value))
+    return values["gearman_store_batch_size_count"], values["gearman_store_batch_size_sum"]
+
+
+def check_submissions_share_commits(make_server, options, function, jobs=400, commits=10):
+    """Group commit of submissions: `jobs` SUBMIT_JOB_BG pipelined on one connection
+    reach the store in at most `commits` transactions (one per loop turn at most,
+    however many jobs it read), and every one is acknowledged."""
+    http_port = conftest.free_port()
+    server = make_server(*options, "--http-port", str(http_port))
+    before = store_batches(http_port)
+    with server.connect() as sock:
+        sock.sendall(b"".join(gp.pack(gp.SUBMIT_JOB_BG, function, b"g%d" % i, b"d")
+                              for i in range(jobs)))
+        for i in range(jobs):
+            reply = gp.recv(sock, timeout=20)
+            assert reply[0] == gp.JOB_CREATED, f"job {i}: {gp.show(reply)}"
+    count, size = store_batches(http_port)
+    assert size - before[1] == jobs, f"{size - before[1]} rows written for {jobs} jobs"
+    assert count - before[0] <= commits, (f"{jobs} pipelined submissions took "
+                                          f"{count - before[0]} store commits")
+    return server
+
+
+# -- what a client hears while the store writes ------------------------------------------
+
+def nothing_to_read(sock, seconds):
+    """True if `sock` receives nothing (and is not closed) for `seconds`: a negative
+    check that gives a wrong packet that long to show up."""
+    readable, _, _ = select.select([sock], [], [], seconds)
+    return not readable
+
+
+def check_job_created_waits_for_the_commit(server, function, locked, stored, hold=0.5):
+    """README: "JOB_CREATED ... is held back until the writer reports the record
+    committed. The loop never waits". `locked()` is a context manager during which
+    the store's writes wait for a lock the test holds; `stored()` returns the
+    store's {(function, unique)}. A trigger the caller installed makes the store
+    refuse every row of `function + b".bad"`.
+
+    While the lock is held, after the server has taken the submission (`status`
+    counts it): the client hears nothing for `hold` seconds, while other
+    connections are answered. Once released: JOB_CREATED with the row already
+    stored, or for the refused row ERROR and no row."""
+    bad = function + b".bad"
+    for name, unique, expected in ((function, b"kept", gp.JOB_CREATED),
+                                   (bad, b"refused", gp.ERROR)):
+        with server.connect() as client:
+            with locked():
+                gp.send(client, gp.SUBMIT_JOB_BG, name, unique, b"data")
+                wait_until(lambda: status(server).get(name, (0,))[0] == 1,
+                           what="the server to take the submission")
+                with server.connect() as other:
+                    gp.sync(other)        # the loop serves others while the write waits
+                assert nothing_to_read(client, hold), \
+                    f"{gp.show(gp.recv(client))} came before the write was committed"
+                with server.connect() as other:
+                    gp.sync(other)
+            reply = gp.recv(client, timeout=15)
+            if expected == gp.JOB_CREATED:
+                assert reply[0] == gp.JOB_CREATED, gp.show(reply)
+                assert (name, unique) in stored(), "JOB_CREATED came before the row was stored"
+            else:
+                assert reply == QUEUE_ERROR, gp.show(reply)
+                assert (name, unique) not in stored()
+                assert status(server).get(name, (0,))[0] == 0
+
+
+# -- which jobs leave the store ------------------------------------------------------------
+
+def check_ended_jobs_leave_the_store(server, function, stored, drop_function=True):
+    """README: a job leaves the store when it completes, fails, throws an exception,
+    is cancelled, or its function is dropped; a worker that dies requeues its job
+    and the row stays. One function per way to end (`function`.done, .fail, ...);
+    `stored()` returns the store's {(function, unique)}. `drop_function=False` for
+    C, which leaves the rows of a dropped function behind."""
+    def name(kind):
+        return function + b"." + kind
+    kinds = [b"done", b"fail", b"exception", b"cancel", b"died", b"waits"]
+    if drop_function:
+        kinds.append(b"dropped")
+    handles = dict(zip(kinds, submit_ok(server, [Job(name(kind), kind, b"data " + kind)
+                                                 for kind in kinds])))
+    assert stored() >= {(name(kind), kind) for kind in kinds}
+
+    # A worker dies holding its job: the job is requeued, its row stays.
+    with server.connect() as dying:
+        gp.can_do(dying, name(b"died"))
+        ptype, body = gp.call(dying, gp.GRAB_JOB)
+        assert ptype == gp.JOB_ASSIGN, gp.show((ptype, body))
+    wait_until(lambda: status(server)[name(b"died")][:2] == (1, 0),
+               what="the dead worker's job to be requeued")
+
+    with server.connect() as worker:
+        for kind, ptype, args in ((b"done", gp.WORK_COMPLETE, [b"result"]),
+                                  (b"fail", gp.WORK_FAIL, []),
+                                  (b"exception", gp.WORK_EXCEPTION, [b"it broke"])):
+            gp.can_do(worker, name(kind))
+            ptype_got, body = gp.call(worker, gp.GRAB_JOB)
+            assert ptype_got == gp.JOB_ASSIGN and body.split(b"\0")[0] == handles[kind]
+            gp.send(worker, ptype, handles[kind], *args)
+            gp.sync(worker)
+    assert server.admin(f"cancel job {handles[b'cancel'].decode()}") == b"OK\r\n"
+    if drop_function:
+        assert server.admin(f"drop function {name(b'dropped').decode()}") == b"OK\r\n"
+    # The deletes go in order: once the last one is done, a wrong delete of the
+    # dead worker's row, made before them, would be done as well.
+    kept = {(name(b"died"), b"died"), (name(b"waits"), b"waits")}
+    ours = {(name(kind), kind) for kind in kinds}
+    wait_until(lambda: stored() & ours == kept, what=f"only {sorted(kept)} left in the store")
+    # And the dead worker's job still runs, once.
+    assert drain(server, [name(b"died")], 1) == [(name(b"died"), b"died", b"data died")]

@@ -11,7 +11,8 @@ from gearproto import (
 )
 
 PREFIX = ("--job-handle-prefix", "T")
-VERSIONS = (b"OK 1.1.20\n", b"OK 1.1.20+ds\n")
+# Debian's C build says 1.1.20+ds; ours says 1.1.20, nothing else.
+VERSIONS = (b"OK 1.1.20\n", b"OK 1.1.20+ds\n") if IMPL == "c" else (b"OK 1.1.20\n",)
 INVALID = b"ERR INVALID_ARGUMENTS An+incomplete+set+of+arguments+was+sent+to+this+command+"
 UNKNOWN = b"ERR UNKNOWN_COMMAND Unknown+server+command"
 BUSY = b"ERR there are still connected workers or executing clients\r\n"
@@ -392,8 +393,6 @@ def test_getpid(srv):
 def test_version(srv):
     assert srv.admin("version") in VERSIONS
     assert srv.admin("VERSION x") in VERSIONS
-    if IMPL != "c":
-        assert srv.admin("version") == b"OK 1.1.20\n"
 
 
 def test_verbose_default(srv):

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import IMPL, admin_reply_complete, recv_until
+from conftest import IMPL, admin_reply_complete, recv_until, unavailable
 from gearproto import ERR_QUEUE_FULL, ERROR, SUBMIT_JOB_BG, can_do, expect, send, submit, sync
 
 OURS_ONLY = pytest.mark.skipif(IMPL == "c", reason="--admin-allow is an option of ours")
@@ -131,7 +131,7 @@ def can_bind(address):
 @OURS_ONLY
 def test_loopback_allows_an_ipv6_loopback_peer(make_server):
     if not can_bind("::1"):
-        pytest.skip("no IPv6 loopback here")
+        unavailable("no IPv6 loopback here")
     server = make_server("--admin-allow=loopback", "-L", "::1")
     assert admin_from("::1", server.port, "create function g6") == b"OK\r\n"
     assert server.status() == {"g6": (0, 0, 0)}
@@ -142,7 +142,7 @@ def test_loopback_allows_an_ipv6_loopback_peer(make_server):
 def test_loopback_denies_a_non_loopback_peer(make_server, family):
     address = local_address(family)
     if address is None or not can_bind(address):
-        pytest.skip(f"no local IPv{family} address other than loopback to connect from")
+        unavailable(f"no local IPv{family} address other than loopback to connect from")
     server = make_server("--admin-allow=loopback", "-L", address)
     reply = admin_from(address, server.port, "create function g", source=address)
     assert reply == denied("create", address)

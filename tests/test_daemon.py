@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from conftest import C_GEARMAND, IMPL, Server, recv_until, wait_until
+from conftest import C_GEARMAND, IMPL, Server, recv_until, unavailable, wait_until
 from gearproto import (
-    GRAB_JOB, GRAB_JOB_UNIQ, JOB_ASSIGN, JOB_ASSIGN_UNIQ, NO_JOB, SUBMIT_JOB, WORK_COMPLETE,
-    Closed, can_do, expect, recv, round_trip, send, submit, sync,
+    ECHO_REQ, GRAB_JOB, GRAB_JOB_UNIQ, JOB_ASSIGN, JOB_ASSIGN_UNIQ, NO_JOB, SUBMIT_JOB,
+    WORK_COMPLETE, Closed, can_do, expect, header, recv, round_trip, send, submit, sync,
 )
 
 LEVELS = ("FATAL", "ALERT", "CRITICAL", "ERROR", "WARNING", "NOTICE", "INFO", "DEBUG")
@@ -165,11 +165,11 @@ def test_daemon_holds_its_sqlite_store(tmp_path, daemons):
 
 def test_user_switch_to_nobody(make_server):
     if os.getuid() != 0:
-        pytest.skip("switching users needs root")
+        unavailable("switching users needs root")
     try:
         nobody = pwd.getpwnam("nobody")
     except KeyError:
-        pytest.skip("there is no user nobody")
+        unavailable("there is no user nobody")
     # the pid file is written as nobody: give it a directory nobody may write in
     run_dir = tempfile.mkdtemp(prefix="gearmand-test-")
     try:
@@ -214,7 +214,7 @@ def test_sighup_reopens_the_log_file(make_server, tmp_path):
     else:
         marker = "4294967295 bytes"
         bad = server.connect()
-        bad.sendall(b"\0REQ" + bytes([0, 0, 0, 16, 255, 255, 255, 255]))
+        bad.sendall(header(ECHO_REQ, 0xFFFFFFFF))
     wait_until(lambda: marker in log.read_text(errors="replace"), what="line in new log")
     assert marker not in rotated.read_text(errors="replace")
     sync(client)

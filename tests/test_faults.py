@@ -1,7 +1,5 @@
 """Malformed input (protocol.md §1.1 and §9): the offending connection gets an ERROR or is
 closed without a reply, and nobody else notices."""
-import struct
-
 import pytest
 
 from conftest import IMPL, wait_until
@@ -9,15 +7,12 @@ from gearproto import (
     CAN_DO, CAN_DO_TIMEOUT, ECHO_REQ, ECHO_RES, ERR_INVALID_COMMAND, ERR_INVALID_MAGIC, ERROR,
     GET_STATUS, GET_STATUS_UNIQUE, GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ, JOB_CREATED, OPTION_REQ,
     RES, SET_CLIENT_ID, STATUS_RES, STATUS_RES_UNIQUE, SUBMIT_JOB_BG, SUBMIT_JOB_EPOCH,
-    SUBMIT_REDUCE_JOB, WORK_COMPLETE, WORK_DATA, can_do, closed, expect, pack, recv_exact,
-    send, submit, sync,
+    SUBMIT_REDUCE_JOB, WORK_COMPLETE, WORK_DATA, can_do, closed, expect, header, pack,
+    recv_exact, send, submit, sync,
 )
 
 PREFIX = ("--job-handle-prefix", "T")
 
-
-def header(ptype, size=0, magic=b"\0REQ"):
-    return magic + struct.pack(">II", ptype, size)
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from conftest import IMPL
 from gearproto import (
-    GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ, WORK_COMPLETE, can_do, expect, round_trip, send, submit, sync,
-    work_off,
+    GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ, WORK_COMPLETE, can_do, expect, pack, round_trip, send, submit,
+    sync, work_off,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -35,7 +35,6 @@ KEEP_PREFIX = "KEEPJOB"       # no generated packet or line can name these handl
 KEEP_FUNCTION = "keep.function.never.fuzzed"
 KEPT_JOBS = 20
 
-HEADER = struct.Struct(">4sII")
 REQUEST_TYPES = {  # type: number of arguments (NUL-separated parts)
     1: 1, 2: 1, 3: 1, 4: 1, 7: 3, 9: 1, 12: 3, 13: 2, 14: 1, 15: 1, 16: 1, 18: 3, 21: 3,
     22: 1, 23: 2, 25: 2, 26: 1, 28: 2, 29: 2, 30: 1, 32: 3, 33: 3, 34: 3, 36: 4, 37: 5,
@@ -75,8 +74,7 @@ def valid_packet(draw):
     ptype = draw(st.sampled_from(sorted(REQUEST_TYPES) + RESPONSE_TYPES))
     count = REQUEST_TYPES.get(ptype, draw(st.integers(1, 6)))
     args = [draw(field) for _ in range(count)]
-    body = b"\0".join(args)
-    return HEADER.pack(b"\0REQ", ptype, len(body)) + body
+    return pack(ptype, *args)
 
 
 U32 = st.one_of(st.sampled_from([0, 43, 44, 255, 1 << 31, (1 << 32) - 1]),

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import need_tool
+from conftest import IMPL, need_tool
 from clients import (CAN_DO, GRAB_JOB, JOB_ASSIGN, NO_JOB, SET_CLIENT_ID, SUBMIT_JOB_BG,
                      SUBMIT_JOB_HIGH, SUBMIT_JOB_HIGH_BG, SUBMIT_JOB_LOW, SUBMIT_JOB_LOW_BG,
                      WORK_FAIL, RawConn, run, wait_until)
@@ -101,9 +101,10 @@ def test_gearadmin_workers_lists_connections_newest_first(server, gearadmin):
 
 
 def test_gearadmin_server_version(server, gearadmin):
-    # upstream prints 1.1.20, the Debian build 1.1.20+ds
-    assert gearadmin("--server-version") in ((b"1.1.20\n", b""), (b"1.1.20+ds\n", b""))
-    assert server.admin("version") in (b"OK 1.1.20\n", b"OK 1.1.20+ds\n")
+    # upstream prints 1.1.20, the Debian build 1.1.20+ds; ours 1.1.20 only
+    versions = (b"1.1.20", b"1.1.20+ds") if IMPL == "c" else (b"1.1.20",)
+    assert gearadmin("--server-version") in [(v + b"\n", b"") for v in versions]
+    assert server.admin("version") in [b"OK " + v + b"\n" for v in versions]
 
 
 def test_gearadmin_server_verbose_reports_default_level(gearadmin):

@@ -73,7 +73,7 @@ def test_text_and_binary_interleaved_on_one_connection(srv):
     line = b""
     while not line.endswith(b"\n"):
         line += c.recv(1)
-    assert line in (b"OK 1.1.20\n", b"OK 1.1.20+ds\n")
+    assert line in ((b"OK 1.1.20\n", b"OK 1.1.20+ds\n") if IMPL == "c" else (b"OK 1.1.20\n",))
     expect(c, ECHO_RES, "x")
     line = b""
     while not line.endswith(b"\n"):

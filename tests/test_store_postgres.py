@@ -16,9 +16,11 @@ pytest.register_assert_rewrite("storetools")
 
 from conftest import IMPL, ROOT, free_port, unavailable  # noqa: E402
 from storetools import (HIGH, QUEUE_ERROR, Job, check_bad_settings_exit_1,  # noqa: E402
-                        check_c_writes_we_replay, check_outage, check_refused_writes, check_replay,
-                        drain, foreground, priority_status, sample_jobs, submit_ok, submit_one,
-                        wait_until, we_write_and_c_starts)
+                        check_c_writes_we_replay, check_ended_jobs_leave_the_store,
+                        check_job_created_waits_for_the_commit, check_kill_9_at_a_random_instant,
+                        check_outage, check_refused_writes, check_replay,
+                        check_submissions_share_commits, drain, foreground, priority_status,
+                        sample_jobs, submit_ok, submit_one, wait_until, we_write_and_c_starts)
 
 try:
     import psycopg2
@@ -62,6 +64,11 @@ def rows(table):
     return {(u.encode(), f.encode()): (p, None if d is None else bytes(d), w)
             for u, f, p, d, w in query(f"SELECT unique_key, function_name, priority, data,"
                                        f" when_to_run FROM {table}")}
+
+
+def keys(table):
+    """{(function, unique)} of the table's rows."""
+    return {(function, unique) for unique, function in rows(table)}
 
 
 def prefix():
@@ -127,6 +134,54 @@ def test_background_jobs_survive_kill_and_replay_exactly_once(make_server, table
     server.start()
     check_replay(server, jobs)           # unlike C, priorities and epoch times survive
     wait_until(lambda: not rows(table), 5, what="done jobs deleted from the table")
+
+
+@pytest.mark.parametrize("round_number", range(2))
+def test_acknowledged_jobs_survive_kill_9_at_random_instants(make_server, table, round_number):
+    """storetools.check_kill_9_at_a_random_instant: no acknowledged job lost, only
+    jobs running at the kill run twice."""
+    server = make_server(*options(table))
+    print(check_kill_9_at_a_random_instant(server, prefix().encode()))
+
+
+@pytest.mark.skipif(IMPL == "c", reason="C writes in its event loop: everyone waits with it")
+def test_job_created_waits_for_the_commit_and_the_loop_does_not(make_server, table):
+    """While the test holds an ACCESS EXCLUSIVE lock on the table, the server's
+    INSERT waits: its client hears nothing until then, everyone else is served.
+    A row a trigger refuses then gets ERROR."""
+    server = make_server(*options(table))
+    function = prefix().encode()
+    query(f"CREATE FUNCTION {table}_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+          f" IF NEW.function_name = '{function.decode()}.bad' THEN RAISE EXCEPTION 'refused';"
+          f" END IF; RETURN NEW; END $$")
+    try:
+        query(f"CREATE TRIGGER refuse BEFORE INSERT ON {table} FOR EACH ROW"
+              f" EXECUTE FUNCTION {table}_refuse()")
+
+        @contextlib.contextmanager
+        def locked():
+            connection = psycopg2.connect(CONNINFO, connect_timeout=2)
+            try:
+                connection.cursor().execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+                yield
+                connection.rollback()
+            finally:
+                connection.close()
+
+        check_job_created_waits_for_the_commit(server, function, locked, lambda: keys(table))
+    finally:
+        query(f"DROP FUNCTION {table}_refuse() CASCADE")
+
+
+@pytest.mark.skipif(IMPL == "c", reason="/metrics is ours; C commits every job on its own")
+def test_pipelined_submissions_share_commits(make_server, table):
+    check_submissions_share_commits(make_server, options(table), prefix().encode())
+    assert len(rows(table)) == 400
+
+
+def test_jobs_leave_the_table_when_they_end_and_a_dead_workers_job_stays(make_server, table):
+    check_ended_jobs_leave_the_store(make_server(*options(table)), prefix().encode(),
+                                     lambda: keys(table), drop_function=IMPL != "c")
 
 
 def test_cancel_quotes_and_leftover_row(make_server, table):

@@ -15,9 +15,11 @@ pytest.register_assert_rewrite("storetools")
 
 import gearproto as gp  # noqa: E402
 from conftest import IMPL, free_port, unavailable  # noqa: E402
-from storetools import (HIGH, LOW, NORMAL, QUEUE_ERROR, Job, check_replay,  # noqa: E402
-                        check_replay_any_order, drain, foreground, need_c, run_once, sample_jobs,
-                        submit_ok, submit_one, wait_until)
+from storetools import (HIGH, LOW, NORMAL, QUEUE_ERROR, Job,  # noqa: E402
+                        check_ended_jobs_leave_the_store, check_kill_9_at_a_random_instant,
+                        check_replay, check_replay_any_order, check_submissions_share_commits,
+                        drain, foreground, need_c, run_once, sample_jobs, submit_ok, submit_one,
+                        wait_until)
 
 try:
     import redis
@@ -81,6 +83,34 @@ def records(prefix):
 
 def key_of(prefix, job):
     return b"%s-%s-%s" % (prefix.encode(), job.function, job.unique)
+
+
+def keys(prefix):
+    """{(function, unique)} of the job records under `prefix` (no `-` in functions)."""
+    return {tuple(key[len(prefix) + 1:].split(b"-", 1))
+            for key in client().scan_iter(match=prefix + "-*")}
+
+
+@pytest.mark.parametrize("round_number", range(2))
+def test_acknowledged_jobs_survive_kill_9_at_random_instants(make_server, prefix, round_number):
+    """storetools.check_kill_9_at_a_random_instant: no acknowledged job lost, only
+    jobs running at the kill run twice. (Redis itself stays up: how durable its
+    data is across its own restarts is its AOF/RDB settings' business.)"""
+    server = make_server(*options(prefix))
+    print(check_kill_9_at_a_random_instant(server, b"%s.crash%d" % (prefix.encode(),
+                                                                      round_number)))
+
+
+def test_pipelined_submissions_share_commits(make_server, prefix):
+    """Each batch is one script call: 400 pipelined submissions make few."""
+    function = prefix.encode()
+    check_submissions_share_commits(make_server, options(prefix), function)
+    assert len(keys(prefix)) == 400
+
+
+def test_records_leave_when_jobs_end_and_a_dead_workers_job_stays(make_server, prefix):
+    check_ended_jobs_leave_the_store(make_server(*options(prefix)), prefix.encode(),
+                                     lambda: keys(prefix))
 
 
 def test_background_jobs_survive_kill_9_and_replay_exactly_once(make_server, prefix):

@@ -11,8 +11,9 @@ import pytest
 pytest.register_assert_rewrite("storetools")
 
 from conftest import IMPL, unavailable  # noqa: E402
-from storetools import (HIGH, LOW, NORMAL, Job, check_replay, drain, run_once,  # noqa: E402
-                        sample_jobs, submit_ok)
+from storetools import (HIGH, LOW, NORMAL, Job, check_ended_jobs_leave_the_store,  # noqa: E402
+                        check_kill_9_at_a_random_instant, check_replay,
+                        check_submissions_share_commits, drain, run_once, sample_jobs, submit_ok)
 
 pytestmark = pytest.mark.skipif(IMPL == "c",
                                 reason="C gearmand in Debian has no Tokyo Cabinet queue")
@@ -43,6 +44,14 @@ def records(path):
         key, _, value = line.partition("\t")
         result[bytes.fromhex(key)] = bytes.fromhex(value)
     return result
+
+
+def live_keys(path):
+    """{(function, unique)} of the records while the server holds the file:
+    tchmgr reads it without taking its lock (-nl). No `-` in the functions."""
+    listing = subprocess.run(["tchmgr", "list", "-nl", str(path)], capture_output=True,
+                             check=True, timeout=10).stdout
+    return {tuple(key.split(b"-", 1)) for key in listing.splitlines()}
 
 
 def c_record(job, unique=None):
@@ -85,6 +94,26 @@ def test_records_in_c_format_replay(make_server, db):
         tcamgr("put", "-sx", db, key.hex(), value.hex())
     server = make_server(*options(db))
     check_replay(server, jobs)
+
+
+@pytest.mark.parametrize("round_number", range(2))
+def test_acknowledged_jobs_survive_kill_9_at_random_instants(make_server, db, round_number):
+    """storetools.check_kill_9_at_a_random_instant: no acknowledged job lost, only
+    jobs running at the kill run twice."""
+    server = make_server(*options(db))
+    print(check_kill_9_at_a_random_instant(server, b"crash%d" % round_number))
+
+
+def test_pipelined_submissions_share_commits(make_server, db):
+    """One fsync per batch: 400 pipelined submissions make few."""
+    check_submissions_share_commits(make_server, options(db), b"f")
+    assert len(live_keys(db)) == 400
+
+
+def test_records_leave_when_jobs_end_and_a_dead_workers_job_stays(make_server, db):
+    if not shutil.which("tchmgr"):
+        unavailable("tchmgr is not installed (apt-get install tokyocabinet-bin)")
+    check_ended_jobs_leave_the_store(make_server(*options(db)), b"f", lambda: live_keys(db))
 
 
 def test_completed_and_cancelled_jobs_leave_the_file(make_server, db):

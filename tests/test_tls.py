@@ -6,6 +6,7 @@ Debian's libgearman and C gearmand are built without TLS, so `gearman -S` cannot
 work here, and the C server accepts --ssl but then serves plain TCP: every test in
 this file is skipped against C.
 """
+import os
 import socket
 import ssl
 import subprocess
@@ -14,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import IMPL, ROOT, need_tool
+from conftest import IMPL, ROOT, need_tool, unavailable, wait_until
 from gearproto import (
     ECHO_REQ, ECHO_RES, Closed, can_do, expect, pack, read_to_eof, round_trip, send, submit,
     sync,
@@ -144,7 +145,10 @@ def test_large_replies_over_tls_read_late(tls_server, certs):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_job_round_trip_over_tls_with_gear(tls_server, certs):
-    gear = pytest.importorskip("gear")
+    try:
+        import gear
+    except ImportError:
+        unavailable("python package gear is not installed")
     keys = dict(ssl_key=certs["client.key"], ssl_cert=certs["client.pem"],
                 ssl_ca=certs["ca.pem"])
     worker = gear.Worker("tls-worker")
@@ -155,16 +159,17 @@ def test_job_round_trip_over_tls_with_gear(tls_server, certs):
         worker.waitForServer()
         client.waitForServer()
         worker.registerFunction("reverse")
-        time.sleep(0.1)   # the CAN_DO has no reply; let it reach the server
+        # The CAN_DO has no reply: wait until the server lists the worker.
+        wait_until(lambda: b"reverse\t0\t0\t1\n" in admin(
+            tls_connect(tls_server, client_context(certs)), b"status\r\n"),
+            what="the worker's CAN_DO to reach the server")
         job = gear.TextJob("reverse", "hello over tls")
         client.submitJob(job)
         got = worker.getJob()
         assert got.arguments == b"hello over tls"
         got.sendWorkComplete(got.arguments[::-1])
-        deadline = time.monotonic() + 10
-        while not job.complete and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert job.complete and not job.failure
+        wait_until(lambda: job.complete, what="the job to complete")
+        assert not job.failure
         assert job.data == ["slt revo olleh"]
     finally:
         worker.shutdown()
@@ -193,6 +198,22 @@ def test_plain_client_on_a_tls_port_is_closed(tls_server, certs, data):
     sync(before)
     sync(tls_connect(tls_server, context))
     assert tls_server.proc.poll() is None
+
+
+def test_certificate_key_and_ca_default_to_the_environment(make_server, certs):
+    """GEARMAND_SERVER_PEM, GEARMAND_SERVER_KEY and GEARMAND_CA_CERTIFICATE stand
+    for --ssl-certificate, --ssl-key and --ssl-ca-file, as in C."""
+    env = dict(os.environ, GEARMAND_SERVER_PEM=certs["server.pem"],
+               GEARMAND_SERVER_KEY=certs["server.key"], GEARMAND_CA_CERTIFICATE=certs["ca.pem"])
+    server = make_server("--ssl", "--ssl-verify-client", env=env)
+    sock = tls_connect(server, client_context(certs, "client"))   # the server's certificate
+    assert sock.getpeercert()["subject"] == ((("commonName", "server"),),)
+    sync(sock)
+    assert refused(server, client_context(certs, "stranger"))    # the CA's verdict
+    # The options win over the environment.
+    env.update(GEARMAND_SERVER_PEM=certs["client.pem"], GEARMAND_SERVER_KEY=certs["client.key"])
+    server = make_server(*tls_options(certs), env=env)
+    sync(tls_connect(server, client_context(certs)))
 
 
 @pytest.fixture
