@@ -961,7 +961,8 @@ class Store:
 
     def counts(self):
         """(the highest seq, [(function, priority, rows due now)], [(function, scheduled
-        rows)]), from an index, without reading the rows."""
+        rows)]), from an index, without reading the rows. Rows whose epoch time has
+        come are made due now (when_to_run 0) first: they join the FIFO in their place."""
         raise NotImplementedError
 
     def page(self, function, priority, after, limit):
@@ -1305,6 +1306,11 @@ class SqliteStore(SqlStore):
     def counts(self):
         try:
             connection = self.connection
+            # Epoch jobs due already take their place in the FIFO, by rowid, as C's
+            # replay queues them; only those still to come are scheduled.
+            connection.execute(self.sql("UPDATE {table} SET when_to_run = 0 WHERE"
+                                        " when_to_run != 0 AND when_to_run <= ?"),
+                               (int(time.time()),))
             highest = connection.execute(self.sql("SELECT MAX(rowid) FROM {table}")).fetchone()[0]
             due = connection.execute(self.sql(self.counts_sql)).fetchall()
             scheduled = connection.execute(self.sql(self.scheduled_counts_sql)).fetchall()
