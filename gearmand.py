@@ -2612,6 +2612,9 @@ class EventLoop:
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # As C does, with or without --keepalive (which sets its timings): a
+                # peer whose host died gives back its jobs in the end.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             if listener.tls_context is not None:
                 sock = listener.tls_context.wrap_socket(sock, server_side=True,
                                                         do_handshake_on_connect=False)

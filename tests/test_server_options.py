@@ -74,11 +74,6 @@ def test_keepalive_alone_keeps_the_system_timings(make_server):
     assert on and tuple(timings) == defaults
 
 
-@pytest.mark.xfail(IMPL != "c", strict=True,
-                   reason="server bug: C 1.1.20 sets SO_KEEPALIVE on every accepted socket "
-                          "(--keepalive only adds the timings and the listener); ours sets "
-                          "it only with --keepalive, so a peer whose host died holds its "
-                          "jobs until the server restarts")
 def test_keepalive_is_on_for_accepted_sockets_even_without_the_option(make_server):
     server = make_server()
     with server.connect() as client:
