@@ -240,6 +240,7 @@ NO_ROW = 0
 FAILED = 1        # its write failed: its background submitters got ERROR
 WRITING = 2       # handed to the writer; JOB_CREATED waits for the commit
 STORED = 3
+ADOPTED = 4       # in the table of another member of the cluster, served here
 
 
 class Job:
@@ -405,6 +406,10 @@ class Queues:
         self.job_count = 0                # the last handle number given
         self.scheduled = 0                # epoch jobs in memory waiting for their time
         self.dispatching = True           # False once a graceful stop keeps the queue stored
+        # In a cluster: the monotonic time past which this server may have lost its table
+        # to another member (its lease), so it hands out nothing after it. Set by the
+        # lease thread, read here, so that a server resumed from a pause stops at once.
+        self.lease_until = None
 
     # -- functions and workers
 
@@ -477,7 +482,7 @@ class Queues:
 
     def sleep(self, peer):
         """PRE_SLEEP: a NOOP at once if a job waits for the worker, else at the next one."""
-        for registration in peer.registrations if self.dispatching else ():
+        for registration in peer.registrations if self.may_dispatch() else ():
             if self.has_job(registration.function):
                 self.emit(peer, NOOP, b"")
                 return
@@ -668,12 +673,16 @@ class Queues:
         self.queue_up(job)
         self.wake_workers(function)
 
+    def may_dispatch(self):
+        return self.dispatching and (self.lease_until is None
+                                     or time.monotonic() < self.lease_until)
+
     def grab(self, peer):
         """GRAB_JOB*: the job the worker runs next, now assigned to it; None if none."""
         if peer.sleeping:
             self.set_wakeable(peer, False)
             peer.sleeping = peer.noop_sent = False
-        if not self.dispatching:
+        if not self.may_dispatch():
             return None
         job, registration = self.take_job(peer)
         if job is not None:
@@ -1053,6 +1062,9 @@ class ReconnectingStore(Store):
     def write_batch(self, adds, dones):
         raise NotImplementedError
 
+    def connected(self, connection):
+        """A new connection is made (a hook for what a store must note of it)."""
+
     def lost(self, error):
         return False
 
@@ -1076,6 +1088,7 @@ class ReconnectingStore(Store):
             if fresh:
                 try:
                     self.connection = self.connect()
+                    self.connected(self.connection)
                 except self.driver_error as error:
                     self.disconnect()
                     raise self.backoff.failed(str(self.error(error))) from None
@@ -1127,6 +1140,72 @@ class SqlStore(ReconnectingStore):
 
     def sql(self, statement):
         return statement.format(table=self.table)
+
+    # -- a cluster (--cluster): a dialect that can says how to take a session lock,
+    # name and end a session, and read the database's clock (see Lease)
+
+    clusters = False
+    fence = None                      # (cluster, member, owner, epoch) a write must see
+    session = None                    # the id of the writer's connection, to be ended
+    try_lock_sql = unlock_sql = session_sql = kill_sql = now_sql = share_sql = ""
+    page_all_sql = ""
+
+    @staticmethod
+    def lock_key(name):
+        return name
+
+    @classmethod
+    def open_table(cls, options, table):
+        """The same store, on another member's table."""
+        raise NotImplementedError
+
+    def cluster_setup(self, connection):
+        """Create the cluster's table if it is missing."""
+        cursor = connection.cursor()
+        try:
+            cursor.execute(f"CREATE TABLE IF NOT EXISTS {CLUSTER_TABLE} (cluster VARCHAR(200)"
+                           f" NOT NULL, member VARCHAR(200) NOT NULL, owner VARCHAR(200) NOT"
+                           f" NULL, epoch BIGINT NOT NULL, lease_expires DOUBLE PRECISION NOT"
+                           f" NULL, sessions VARCHAR(100) NOT NULL, wanted INT NOT NULL,"
+                           f" address VARCHAR(200) NOT NULL, PRIMARY KEY (cluster, member))")
+        finally:
+            cursor.close()
+        connection.commit()
+
+    def check_fence(self, cursor):
+        """In a write's own transaction: does this server still hold the table at its
+        epoch? The share lock makes an adoption wait for a write under way."""
+        if self.fence is None:
+            return
+        cluster, member, owner, epoch = self.fence
+        cursor.execute(f"SELECT epoch FROM {CLUSTER_TABLE} WHERE cluster = %s AND member = %s"
+                       f" AND owner = %s{self.share_sql}", (cluster, member, owner))
+        rows = cursor.fetchall()
+        if epoch is None or not rows or rows[0][0] != epoch:
+            raise StoreError(f"{self.label}: not written: this server does not hold the "
+                             f"table {member} in cluster {cluster} now", unavailable=True)
+
+    def connected(self, connection):
+        if self.fence is not None:
+            cursor = connection.cursor()
+            try:
+                cursor.execute(self.session_sql)
+                self.session = cursor.fetchall()[0][0]
+            finally:
+                cursor.close()
+
+    @staticmethod
+    def quietly_close(connection):
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:
+                pass
+
+    def page_all(self, after, limit):
+        """An adopted table's rows after seq `after`, in order:
+        [(seq, function, unique, priority, data, when)]."""
+        return self.query(self.page_all_sql, (after, limit))
 
     def setup(self):
         """Connect and create C's table if it is missing; StoreError if that fails."""
@@ -1667,6 +1746,7 @@ class Journal:
         self.finished = collections.deque()   # (batch, failed jobs, joins), from the writer
         self.waiting = {}                 # job -> peers whose replies wait for its row
         self.writer = None
+        self.cluster = None               # the Cluster, with --cluster
 
     # -- what the queues ask
 
@@ -1711,6 +1791,9 @@ class Journal:
     def forget(self, job):
         """The job ended or was cancelled: delete its row. A row still being written
         is deleted right after the write: its add goes to the writer first."""
+        if job.row == ADOPTED:
+            self.cluster.forget(job)
+            return
         if job.row == WRITING:
             if job in self.adds:
                 self.hand_to_writer()
@@ -2351,6 +2434,451 @@ class Pager:
     def stored_count(self):
         return sum(sum(f.spill.stored) + f.spill.scheduled
                    for f in self.queues.functions.values() if f.spill is not None)
+
+
+# --- persistence: a cluster of servers on one database ------------------------
+#
+# Members of one cluster (--cluster NAME) share a database server; each keeps its own
+# table. Their leases live in one more table, gearmand_cluster, a row per member's
+# table: who serves it (owner), an epoch that grows with each change of owner, and
+# when the lease ends (by the database's clock). Each member's lease thread renews
+# its own lease about every second, holding a session lock named after its table
+# (PostgreSQL's advisory lock, MySQL's GET_LOCK), and watches the others:
+#   - a table whose lock is free has lost its server's session (kill -9, host gone):
+#     a member takes the lock and adopts the table;
+#   - a table whose lease has run out while its lock is held (a paused or cut-off
+#     server) gets its server's sessions ended, then the same;
+#   - an adopted table whose member wants it back (it started again) is handed back
+#     once the jobs of it that are running here are done.
+# Fencing: a member hands out nothing once its last renewal is older than the lease
+# (by the monotonic clock; Queues.lease_until), and every write checks, in its own
+# transaction, that the member still holds its table at its epoch. So a member paused
+# or cut off neither runs nor writes what another has adopted.
+
+CLUSTER_TABLE = "gearmand_cluster"
+CLUSTER_QUEUE_TYPES = ("mysql", "libdrizzle", "postgres", "postgresql", "libpq")
+RENEW_EVERY = 1.0                 # seconds between rounds of the lease thread
+ADOPTED_WINDOW = 1000             # jobs of an adopted table in memory at most
+
+
+def lock_name(cluster, member):
+    return "gearmand:" + hashlib.sha1(f"{cluster}\0{member}".encode()).hexdigest()
+
+
+class Lease(threading.Thread):
+    """The lease thread of a member: renews its lease, takes its table, notices dead
+    or hung members and adopts their tables, hands them back. It has a connection of
+    its own; what it decides goes to the loop as events (see Cluster.collect)."""
+
+    def __init__(self, cluster, store, name, member, lease, address):
+        super().__init__(name="cluster-lease", daemon=True)
+        self.cluster = cluster            # the loop's side, for its events
+        self.store = store                # the member's store: its connect() and dialect
+        self.name = name
+        self.member = member
+        self.lease = lease
+        self.address = address
+        self.connection = None
+        self.connected_at = 0.0
+        self.owning = False               # this member holds its own table's lock
+        self.epoch = None
+        self.held = {}                    # adopted member -> epoch we hold it at
+        self.releasing = collections.deque()   # members the loop has finished with
+        self.members = []                 # the last look at gearmand_cluster, for admin
+        self.stopping = False
+
+    def run(self):
+        while not self.stopping:
+            started = time.monotonic()
+            try:
+                if self.connection is None:
+                    self.connection = self.store.connect()
+                    self.connected_at = time.monotonic()
+                    self.store.cluster_setup(self.connection)
+                self.round()
+            except Exception as error:    # the database is gone, or a bug: fence, retry
+                self.cluster.event("error", str(error))
+                self.store.quietly_close(self.connection)
+                self.connection = None
+                if self.owning or self.held:
+                    # The session locks went with the connection.
+                    self.owning = False
+                    self.held = {}
+                    self.cluster.event("lost", None)
+            time.sleep(max(0.0, RENEW_EVERY - (time.monotonic() - started)))
+        if self.connection is not None:
+            self.store.quietly_close(self.connection)
+
+    def execute(self, statement, arguments=()):
+        cursor = self.connection.cursor()
+        try:
+            cursor.execute(statement, arguments)
+            rows = cursor.fetchall() if cursor.description else None
+            return rows, cursor.rowcount
+        finally:
+            cursor.close()
+
+    def try_lock(self, member):
+        rows, _ = self.execute(self.store.try_lock_sql,
+                               (self.store.lock_key(lock_name(self.name, member)),))
+        return bool(rows[0][0])
+
+    def unlock(self, member):
+        self.execute(self.store.unlock_sql, (self.store.lock_key(lock_name(self.name, member)),))
+
+    def sessions(self):
+        rows, _ = self.execute(self.store.session_sql)
+        return f"{rows[0][0]},{self.store.session or ''}"
+
+    def round(self):
+        store, name, member = self.store, self.name, self.member
+        now = store.now_sql
+        while self.releasing:
+            other = self.releasing.popleft()
+            self.held.pop(other, None)
+            self.unlock(other)
+            self.execute(f"UPDATE {CLUSTER_TABLE} SET owner = member, lease_expires = {now}"
+                         f" WHERE cluster = %s AND member = %s", (name, other))
+            self.connection.commit()
+        if not self.owning:
+            if self.try_lock(member):
+                self.take_own_table()
+            else:
+                self.execute(f"UPDATE {CLUSTER_TABLE} SET wanted = 1 WHERE cluster = %s"
+                             f" AND member = %s", (name, member))
+                self.connection.commit()
+        else:
+            sent = time.monotonic()
+            _, count = self.execute(
+                f"UPDATE {CLUSTER_TABLE} SET lease_expires = {now} + %s, sessions = %s,"
+                f" address = %s WHERE cluster = %s AND member = %s AND owner = %s"
+                f" AND epoch = %s", (self.lease, self.sessions(), self.address, name, member,
+                                     member, self.epoch))
+            self.connection.commit()
+            if count == 1:
+                self.cluster.renewed(sent)
+            else:
+                self.owning = False
+                self.unlock(member)
+                self.connection.commit()
+                self.cluster.event("lost", None)
+        rows, _ = self.execute(f"SELECT member, owner, epoch, lease_expires - {now}, wanted,"
+                               f" sessions, address FROM {CLUSTER_TABLE} WHERE cluster = %s"
+                               f" ORDER BY member", (name,))
+        self.connection.commit()
+        self.members = rows
+        if not self.owning or time.monotonic() - self.connected_at < self.lease:
+            return        # after a reconnection, give the others the time to reconnect too
+        for other, owner, epoch, left, wanted, sessions, _ in rows:
+            if other == member:
+                continue
+            if owner == member and other in self.held:
+                if wanted:
+                    self.cluster.event("give back", other)
+                continue
+            if wanted and owner == other:
+                continue                  # it is back and takes its table itself
+            if self.try_lock(other):
+                self.adopt(other, epoch)
+            elif left is not None and left < 0 and owner == other:
+                # Its lease ran out and its session still holds the lock: a paused or
+                # cut-off server. End its sessions; the lock is free at the next round.
+                for session in (sessions or "").split(","):
+                    if session.strip().isdigit():
+                        try:
+                            self.execute(store.kill_sql % int(session))
+                        except store.driver_error:
+                            pass          # gone already
+                self.connection.commit()
+
+    def take_own_table(self):
+        store, name, member = self.store, self.name, self.member
+        sent = time.monotonic()
+        _, count = self.execute(
+            f"UPDATE {CLUSTER_TABLE} SET owner = member, epoch = epoch + 1, wanted = 0,"
+            f" lease_expires = {store.now_sql} + %s, sessions = %s, address = %s"
+            f" WHERE cluster = %s AND member = %s",
+            (self.lease, self.sessions(), self.address, name, member))
+        if count == 0:
+            self.execute(f"INSERT INTO {CLUSTER_TABLE} (cluster, member, owner, epoch,"
+                         f" lease_expires, sessions, wanted, address) VALUES (%s, %s, %s, 1,"
+                         f" {store.now_sql} + %s, %s, 0, %s)",
+                         (name, member, member, self.lease, self.sessions(), self.address))
+        rows, _ = self.execute(f"SELECT epoch FROM {CLUSTER_TABLE} WHERE cluster = %s"
+                               f" AND member = %s", (name, member))
+        self.connection.commit()
+        self.owning = True
+        self.epoch = rows[0][0]
+        self.cluster.renewed(sent)
+        self.cluster.event("own", self.epoch)
+
+    def adopt(self, other, epoch):
+        _, count = self.execute(
+            f"UPDATE {CLUSTER_TABLE} SET owner = %s, epoch = epoch + 1, wanted = 0"
+            f" WHERE cluster = %s AND member = %s AND epoch = %s",
+            (self.member, self.name, other, epoch))
+        self.connection.commit()
+        if count != 1:
+            self.unlock(other)            # it changed meanwhile: look again next round
+            self.connection.commit()
+            return
+        self.held[other] = epoch + 1
+        self.cluster.event("adopt", (other, epoch + 1))
+
+
+class Adoption:
+    """Another member's table, served here since its server died or hung: a store
+    and writer thread of its own, its jobs fed into the queues a window at a time,
+    in their order, and deleted from that table as they end."""
+
+    def __init__(self, cluster, member, store):
+        self.cluster = cluster
+        self.member = member
+        self.store = store
+        self.writer = StoreWriter(store, cluster.writer_finished, cluster.log, cluster.stats)
+        self.seqs = {}                    # job in memory -> its row's seq in that table
+        self.after = 0                    # the last seq fed in
+        self.exhausted = False
+        self.paging = False
+        self.dones = []
+        self.ending = None                # when it goes back, at the latest (monotonic)
+
+    def start(self):
+        self.writer.start()
+        self.feed()
+
+    def feed(self):
+        if self.paging or self.exhausted or self.ending is not None:
+            return
+        if len(self.seqs) * 2 < ADOPTED_WINDOW:
+            self.paging = True
+            self.writer.submit(Batch([], set(), [], [StoreRequest(
+                "page_all", (self.after, ADOPTED_WINDOW), self.paged)]))
+
+    def paged(self, rows):
+        self.paging = False
+        if isinstance(rows, StoreError):
+            self.cluster.log.error(f"cluster: cannot read {self.member}'s table: {rows}")
+            self.cluster.loop.timers.add(1.0, lambda _: self.feed(), None)
+            return
+        if self.ending is not None:
+            return
+        queues = self.cluster.queues
+        for seq, name, unique, priority, data, when in rows:
+            self.after = seq
+            unique, row_unique = read_row_unique(unique)
+            function = queues.find_or_add_function(name)
+            queues.job_count += 1
+            function.total += 1
+            job = queues.stored_job(function, queues.job_count, unique, data,
+                                    priority if priority in (HIGH, NORMAL, LOW) else NORMAL,
+                                    when)
+            job.row = ADOPTED
+            job.row_unique = row_unique
+            self.seqs[job] = seq
+            queues.enqueue(job)
+        if len(rows) < ADOPTED_WINDOW:
+            self.exhausted = True
+
+    def forget(self, job):
+        seq = self.seqs.pop(job, None)
+        if seq is not None:
+            self.dones.append((job.row_unique or job.unique, job.function.name, seq))
+        job.row = NO_ROW
+        job.queued = False
+        self.feed()
+
+    def flush(self):
+        if self.dones:
+            self.writer.submit(Batch([], set(), self.dones, []))
+            self.dones = []
+
+    def running(self):
+        return any(job.worker is not None for job in self.seqs)
+
+    def withdraw(self):
+        """Stop serving it: its queued jobs leave memory; their rows stay for their member."""
+        queues = self.cluster.queues
+        self.ending = self.ending or time.monotonic()
+        for job in list(self.seqs):
+            if job.worker is None:
+                del self.seqs[job]
+                job.row = NO_ROW          # no delete: the row is its member's again
+                queues.discard(job)
+
+    def close(self):
+        self.flush()
+        self.writer.submit(None)
+        self.writer.join(10)
+        self.store.close()
+
+
+class Cluster:
+    """The loop's side of --cluster: whether this member holds its table (and may
+    hand out and write stored jobs), the tables it adopted, and what admin, /status
+    and /metrics show of it."""
+
+    def __init__(self, server, name, lease, address):
+        self.server = server
+        self.queues = server.queues
+        self.journal = server.journal
+        self.loop = server.loop
+        self.log = server.log
+        self.stats = server.stats
+        self.name = name
+        self.lease = lease
+        self.member = server.store.table
+        self.events = collections.deque()     # from the lease and the adoptions' writers
+        self.adoptions = {}               # member -> Adoption
+        self.owning = False
+        self.fenced_since = time.monotonic()
+        self.renewed_at = None
+        self.epoch = None
+        self.adopted_total = 0
+        self.handed_back_total = 0
+        server.journal.cluster = self
+        self.queues.lease_until = 0.0     # nothing is handed out before the table is ours
+        server.store.fence = (name, self.member, self.member, None)   # nor written
+        self.lease_thread = Lease(self, server.store, name, self.member, lease, address)
+
+    def start(self):
+        self.lease_thread.start()
+        self.loop.timers.add(0.25, self.check, None)
+
+    def stop(self):
+        self.lease_thread.stopping = True
+        for adoption in self.adoptions.values():
+            adoption.close()
+
+    # -- from other threads
+
+    def event(self, kind, argument):
+        self.events.append((kind, argument))
+        self.loop.wake()
+
+    def renewed(self, sent):
+        """The lease was renewed by a statement sent at `sent` (monotonic)."""
+        self.renewed_at = sent
+        self.queues.lease_until = sent + self.lease
+
+    def writer_finished(self, batch, failed, joins):
+        self.event("written", batch)
+
+    # -- in the loop
+
+    def collect(self):
+        while self.events:
+            kind, argument = self.events.popleft()
+            if kind == "own":
+                self.owned(argument)
+            elif kind == "lost":
+                self.fence("its lease could not be renewed")
+            elif kind == "adopt":
+                self.adopt(*argument)
+            elif kind == "give back":
+                self.give_back(argument)
+            elif kind == "written":
+                for request in argument.requests:
+                    request.answer(request.result)
+            elif kind == "error":
+                self.log.error(f"cluster {self.name}: {argument}")
+        self.flush()
+
+    def flush(self):
+        for adoption in self.adoptions.values():
+            adoption.flush()
+
+    def check(self, _):
+        """Every quarter second: fence at the end of the lease; hand back what is done."""
+        self.loop.timers.add(0.25, self.check, None)
+        if self.owning and not self.queues.may_dispatch() and self.queues.dispatching:
+            self.fence("its lease ran out")
+        for member, adoption in list(self.adoptions.items()):
+            if adoption.ending is not None and (
+                    not adoption.running() or time.monotonic() - adoption.ending > 2 * self.lease):
+                adoption.close()
+                del self.adoptions[member]
+                self.lease_thread.releasing.append(member)
+                self.handed_back_total += 1
+                self.log.notice(f"cluster {self.name}: handed {member}'s table back")
+
+    def owned(self, epoch):
+        """The lease thread holds this member's table at `epoch`: serve it."""
+        self.epoch = epoch
+        self.server.store.fence = (self.name, self.member, self.member, epoch)
+        if not self.owning:
+            self.owning = True
+            self.log.notice(f"cluster {self.name}: serving the table {self.member} "
+                            f"(epoch {epoch})")
+            self.reload()
+
+    def fence(self, why):
+        if not self.owning:
+            return
+        self.owning = False
+        self.fenced_since = time.monotonic()
+        self.queues.lease_until = 0.0
+        self.server.store.fence = (self.name, self.member, self.member, None)
+        self.log.error(f"cluster {self.name}: {why}; no stored job is handed out or "
+                       f"written until this server holds its table again")
+        for adoption in self.adoptions.values():
+            adoption.withdraw()
+
+    def reload(self):
+        """Take in the table afresh: what is in memory of it may have run elsewhere."""
+        queues = self.queues
+        for job in list(queues.jobs.values()):
+            if job.row == STORED and job.worker is None:
+                job.row = NO_ROW          # its row stays: it comes back from the table
+                queues.discard(job)
+        for function in queues.functions.values():
+            if function.spill is not None:
+                function.total -= sum(function.spill.stored) + function.spill.scheduled
+                function.spill = None
+        pager = self.journal.pager
+        if pager is not None:
+            pager.spilled = 0
+            pager.scheduled_cursor = None
+            pager.scheduled_stored = 0
+            pager.load()
+            pager.start()
+
+    def adopt(self, member, epoch):
+        if member in self.adoptions:
+            return
+        store = type(self.server.store).open_table(self.server.options, member)
+        store.fence = (self.name, member, self.member, epoch)
+        adoption = self.adoptions[member] = Adoption(self, member, store)
+        adoption.start()
+        self.adopted_total += 1
+        self.log.notice(f"cluster {self.name}: adopted {member}'s table (epoch {epoch}): "
+                        f"its server stopped renewing its lease")
+
+    def give_back(self, member):
+        adoption = self.adoptions.get(member)
+        if adoption is not None and adoption.ending is None:
+            adoption.withdraw()
+
+    def forget(self, job):
+        for adoption in self.adoptions.values():
+            if job in adoption.seqs:
+                adoption.forget(job)
+                return
+        job.row = NO_ROW
+
+    def snapshot(self):
+        """Members, owners and lease ages, for admin, /status and /metrics."""
+        members = []
+        for member, owner, epoch, left, wanted, _, address in self.lease_thread.members:
+            members.append({"member": text(member) if isinstance(member, bytes) else member,
+                            "owner": text(owner) if isinstance(owner, bytes) else owner,
+                            "epoch": epoch, "lease_left_seconds": round(float(left or 0), 3),
+                            "wants_its_table": bool(wanted), "address": address})
+        age = None if self.renewed_at is None else round(time.monotonic() - self.renewed_at, 3)
+        return {"name": self.name, "member": self.member, "holds_its_table": self.owning,
+                "epoch": self.epoch, "lease_seconds": self.lease, "lease_age_seconds": age,
+                "adopted": sorted(self.adoptions), "adoptions_total": self.adopted_total,
+                "handed_back_total": self.handed_back_total, "members": members}
 
 
 # --- logging and stats --------------------------------------------------------
@@ -3780,6 +4308,10 @@ class Server:
         self.queues = Queues(options, self.loop.emit, self.loop.timers, log, self.stats)
         self.journal = Journal(store, self.queues, self.loop, log, self.stats,
                                options.store_queue_on_shutdown, options.queue_memory)
+        self.cluster = None
+        if options.cluster:
+            address = f"{socket.gethostname()}:{options.port}"
+            self.cluster = Cluster(self, options.cluster, options.cluster_lease, address)
         self.admin = Admin(self)
         self.gearman = BinaryProtocol(self)
         self.http = HttpProtocol(self)
@@ -3790,10 +4322,14 @@ class Server:
     def serve(self):
         """Run until stopped; then stop the writer, write what must be, close all."""
         self.journal.start()
+        if self.cluster is not None:
+            self.cluster.start()
         try:
             self.loop.serve_forever()
         finally:
             self.loop.end_turn()
+            if self.cluster is not None:
+                self.cluster.stop()
             self.journal.close()
             self.loop.close_all()
 
@@ -3801,9 +4337,13 @@ class Server:
 
     def turn_ended(self):
         self.journal.end_turn()
+        if self.cluster is not None:
+            self.cluster.flush()
 
     def woken(self):
         self.journal.collect()
+        if self.cluster is not None:
+            self.cluster.collect()
 
     def connection_closed(self, conn):
         self.queues.peer_left(conn)
@@ -3898,6 +4438,15 @@ def build_parser():
                               "it a queue's tail stays in the store only, paged in as needed. "
                               "redis, libmemcached and libtokyocabinet queues are held in "
                               "memory whole.")
+    general.add_argument("--cluster", metavar="NAME",
+                         help="With a MySQL or Postgres queue: be a member of the cluster "
+                              "NAME, the servers with this NAME on the same database, each "
+                              "with its own table: when one dies or hangs, another serves its "
+                              "table's jobs (docs/cluster.md).")
+    general.add_argument("--cluster-lease", type=float, default=5.0, metavar="SECONDS",
+                         help="How long a member's table stays its own without a renewal "
+                              "(renewed every second; default 5): past it the member stops "
+                              "and another may adopt the table.")
     general.add_argument("--max-output", type=int, default=256 << 20,
                          help="Close connections that leave more unread replies (bytes; "
                               "default 256 MiB).")
@@ -4039,6 +4588,17 @@ def parse_options(argv):
         options.mysql_password = options.libdrizzle_password
         options.mysql_db = options.libdrizzle_db
         options.mysql_table = options.libdrizzle_table
+    if options.cluster is not None:
+        if options.queue_type.lower() not in CLUSTER_QUEUE_TYPES:
+            raise OptionError("--cluster needs a MySQL or Postgres queue (-q MySQL or "
+                              "-q Postgres): the members share its database")
+        if options.store_queue_on_shutdown:
+            raise OptionError("--cluster cannot go with --store-queue-on-shutdown: a member's "
+                              "jobs must be in its table for another to adopt them")
+        if not options.cluster or len(options.cluster) > 200:
+            raise OptionError("--cluster NAME: 1 to 200 characters")
+        if not 1.0 <= options.cluster_lease <= 3600:
+            raise OptionError("--cluster-lease: from 1 to 3600 seconds")
     if min(options.max_packet_size, options.max_output, options.max_input_buffer) <= 0:
         raise OptionError("--max-packet-size, --max-input-buffer and --max-output "
                           "must be positive")
@@ -4223,7 +4783,8 @@ def run(options):
     for notice in server.store.notices:
         log.warning(notice)
     try:
-        server.journal.replay()
+        if server.cluster is None:        # a member takes in its table once it holds it
+            server.journal.replay()
     except StoreError as error:
         report_store_error(error, options, log)
     pid_written = write_pid_file(options.pid_file, "/var/gearmand.pid")
