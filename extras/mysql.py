@@ -142,8 +142,14 @@ class MySQLStore(SqlStore):
                   " ORDER BY gearmand_seq")
     # Paging. Function names and uniques are compared under the columns' collation,
     # which the indexes follow, and then byte for byte, as jobs are told apart.
-    counts_sql = ("SELECT BINARY function_name, priority, when_to_run != 0, COUNT(*)"
-                  " FROM {table} FORCE INDEX (gearmand_queue) GROUP BY 1, 2, 3")
+    # In the queue index's order, so without a temporary table: GROUP BY BINARY takes
+    # one, and three to four times as long, so it counts only where a group's names
+    # differ in bytes (`f` and `F` under a case-insensitive collation).
+    counts_sql = ("SELECT function_name, priority, COUNT(*), SUM(when_to_run != 0),"
+                  " MIN(BINARY function_name) = MAX(BINARY function_name)"
+                  " FROM {table} FORCE INDEX (gearmand_queue) GROUP BY function_name, priority")
+    names_counts_sql = ("SELECT BINARY function_name, priority, COUNT(*), SUM(when_to_run != 0), 1"
+                        " FROM {table} FORCE INDEX (gearmand_queue) GROUP BY 1, 2")
     page_sql = ("SELECT gearmand_seq, IFNULL(unique_key, ''), IFNULL(data, '')"
                 " FROM {table} FORCE INDEX (gearmand_queue)"
                 " WHERE function_name = %s AND BINARY function_name = BINARY %s"
@@ -548,12 +554,20 @@ class MySQLStore(SqlStore):
         cursor.execute(statement if isinstance(statement, bytes) else statement.encode())
         return cursor.fetchall()
 
+    def groups(self, cursor):
+        """[(function, priority, rows, of which scheduled)]."""
+        groups = self.query(cursor, self.sql(self.counts_sql))
+        if not all(alike for *_, alike in groups):
+            groups = self.query(cursor, self.sql(self.names_counts_sql))
+        return [(bytes(function or b""), priority, count, int(later))
+                for function, priority, count, later, _ in groups]
+
     def counts(self):
         def work(cursor):
             highest = self.query(cursor, self.sql("SELECT MAX(gearmand_seq) FROM {table}"))
-            groups = self.query(cursor, self.sql(self.counts_sql))
-            odd = {(bytes(function), priority) for function, priority, later, _ in groups
-                   if not later and priority not in (0, 1, 2)}
+            groups = self.groups(cursor)
+            odd = [(function, priority) for function, priority, count, later in groups
+                   if count > later and priority not in (0, 1, 2)]
             if odd:
                 # C replays other priorities as NORMAL: make them so, and count them again.
                 for function, priority in odd:
@@ -564,16 +578,15 @@ class MySQLStore(SqlStore):
                                    + self.key_literal(function)
                                    + b" AND when_to_run = 0 AND priority <=> "
                                    + (b"NULL" if priority is None else b"%d" % priority))
-                groups = self.query(cursor, self.sql(self.counts_sql))
+                groups = self.groups(cursor)
             return highest[0][0] or 0, groups
         highest, groups = self.read(work)
         due, scheduled = [], {}
-        for function, priority, later, count in groups:
-            function = bytes(function or b"")
+        for function, priority, count, later in groups:
             if later:
-                scheduled[function] = scheduled.get(function, 0) + count
-            else:
-                due.append((function, priority, count))
+                scheduled[function] = scheduled.get(function, 0) + later
+            if count > later:
+                due.append((function, priority, count - later))
         return highest, due, list(scheduled.items())
 
     def page(self, function, priority, after, limit):

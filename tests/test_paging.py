@@ -249,6 +249,23 @@ def test_restart_counts_at_once_and_pages_in_in_order(store, make_server):
     assert all(handle == by_unique[unique] for handle, unique, _ in ran)
 
 
+def test_functions_whose_names_differ_in_case_stay_apart_after_a_restart(store, make_server):
+    """MySQL's columns compare `case` and `CASE` equal: counts and pages still tell
+    the two functions apart, as the protocol does."""
+    server = start(make_server, store)
+    lower = [(gp.SUBMIT_JOB_BG, b"case", b"l%d" % n, b"") for n in range(300)]
+    upper = [(gp.SUBMIT_JOB_BG if n % 2 else gp.SUBMIT_JOB_LOW_BG, b"CASE", b"u%d" % n, b"")
+             for n in range(200)]
+    pipeline(server, lower + upper)
+    server.kill()
+    server.start()
+    assert priority_status(server)[b"case"][:3] == (0, 300, 0)
+    assert priority_status(server)[b"CASE"][:3] == (0, 100, 100)
+    assert [unique for _, unique, _ in work(server, [b"CASE"], 200)] == \
+        [unique for unique, _ in in_order(upper)]
+    assert [unique for _, unique, _ in work(server, [b"case"], 300)] == [job[2] for job in lower]
+
+
 def test_new_handles_after_a_restart_do_not_repeat_stored_ones(store, make_server):
     server = start(make_server, store)
     before = pipeline(server, mixed_jobs(b"f", 400, 1))
