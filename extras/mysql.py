@@ -25,6 +25,7 @@ CONNECT_TIMEOUT = 2          # seconds to open a connection
 IO_TIMEOUT = 10              # seconds one read or write on the connection may take
 STATEMENT_MAX = 4 << 20      # bytes per multi-row statement (less if max_allowed_packet is smaller)
 DELETE_KEYS_MAX = 1000       # keys per multi-row DELETE
+DROP_TIMEOUT = 600           # seconds the DELETE of `drop function` may take
 
 # Error numbers that mean the connection is gone (client errors are 2000-2999).
 SERVER_GONE = {1040, 1053, 1077, 1152, 1153, 1158, 1159, 1160, 1161, 1927, 4031}
@@ -637,7 +638,20 @@ class MySQLStore(SqlStore):
         return bytes(function), priority, when
 
     def delete_function(self, function):
+        """One DELETE, which may take longer than IO_TIMEOUT: a million rows take
+        InnoDB some 6 s (in chunks, about twice as long)."""
         name = self.key_literal(function)
-        self.read(lambda cursor: cursor.execute(
-            self.sql("DELETE FROM {table} WHERE function_name = %s AND BINARY function_name"
-                     " = BINARY %s").encode() % (name, name)))
+        statement = (self.sql("DELETE FROM {table} WHERE function_name = %s AND BINARY"
+                              " function_name = BINARY %s").encode() % (name, name))
+
+        def work(cursor):
+            connection = self.connection
+            longer = hasattr(type(connection), "read_timeout")     # mysql-connector 9.x
+            if longer:
+                connection.read_timeout = DROP_TIMEOUT
+            try:
+                cursor.execute(statement)
+            finally:
+                if longer:
+                    connection.read_timeout = IO_TIMEOUT
+        self.read(work)

@@ -24,6 +24,7 @@ IO_TIMEOUT_MS = 10000
 # we wait for a reply, which neither timeout above sees: after 5 + 5 x 1 s.
 KEEPALIVES = {"keepalives_idle": 5, "keepalives_interval": 1, "keepalives_count": 5}
 PAGE_SIZE = 1000             # rows per multi-row statement
+DROP_TIMEOUT_MS = 600000     # what the DELETE of `drop function` may take
 REPLAY_FETCH = 5000          # rows fetched at once by the replay's server-side cursor
 JOB_KEY = ("unique_key", "function_name")
 # The table's unique keys (constraints or indexes, not partial, no expressions), each
@@ -395,7 +396,13 @@ class PostgresStore(SqlStore):
         return bytes(function), priority, when
 
     def delete_function(self, function):
-        self.query("DELETE FROM {table} WHERE function_name = %s", (Text(function),))
+        """One DELETE, which may take longer than statement_timeout (a million rows
+        take some 0.6 s; in chunks, ten times as long)."""
+        def work(cursor):
+            cursor.execute(f"SET LOCAL statement_timeout = {DROP_TIMEOUT_MS}")
+            cursor.execute(self.sql("DELETE FROM {table} WHERE function_name = %s"),
+                           (Text(function),))
+        self.read(work)
 
     def describe(self, error):
         return first_line(error)
