@@ -11,6 +11,7 @@ stored job's row as it is: the new job joins that one.
 """
 import binascii
 import configparser
+import contextlib
 import getpass
 import os
 import re
@@ -25,7 +26,7 @@ CONNECT_TIMEOUT = 2          # seconds to open a connection
 IO_TIMEOUT = 10              # seconds one read or write on the connection may take
 STATEMENT_MAX = 4 << 20      # bytes per multi-row statement (less if max_allowed_packet is smaller)
 DELETE_KEYS_MAX = 1000       # keys per multi-row DELETE
-DROP_TIMEOUT = 600           # seconds the DELETE of `drop function` may take
+LONG_TIMEOUT = 600           # seconds for what may take long: ALTER TABLE at start, drop function
 
 # Error numbers that mean the connection is gone (client errors are 2000-2999).
 SERVER_GONE = {1040, 1053, 1077, 1152, 1153, 1158, 1159, 1160, 1161, 1927, 4031}
@@ -242,10 +243,11 @@ class MySQLStore(SqlStore):
             cursor = self.connection.cursor()
             try:
                 indexes, columns = self.read_keys(cursor)
-                self.ensure_paging(cursor, indexes, columns)
-                # C reads a NULL when_to_run (tables older than gearmand 0.22) as 0: so do we.
-                cursor.execute(self.sql("UPDATE {table} SET when_to_run = 0"
-                                        " WHERE when_to_run IS NULL"))
+                with self.patience():
+                    self.ensure_paging(cursor, indexes, columns)
+                    # C reads a NULL when_to_run (tables older than gearmand 0.22) as 0.
+                    cursor.execute(self.sql("UPDATE {table} SET when_to_run = 0"
+                                            " WHERE when_to_run IS NULL"))
             finally:
                 cursor.close()
             self.connection.commit()
@@ -645,13 +647,20 @@ class MySQLStore(SqlStore):
                               " function_name = BINARY %s").encode() % (name, name))
 
         def work(cursor):
-            connection = self.connection
-            longer = hasattr(type(connection), "read_timeout")     # mysql-connector 9.x
-            if longer:
-                connection.read_timeout = DROP_TIMEOUT
-            try:
+            with self.patience():
                 cursor.execute(statement)
-            finally:
-                if longer:
-                    connection.read_timeout = IO_TIMEOUT
         self.read(work)
+
+    @contextlib.contextmanager
+    def patience(self):
+        """Statements that may take longer than IO_TIMEOUT: an ALTER TABLE that
+        rebuilds a big table (a million rows take some 15 s), a drop function."""
+        connection = self.connection
+        longer = hasattr(type(connection), "read_timeout")     # mysql-connector 9.x
+        if longer:
+            connection.read_timeout = LONG_TIMEOUT
+        try:
+            yield
+        finally:
+            if longer:
+                connection.read_timeout = IO_TIMEOUT

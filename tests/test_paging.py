@@ -221,7 +221,8 @@ def test_spilled_queue_keeps_priority_and_fifo_order(store, make_server, seed):
     assert store.rows() == 0
 
 
-def test_jobs_submitted_while_draining_a_spilled_queue_come_after_the_stored_ones(store, make_server):
+def test_jobs_submitted_while_draining_a_spilled_queue_come_after_the_stored_ones(
+        store, make_server):
     server = start(make_server, store)
     first = [(gp.SUBMIT_JOB_BG, b"f", b"a%d" % n, b"") for n in range(1500)]
     second = [(gp.SUBMIT_JOB_BG, b"f", b"b%d" % n, b"") for n in range(500)]
