@@ -1,13 +1,17 @@
 """MySQL / MariaDB persistent queue (-q MySQL, also mysql and libdrizzle), with
 mysql-connector-python.
 
-C gearmand 1.1.20's table; the option files, the differences from C and replay
-order: docs/backends.md#mysql--mariadb. Each write() is one transaction:
-multi-row DELETEs (DELETE_KEYS_MAX keys each) and multi-row INSERTs, each under
-max_allowed_packet, then COMMIT.
+C gearmand 1.1.20's table, plus what paging needs (docs/backends.md#mysql--mariadb):
+an invisible AUTO_INCREMENT column gearmand_seq, each row's place in its queue and
+its job's handle number (the primary key where the table has none), and two
+indexes. C still reads and writes such a table: its statements name their columns.
+Each write() is one transaction: multi-row DELETEs by seq (DELETE_KEYS_MAX each) and
+multi-row INSERTs, each under max_allowed_packet, then COMMIT. An insert leaves a
+stored job's row as it is: the new job joins that one.
 """
 import binascii
 import configparser
+import contextlib
 import getpass
 import os
 import re
@@ -25,11 +29,13 @@ CONNECT_TIMEOUT = 2          # seconds to open a connection
 IO_TIMEOUT = 10              # seconds one read or write on the connection may take
 STATEMENT_MAX = 4 << 20      # bytes per multi-row statement (less if max_allowed_packet is smaller)
 DELETE_KEYS_MAX = 1000       # keys per multi-row DELETE
+LONG_TIMEOUT = 600           # seconds for what may take long: ALTER TABLE at start, drop function
 
 # Error numbers that mean the connection is gone (client errors are 2000-2999).
 SERVER_GONE = {1040, 1053, 1077, 1152, 1153, 1158, 1159, 1160, 1161, 1927, 4031}
 LOCK_WAIT_TIMEOUT = 1205     # innodb_lock_wait_timeout passed
 COLLISION = 1242             # our ON DUPLICATE KEY guard: the key collates equal to another job's
+PARSE_ERROR = 1064
 DIAGNOSE_MAX = 1000          # jobs of a batch looked up to name a collision
 JOB_KEY = ("unique_key", "function_name")
 
@@ -118,19 +124,53 @@ class TableKey:
 
 
 class MySQLStore(SqlStore):
+    """Pages (see gearmand.Pager): each row has a seq, the column gearmand_seq (see
+    ensure_paging), and the job's handle number is its row's seq."""
+
+    pages = True
     driver_error = mysql.connector.Error
     create_sql = ("CREATE TABLE {table}(unique_key VARCHAR(64),function_name VARCHAR(255),"
                   "priority INT,data LONGBLOB,when_to_run INT,"
                   "unique key (unique_key, function_name))")
-    # %s is the list of rows. The guard makes a key that only collates equal fail
-    # (error 1242) instead of overwriting another job's row.
-    insert_sql = ("INSERT INTO {table} (unique_key, function_name, priority, data, when_to_run)"
-                  " VALUES %s ON DUPLICATE KEY UPDATE"
+    # %s is the list of rows. A key a stored job holds is left as it is (the new job
+    # joins that one: see joined()); the guard makes a key that only collates equal
+    # fail (error 1242) instead of joining another job's row.
+    insert_sql = ("INSERT INTO {table} (gearmand_seq, unique_key, function_name, priority,"
+                  " data, when_to_run) VALUES %s ON DUPLICATE KEY UPDATE"
                   " priority = IF(BINARY unique_key = BINARY VALUES(unique_key)"
                   " AND BINARY function_name = BINARY VALUES(function_name),"
-                  " VALUES(priority), (SELECT 1 UNION SELECT 2)),"
-                  " data = VALUES(data), when_to_run = VALUES(when_to_run)")
-    delete_sql = "DELETE FROM {table} WHERE (unique_key, function_name) IN (%s)"
+                  " priority, (SELECT 1 UNION SELECT 2))")
+    delete_sql = "DELETE FROM {table} WHERE gearmand_seq IN (%s)"
+    # With --store-queue-on-shutdown the queue is read whole at start.
+    select_sql = ("SELECT IFNULL(unique_key, ''), IFNULL(function_name, ''), priority,"
+                  " IFNULL(data, ''), IFNULL(when_to_run, 0), gearmand_seq FROM {table}"
+                  " ORDER BY gearmand_seq")
+    # Paging. Function names and uniques are compared under the columns' collation,
+    # which the indexes follow, and then byte for byte, as jobs are told apart.
+    # In the queue index's order, so without a temporary table: GROUP BY BINARY takes
+    # one, and three to four times as long, so it counts only where a group's names
+    # differ in bytes (`f` and `F` under a case-insensitive collation).
+    counts_sql = ("SELECT function_name, priority, COUNT(*), SUM(when_to_run != 0),"
+                  " MIN(BINARY function_name) = MAX(BINARY function_name)"
+                  " FROM {table} FORCE INDEX (gearmand_queue) GROUP BY function_name, priority")
+    names_counts_sql = ("SELECT BINARY function_name, priority, COUNT(*), SUM(when_to_run != 0), 1"
+                        " FROM {table} FORCE INDEX (gearmand_queue) GROUP BY 1, 2")
+    page_sql = ("SELECT gearmand_seq, IFNULL(unique_key, ''), IFNULL(data, '')"
+                " FROM {table} FORCE INDEX (gearmand_queue)"
+                " WHERE function_name = %s AND BINARY function_name = BINARY %s"
+                " AND priority = %d AND when_to_run = 0 AND gearmand_seq > %d"
+                " ORDER BY gearmand_seq LIMIT %d")
+    page_scheduled_sql = ("SELECT when_to_run, gearmand_seq, function_name,"
+                          " IFNULL(unique_key, ''), priority, IFNULL(data, '')"
+                          " FROM {table} FORCE INDEX (gearmand_scheduled) WHERE when_to_run != 0"
+                          " AND (when_to_run > %d OR when_to_run = %d AND gearmand_seq > %d)"
+                          " ORDER BY when_to_run, gearmand_seq LIMIT %d")
+    find_sql = ("SELECT gearmand_seq, priority, IFNULL(data, ''), IFNULL(when_to_run, 0)"
+                " FROM {table} WHERE unique_key = %s AND function_name = %s"
+                " AND BINARY unique_key = BINARY %s AND BINARY function_name = BINARY %s")
+    find_sequence_sql = ("SELECT function_name, IFNULL(unique_key, ''), priority,"
+                         " IFNULL(data, ''), IFNULL(when_to_run, 0) FROM {table}"
+                         " WHERE gearmand_seq = %d")
 
     def __init__(self, table, settings, where):
         super().__init__(table, f"MySQL queue {where}")
@@ -205,12 +245,17 @@ class MySQLStore(SqlStore):
         try:
             cursor = self.connection.cursor()
             try:
-                self.read_keys(cursor)
+                indexes, columns = self.read_keys(cursor)
+                with self.patience():
+                    self.ensure_paging(cursor, indexes, columns)
+                    # C reads a NULL when_to_run (tables older than gearmand 0.22) as 0.
+                    cursor.execute(self.sql("UPDATE {table} SET when_to_run = 0"
+                                            " WHERE when_to_run IS NULL"))
             finally:
                 cursor.close()
             self.connection.commit()
         except mysql.connector.Error as error:
-            self.drop()
+            self.disconnect()
             raise self.error(error) from None
         narrow = self.narrow_key()
         if narrow is not None:
@@ -220,25 +265,62 @@ class MySQLStore(SqlStore):
                 f" a time, and a background job whose unique a queued job of another"
                 f" function holds gets QUEUE_ERROR. To key rows as C does: {self.widen_sql()}")
 
+    def ensure_paging(self, cursor, indexes, columns):
+        """Give C's table (or a hand-made one) what paging needs, once: the column
+        gearmand_seq, the job's place in its queue, and the indexes the pages are read
+        from. C's INSERT names its five columns, so its rows get AUTO_INCREMENT
+        values, after ours (an explicit value moves the counter past it); INVISIBLE
+        keeps the column out of SELECT * and of an INSERT without a column list.
+        Existing rows are numbered in the order ALTER TABLE copies them, InnoDB's
+        clustered order: insertion order (its hidden row id) where the table has no
+        primary key, as C's has not; else the key's order, which C replays in too.
+        The seq becomes the primary key where there is none, so that C's un-ORDERed
+        replay reads in it too."""
+        changes = []
+        if "gearmand_seq" not in columns:
+            changes.append("ADD COLUMN gearmand_seq BIGINT NOT NULL AUTO_INCREMENT INVISIBLE")
+            changes.append("ADD UNIQUE KEY gearmand_seq (gearmand_seq)" if "primary" in indexes
+                           else "ADD PRIMARY KEY (gearmand_seq)")
+        if "gearmand_queue" not in indexes:
+            changes.append("ADD INDEX gearmand_queue (function_name, priority, when_to_run,"
+                           " gearmand_seq)")
+        if "gearmand_scheduled" not in indexes:
+            changes.append("ADD INDEX gearmand_scheduled (when_to_run, gearmand_seq)")
+        if not changes:
+            return
+        statement = self.sql("ALTER TABLE {table} ") + ", ".join(changes)
+        try:
+            cursor.execute(statement)
+        except mysql.connector.Error as error:
+            if getattr(error, "errno", None) != PARSE_ERROR or " INVISIBLE" not in statement:
+                raise
+            # Before MariaDB 10.3 and MySQL 8.0.23 a column cannot be invisible.
+            cursor.execute(statement.replace(" INVISIBLE", ""))
+
     def read_keys(self, cursor):
         """The table's unique keys made of unique_key and function_name only, and the
-        collations of those columns."""
+        collations of those columns. Returns the names of all its indexes and of all
+        its columns, in lower case."""
         schema, _, name = self.table.rpartition(".")
         where = (" WHERE TABLE_SCHEMA = " + ("%s" if schema else "DATABASE()")
                  + " AND TABLE_NAME = %s")
         params = (schema, name) if schema else (name,)
-        cursor.execute("SELECT INDEX_NAME, COLUMN_NAME, SUB_PART FROM information_schema.STATISTICS"
-                       + where + " AND NON_UNIQUE = 0 ORDER BY INDEX_NAME = 'PRIMARY' DESC,"
-                       " INDEX_NAME, SEQ_IN_INDEX", params)
+        cursor.execute("SELECT INDEX_NAME, COLUMN_NAME, SUB_PART, NON_UNIQUE"
+                       " FROM information_schema.STATISTICS" + where
+                       + " ORDER BY INDEX_NAME = 'PRIMARY' DESC, INDEX_NAME, SEQ_IN_INDEX", params)
         parts = {}
-        for index, column, length in cursor.fetchall():
-            parts.setdefault(text(index), []).append((text(column), length))
+        indexes = set()
+        for index, column, length, non_unique in cursor.fetchall():
+            indexes.add(text(index).lower())
+            if not int(non_unique):
+                parts.setdefault(text(index), []).append((text(column), length))
         self.keys = [key for key in (TableKey(index, columns) for index, columns in parts.items())
                      if key.on_job_key()]
         cursor.execute("SELECT COLUMN_NAME, COLLATION_NAME FROM information_schema.COLUMNS"
                        + where, params)
         self.collations = {text(column).lower(): text(collation)
                            for column, collation in cursor.fetchall()}
+        return indexes, set(self.collations)
 
     def narrow_key(self):
         return next((key for key in self.keys if key.narrower()), None)
@@ -281,7 +363,30 @@ class MySQLStore(SqlStore):
                                       f" {shown(first[0])}, function {shown(first[1])}) of the"
                                       f" same batch on the table's {key}: "
                                       + self.why(key, job, first))
+        # Or the seq of a job is another row's (a row this server did not write).
+        taken = self.seq_holders(cursor, adds[:DIAGNOSE_MAX])
+        if taken:
+            (unique, function), row = taken[0]
+            return StoreError(f"{self.label}: job (unique {shown(unique)}, function"
+                              f" {shown(function)}) cannot take its seq: the row of job (unique"
+                              f" {shown(row[0])}, function {shown(row[1])}) holds it (a row"
+                              f" that this server did not write)")
         return StoreError(f"{self.label}: {self.describe_collision()}")
+
+    def seq_holders(self, cursor, adds):
+        """[((unique, function) of a job, (unique, function) of the other job's row that
+        holds its seq)]."""
+        jobs = {seq: (unique, function) for unique, function, _, _, _, seq in adds}
+        try:
+            cursor.execute(self.sql("SELECT gearmand_seq, unique_key, function_name FROM {table}"
+                                    " WHERE gearmand_seq IN (").encode()
+                           + b",".join(b"%d" % seq for seq in jobs) + b")")
+            rows = cursor.fetchall()
+        except mysql.connector.Error:
+            return []                       # the error already being reported says enough
+        return [(jobs[seq], (bytes(unique or b""), bytes(function or b"")))
+                for seq, unique, function in rows
+                if (bytes(unique or b""), bytes(function or b"")) != jobs[seq]]
 
     def colliding_row(self, cursor, key, unique, function):
         """The row that (unique, function) would take the place of on `key`, if it is
@@ -355,7 +460,8 @@ class MySQLStore(SqlStore):
         return b"_binary'" + data + b"'"
 
     def statements(self, template, rows, rows_max):
-        """Yield `template` % (rows joined by commas), each under max_allowed_packet."""
+        """Yield (`template` % (rows joined by commas), how many rows), each under
+        max_allowed_packet."""
         template = self.sql(template).encode()
         budget = min(self.packet_max, STATEMENT_MAX) - len(template)
         chunk, size = [], 0
@@ -364,32 +470,200 @@ class MySQLStore(SqlStore):
                 raise StoreError(f"{self.label}: a job of {len(row)} bytes exceeds "
                                  f"max_allowed_packet")
             if chunk and (size + len(row) + 1 > budget or len(chunk) >= rows_max):
-                yield template % b",".join(chunk)
+                yield template % b",".join(chunk), len(chunk)
                 chunk, size = [], 0
             chunk.append(row)
             size += len(row) + 1
         if chunk:
-            yield template % b",".join(chunk)
+            yield template % b",".join(chunk), len(chunk)
 
     def write_batch(self, adds, dones):
         key = self.key_literal
+        joins = {}
         cursor = self.connection.cursor()
         try:
             if dones:
-                rows = (b"(%s,%s)" % (key(unique), key(function)) for unique, function, _ in dones)
-                for statement in self.statements(self.delete_sql, rows, DELETE_KEYS_MAX):
+                rows = (b"%d" % seq for _, _, seq in dones)
+                for statement, _ in self.statements(self.delete_sql, rows, DELETE_KEYS_MAX):
                     cursor.execute(statement)
             if adds:
-                rows = (b"(%s,%s,%d,%s,%d)" % (key(unique), key(function), priority,
-                                               self.data_literal(data), when)
-                        for unique, function, priority, data, when, _ in adds)
-                for statement in self.statements(self.insert_sql, rows, len(adds)):
+                rows = (b"(%d,%s,%s,%d,%s,%d)" % (seq, key(unique), key(function), priority,
+                                                  self.data_literal(data), when)
+                        for unique, function, priority, data, when, seq in adds)
+                done = 0
+                for statement, count in self.statements(self.insert_sql, rows, len(adds)):
                     try:
                         cursor.execute(statement)
                     except mysql.connector.Error as error:
                         if getattr(error, "errno", None) != COLLISION:
                             raise
                         raise self.collision(cursor, adds) from None
+                    # An insert counts 1, a key left as it was 0 (no CLIENT_FOUND_ROWS).
+                    if cursor.rowcount != count:
+                        joins.update(self.joined(cursor, adds[done:done + count]))
+                    done += count
             self.connection.commit()
         finally:
             cursor.close()
+        return joins
+
+    def joined(self, cursor, chunk):
+        """{seq: seq of the stored row} for the jobs of `chunk` whose key a stored job
+        held, so that they were not inserted."""
+        cursor.execute(self.sql("SELECT gearmand_seq FROM {table} WHERE gearmand_seq IN (")
+                       .encode() + b",".join(b"%d" % row[5] for row in chunk) + b")")
+        inserted = {seq for seq, in cursor.fetchall()}
+        joins = {}
+        for unique, function, _, _, _, seq in chunk:
+            if seq in inserted:
+                continue                # ours (written before, if a retry wrote it again)
+            found = self.find_row(cursor, function, unique)
+            if found is None:
+                raise StoreError(f"{self.label}: the table refused the job (unique"
+                                 f" {shown(unique)}, function {shown(function)}) without"
+                                 f" naming a row that holds its key")
+            joins[seq] = found[0]
+        return joins
+
+    # -- paging: reads run in the writer thread, between its writes
+
+    def read(self, work):
+        """work(cursor) on the store's connection, then COMMIT, which ends the read's
+        snapshot: its result. A dead connection is replaced once, as write() does;
+        while the server is unreachable, reads fail at once with write()'s backoff."""
+        self.backoff.check()
+        retried = False
+        while True:
+            fresh = self.connection is None
+            try:
+                if fresh:
+                    self.connection = self.connect()
+                cursor = self.connection.cursor()
+                try:
+                    result = work(cursor)
+                finally:
+                    cursor.close()
+                self.connection.commit()
+            except mysql.connector.Error as error:
+                if not self.lost(error):
+                    self.rollback()
+                    raise self.error(error, self.blocked(error)) from None
+                self.disconnect()
+                if fresh or retried:
+                    raise self.backoff.failed(str(self.error(error))) from None
+                retried = True
+                continue
+            self.backoff.succeeded()
+            return result
+
+    def query(self, cursor, statement):
+        cursor.execute(statement if isinstance(statement, bytes) else statement.encode())
+        return cursor.fetchall()
+
+    def groups(self, cursor):
+        """[(function, priority, rows, of which scheduled)]."""
+        groups = self.query(cursor, self.sql(self.counts_sql))
+        if not all(alike for *_, alike in groups):
+            groups = self.query(cursor, self.sql(self.names_counts_sql))
+        return [(bytes(function or b""), priority, count, int(later))
+                for function, priority, count, later, _ in groups]
+
+    def counts(self):
+        def work(cursor):
+            highest = self.query(cursor, self.sql("SELECT MAX(gearmand_seq) FROM {table}"))
+            groups = self.groups(cursor)
+            odd = [(function, priority) for function, priority, count, later in groups
+                   if count > later and priority not in (0, 1, 2)]
+            if odd:
+                # C replays other priorities as NORMAL: make them so, and count them again.
+                for function, priority in odd:
+                    cursor.execute(self.sql("UPDATE {table} SET priority = 1 WHERE"
+                                            " function_name = ").encode()
+                                   + self.key_literal(function)
+                                   + b" AND BINARY function_name = BINARY "
+                                   + self.key_literal(function)
+                                   + b" AND when_to_run = 0 AND priority <=> "
+                                   + (b"NULL" if priority is None else b"%d" % priority))
+                groups = self.groups(cursor)
+            return highest[0][0] or 0, groups
+        highest, groups = self.read(work)
+        due, scheduled = [], {}
+        for function, priority, count, later in groups:
+            if later:
+                scheduled[function] = scheduled.get(function, 0) + later
+            if count > later:
+                due.append((function, priority, count - later))
+        return highest, due, list(scheduled.items())
+
+    def page(self, function, priority, after, limit):
+        name = self.key_literal(function)
+        statement = self.sql(self.page_sql).encode() % (name, name, priority, after, limit)
+        return [(seq, bytes(unique), bytes(data))
+                for seq, unique, data in self.read(lambda cursor: self.query(cursor, statement))]
+
+    def page_scheduled(self, after, limit):
+        when, seq = after
+        when = max(when, -2 ** 63)
+        statement = self.sql(self.page_scheduled_sql).encode() % (when, when, seq, limit)
+        return [(when, seq, bytes(function), bytes(unique), priority, bytes(data))
+                for when, seq, function, unique, priority, data
+                in self.read(lambda cursor: self.query(cursor, statement))]
+
+    def find_row(self, cursor, function, unique):
+        unique, function = self.key_literal(unique), self.key_literal(function)
+        rows = self.query(cursor, self.sql(self.find_sql).encode()
+                          % (unique, function, unique, function))
+        if not rows:
+            return None
+        seq, priority, data, when = rows[0]
+        return seq, priority, bytes(data), when
+
+    def find(self, function, unique):
+        return self.read(lambda cursor: self.find_row(cursor, function, unique))
+
+    def find_sequence(self, seq):
+        rows = self.read(lambda cursor: self.query(cursor, self.sql(self.find_sequence_sql)
+                                                   % seq))
+        if not rows:
+            return None
+        function, unique, priority, data, when = rows[0]
+        return bytes(function), bytes(unique), priority, bytes(data), when
+
+    def delete_sequence(self, seq):
+        def work(cursor):
+            rows = self.query(cursor, self.sql("SELECT function_name, priority,"
+                                               " IFNULL(when_to_run, 0) FROM {table}"
+                                               " WHERE gearmand_seq = %d FOR UPDATE") % seq)
+            cursor.execute(self.sql("DELETE FROM {table} WHERE gearmand_seq = %d") % seq)
+            return rows
+        rows = self.read(work)
+        if not rows:
+            return None
+        function, priority, when = rows[0]
+        return bytes(function), priority, when
+
+    def delete_function(self, function):
+        """One DELETE, which may take longer than IO_TIMEOUT: a million rows take
+        InnoDB some 6 s (in chunks, about twice as long)."""
+        name = self.key_literal(function)
+        statement = (self.sql("DELETE FROM {table} WHERE function_name = %s AND BINARY"
+                              " function_name = BINARY %s").encode() % (name, name))
+
+        def work(cursor):
+            with self.patience():
+                cursor.execute(statement)
+        self.read(work)
+
+    @contextlib.contextmanager
+    def patience(self):
+        """Statements that may take longer than IO_TIMEOUT: an ALTER TABLE that
+        rebuilds a big table (a million rows take some 15 s), a drop function."""
+        connection = self.connection
+        longer = hasattr(type(connection), "read_timeout")     # mysql-connector 9.x
+        if longer:
+            connection.read_timeout = LONG_TIMEOUT
+        try:
+            yield
+        finally:
+            if longer:
+                connection.read_timeout = IO_TIMEOUT

@@ -1,9 +1,12 @@
 """PostgreSQL persistent queue (-q Postgres, also postgresql and libpq), with psycopg2.
 
-C gearmand 1.1.20's table; the differences from C and the timeouts:
-docs/backends.md#postgresql. Each write() is one transaction: DELETE ... USING
-(VALUES ...) and multi-row INSERT statements, of up to PAGE_SIZE rows each
-(psycopg2.extras.execute_values), then COMMIT.
+C gearmand 1.1.20's table, plus what paging needs (docs/backends.md#postgresql): a
+BIGSERIAL column gearmand_seq, each row's place in its queue and its job's handle
+number, and three indexes. C still reads and writes such a table: its statements
+name their columns, and its rows take the column's sequence, which we keep past our
+own seqs. Each write() is one transaction: DELETEs by seq and multi-row INSERT ... ON
+CONFLICT DO NOTHING statements of up to PAGE_SIZE rows each (a stored job's row
+stays as it is: the new job joins that one), then COMMIT.
 """
 import os
 
@@ -24,6 +27,7 @@ IO_TIMEOUT_MS = 10000
 # we wait for a reply, which neither timeout above sees: after 5 + 5 x 1 s.
 KEEPALIVES = {"keepalives_idle": 5, "keepalives_interval": 1, "keepalives_count": 5}
 PAGE_SIZE = 1000             # rows per multi-row statement
+LONG_TIMEOUT_MS = 600000     # for what may take long: ALTER TABLE at start, drop function
 REPLAY_FETCH = 5000          # rows fetched at once by the replay's server-side cursor
 JOB_KEY = ("unique_key", "function_name")
 # The table's unique keys (constraints or indexes, not partial, no expressions), each
@@ -51,26 +55,50 @@ psycopg2.extensions.register_adapter(Text, adapt_text)
 
 
 class PostgresStore(SqlStore):
+    """Pages (see gearmand.Pager): each row has a seq, the column gearmand_seq (see
+    ensure_paging), and the job's handle number is its row's seq."""
+
+    pages = True
     driver_error = psycopg2.Error
     create_sql = ("CREATE TABLE IF NOT EXISTS {table} (unique_key VARCHAR(64), "
                   "function_name VARCHAR(255), priority INTEGER, data BYTEA, "
                   "when_to_run INTEGER, UNIQUE (unique_key, function_name))")
-    insert_sql = ("INSERT INTO {table} (unique_key, function_name, priority, data, when_to_run)"
-                  " VALUES %s ON CONFLICT (unique_key, function_name) DO UPDATE SET"
-                  " priority = EXCLUDED.priority, data = EXCLUDED.data,"
-                  " when_to_run = EXCLUDED.when_to_run")
-    delete_sql = ("DELETE FROM {table} AS q USING (VALUES %s) AS d (u, f)"
-                  " WHERE q.unique_key = d.u AND q.function_name = d.f")
-
-    # With a narrow key: upsert on it, replacing only the same job's row; RETURNING
-    # names the rows written, so a job another job's row holds is found missing.
-    narrow_insert_sql = ("INSERT INTO {table} AS q (unique_key, function_name, priority, data,"
-                         " when_to_run) VALUES %s ON CONFLICT ({key}) DO UPDATE SET"
-                         " priority = EXCLUDED.priority, data = EXCLUDED.data,"
-                         " when_to_run = EXCLUDED.when_to_run"
-                         " WHERE q.unique_key = EXCLUDED.unique_key"
-                         " AND q.function_name = EXCLUDED.function_name"
-                         " RETURNING unique_key, function_name")
+    # A key a stored job holds (on any of the table's unique keys) is left as it is:
+    # RETURNING names the rows inserted, and the others join the stored job or are
+    # refused (see joined()).
+    insert_sql = ("INSERT INTO {table} (gearmand_seq, unique_key, function_name, priority,"
+                  " data, when_to_run) VALUES %s ON CONFLICT DO NOTHING RETURNING gearmand_seq")
+    delete_sql = "DELETE FROM {table} WHERE gearmand_seq = ANY(%s)"
+    # With --store-queue-on-shutdown the queue is read whole at start.
+    select_sql = ("SELECT COALESCE(unique_key, ''), COALESCE(function_name, ''), priority,"
+                  " COALESCE(data, ''::bytea), COALESCE(when_to_run, 0), gearmand_seq"
+                  " FROM {table} ORDER BY gearmand_seq")
+    counts_sql = ("SELECT function_name, priority, when_to_run <> 0, count(*) FROM {table}"
+                  " GROUP BY 1, 2, 3")
+    page_sql = ("SELECT gearmand_seq, COALESCE(unique_key, ''), COALESCE(data, ''::bytea)"
+                " FROM {table} WHERE function_name = %s AND priority = %s AND when_to_run = 0"
+                " AND gearmand_seq > %s ORDER BY gearmand_seq LIMIT %s")
+    page_scheduled_sql = ("SELECT when_to_run, gearmand_seq, function_name,"
+                          " COALESCE(unique_key, ''), priority, COALESCE(data, ''::bytea)"
+                          " FROM {table} WHERE when_to_run <> 0"
+                          " AND (when_to_run, gearmand_seq) > (%s, %s)"
+                          " ORDER BY when_to_run, gearmand_seq LIMIT %s")
+    find_sql = ("SELECT gearmand_seq, priority, COALESCE(data, ''::bytea),"
+                " COALESCE(when_to_run, 0) FROM {table}"
+                " WHERE unique_key = %s AND function_name = %s")
+    find_sequence_sql = ("SELECT function_name, COALESCE(unique_key, ''), priority,"
+                         " COALESCE(data, ''::bytea), COALESCE(when_to_run, 0) FROM {table}"
+                         " WHERE gearmand_seq = %s")
+    # The indexes the pages are read from ({name}: the table's name without its schema).
+    index_sql = {
+        "{name}_gearmand_seq": "CREATE UNIQUE INDEX IF NOT EXISTS {name}_gearmand_seq"
+                               " ON {table} (gearmand_seq)",
+        "{name}_gearmand_queue": "CREATE INDEX IF NOT EXISTS {name}_gearmand_queue ON {table}"
+                                 " (function_name, priority, when_to_run, gearmand_seq)",
+        "{name}_gearmand_scheduled": "CREATE INDEX IF NOT EXISTS {name}_gearmand_scheduled"
+                                     " ON {table} (when_to_run, gearmand_seq)"
+                                     " WHERE when_to_run <> 0 OR when_to_run IS NULL",
+    }
 
     def __init__(self, table, conninfo, settings, label):
         super().__init__(table, label)
@@ -79,6 +107,8 @@ class PostgresStore(SqlStore):
         self.narrow = None                 # (primary?, constraint, index, columns) or None
         self.full_key = True               # the table has C's key (unique_key, function_name)
         self.notices = []                  # said once at start; the server logs them as WARNINGs
+        self.sequence = None               # gearmand_seq's sequence: C's rows take their seq there
+        self.sequence_at = 0               # that sequence is at least here
 
     @classmethod
     def open(cls, options):
@@ -122,17 +152,22 @@ class PostgresStore(SqlStore):
         super().setup()
         try:
             with self.connection.cursor() as cursor:
+                # Adding the seq column to a big table rewrites it: a million rows, 13 s.
+                cursor.execute(f"SET LOCAL statement_timeout = {LONG_TIMEOUT_MS}")
                 cursor.execute(KEYS_SQL, (self.table,))
                 keys = [(primary, text(constraint), text(index), [text(c) for c in columns])
                         for primary, constraint, index, columns in cursor.fetchall()]
+                self.ensure_paging(cursor)
+                # C reads a NULL when_to_run (tables older than gearmand 0.22) as 0: so do we.
+                cursor.execute(self.sql("UPDATE {table} SET when_to_run = 0"
+                                        " WHERE when_to_run IS NULL"))
             self.connection.commit()
         except psycopg2.Error as error:
-            self.drop()
+            self.disconnect()
             raise self.error(error) from None
         narrow = [key for key in keys if set(key[3]) < set(JOB_KEY)]
         if not narrow:
-            return                 # C's key (or none to upsert on: PostgreSQL says so)
-        # A conflict on C's key is one on the narrow key too: that one arbitrates.
+            return                 # C's key (or none: then rows are not keyed at all)
         self.narrow = narrow[0]
         self.full_key = any(set(key[3]) == set(JOB_KEY) for key in keys)
         self.notices.append(
@@ -141,6 +176,34 @@ class PostgresStore(SqlStore):
             f" function at a time, and a background job whose unique a queued job of"
             f" another function holds gets QUEUE_ERROR. To key rows as C does:"
             f" {self.widen_sql()}")
+
+    def ensure_paging(self, cursor):
+        """Give C's table (or a hand-made one) what paging needs, once: the column
+        gearmand_seq, the job's place in its queue, and the indexes the pages are read
+        from. It is a BIGSERIAL: C's INSERT names its five columns, so its rows take
+        the next value of the column's sequence, which write_batch keeps past our
+        seqs. ALTER TABLE numbers the rows there are in the order it reads the heap:
+        insertion order unless rows were deleted and their space reused (C's un-ORDERed
+        replay reads in the same order)."""
+        cursor.execute("SELECT attname::text FROM pg_attribute WHERE attrelid = to_regclass(%s)"
+                       " AND attnum > 0 AND NOT attisdropped", (self.table,))
+        if "gearmand_seq" not in {text(name) for name, in cursor.fetchall()}:
+            cursor.execute(self.sql("ALTER TABLE {table} ADD COLUMN gearmand_seq BIGSERIAL"))
+        cursor.execute("SELECT c.relname::text FROM pg_index i JOIN pg_class c"
+                       " ON c.oid = i.indexrelid WHERE i.indrelid = to_regclass(%s)",
+                       (self.table,))
+        indexes = {text(name) for name, in cursor.fetchall()}
+        name = self.table.rpartition(".")[2].lower()
+        for index, statement in self.index_sql.items():
+            if index.format(name=name) not in indexes:
+                cursor.execute(statement.format(name=name, table=self.table))
+        cursor.execute("SELECT pg_get_serial_sequence(%s, 'gearmand_seq')", (self.table,))
+        sequence = cursor.fetchone()[0]
+        if sequence is not None:
+            self.sequence = text(sequence)
+            cursor.execute(f"SELECT last_value, is_called FROM {self.sequence}")
+            last, called = cursor.fetchone()
+            self.sequence_at = last if called else last - 1
 
     def key_name(self):
         primary, constraint, index, columns = self.narrow
@@ -169,50 +232,65 @@ class PostgresStore(SqlStore):
     # -- statements
 
     def write_batch(self, adds, dones):
+        joins = {}
         cursor = self.connection.cursor()
         try:
             if dones:
-                psycopg2.extras.execute_values(
-                    cursor, self.sql(self.delete_sql),
-                    [(Text(unique), Text(function)) for unique, function, _ in dones],
-                    page_size=PAGE_SIZE)
+                seqs = [seq for _, _, seq in dones]
+                for start in range(0, len(seqs), PAGE_SIZE * 10):
+                    cursor.execute(self.sql(self.delete_sql), (seqs[start:start + PAGE_SIZE * 10],))
             if adds:
-                # ON CONFLICT cannot touch one row twice in a statement: keep the last.
-                rows = {}
-                for unique, function, priority, data, when, _ in adds:
-                    rows.pop((unique, function), None)
-                    rows[unique, function] = (Text(unique), Text(function), priority,
-                                              data, when)
-                if self.narrow is None:
-                    psycopg2.extras.execute_values(cursor, self.sql(self.insert_sql),
-                                                   list(rows.values()), page_size=PAGE_SIZE)
-                else:
-                    self.insert_narrow(cursor, rows)
+                inserted = psycopg2.extras.execute_values(
+                    cursor, self.sql(self.insert_sql),
+                    [(seq, Text(unique), Text(function), priority, data, when)
+                     for unique, function, priority, data, when, seq in adds],
+                    page_size=PAGE_SIZE, fetch=True)
+                if len(inserted) != len(adds):
+                    joins = self.joined(cursor, adds, {seq for seq, in inserted})
+                highest = max(row[5] for row in adds)
+                if self.sequence is not None and highest > self.sequence_at:
+                    # C's next row comes after ours (and never takes a seq of ours).
+                    cursor.execute(f"SELECT setval(%s, GREATEST(%s, last_value)) FROM"
+                                   f" {self.sequence}", (self.sequence, highest))
+                    self.sequence_at = cursor.fetchone()[0]
             self.connection.commit()
         finally:
             cursor.close()
+        return joins
 
-    def insert_narrow(self, cursor, rows):
-        """Insert `rows` ({(unique, function): row}) into a table with a narrow key;
-        StoreError naming the first job whose key another job's row (or an earlier job
-        of these rows) holds."""
-        columns = self.narrow[3]
-        held = {}                           # narrow key -> the job that takes it first
-        for job in rows:
-            value = tuple(dict(zip(JOB_KEY, job))[column] for column in columns)
-            if held.setdefault(value, job) != job:
-                raise self.collision(job, held[value])
-        statement = self.narrow_insert_sql.format(table=self.table, key=", ".join(columns))
-        written = psycopg2.extras.execute_values(cursor, statement, list(rows.values()),
-                                                 page_size=PAGE_SIZE, fetch=True)
-        written = {(bytes(unique), bytes(function)) for unique, function in written}
-        for job in rows:
-            if job not in written:
+    def joined(self, cursor, adds, inserted):
+        """{seq: seq of the stored row} for the jobs of `adds` that were not inserted
+        because a stored job holds their key; StoreError naming the first one whose
+        key another job's row holds (on a narrow key), or whose seq is taken."""
+        joins = {}
+        for unique, function, _, _, _, seq in adds:
+            if seq in inserted:
+                continue
+            found = self.find_row(cursor, function, unique)
+            if found is not None:
+                if found[0] != seq:         # else ours already (a retry that wrote it again)
+                    joins[seq] = found[0]
+                continue
+            if self.narrow is not None:
+                columns = self.narrow[3]
                 cursor.execute(self.sql("SELECT unique_key, function_name FROM {table} WHERE ")
                                + " AND ".join(f"{column} = %s" for column in columns),
-                               [Text(dict(zip(JOB_KEY, job))[column]) for column in columns])
-                found = cursor.fetchone()
-                raise self.collision(job, (bytes(found[0]), bytes(found[1])) if found else None)
+                               [Text(dict(zip(JOB_KEY, (unique, function)))[column])
+                                for column in columns])
+                other = cursor.fetchone()
+                if other is not None:
+                    raise self.collision((unique, function),
+                                         (bytes(other[0]), bytes(other[1])))
+            cursor.execute(self.sql("SELECT unique_key, function_name FROM {table}"
+                                    " WHERE gearmand_seq = %s"), (seq,))
+            other = cursor.fetchone()
+            holder = ("another job's row" if other is None else
+                      f"the row of job (unique {shown(other[0] or b'')}, function"
+                      f" {shown(other[1] or b'')})")
+            raise StoreError(f"{self.label}: job (unique {shown(unique)}, function"
+                             f" {shown(function)}) cannot take its seq {seq}: {holder} holds"
+                             f" it (a row that this server did not write)")
+        return joins
 
     def collision(self, job, other):
         other = ("another job's row" if other is None else
@@ -221,6 +299,115 @@ class PostgresStore(SqlStore):
                           f" {shown(job[1])}) collides with {other} on the table's"
                           f" {self.key_name()}: with this key a unique can be used by one"
                           f" function at a time (to key rows as C does: {self.widen_sql()})")
+
+    # -- paging: reads run in the writer thread, between its writes
+
+    def read(self, work):
+        """work(cursor) on the store's connection, then COMMIT: its result. A dead
+        connection is replaced once, as write() does; while the server is unreachable,
+        reads fail at once with write()'s backoff."""
+        self.backoff.check()
+        retried = False
+        while True:
+            fresh = self.connection is None
+            try:
+                if fresh:
+                    self.connection = self.connect()
+                with self.connection.cursor() as cursor:
+                    result = work(cursor)
+                self.connection.commit()
+            except psycopg2.Error as error:
+                if not self.lost(error):
+                    self.rollback()
+                    raise self.error(error, self.blocked(error)) from None
+                self.disconnect()
+                if fresh or retried:
+                    raise self.backoff.failed(str(self.error(error))) from None
+                retried = True
+                continue
+            self.backoff.succeeded()
+            return result
+
+    def query(self, statement, arguments):
+        def work(cursor):
+            cursor.execute(self.sql(statement), arguments)
+            return cursor.fetchall() if cursor.description else None
+        return self.read(work)
+
+    def counts(self):
+        def work(cursor):
+            cursor.execute(self.sql("SELECT MAX(gearmand_seq) FROM {table}"))
+            highest = cursor.fetchone()[0] or 0
+            cursor.execute(self.sql(self.counts_sql))
+            groups = cursor.fetchall()
+            odd = [(function, priority) for function, priority, later, _ in groups
+                   if not later and priority not in (0, 1, 2)]
+            if odd:
+                # C replays other priorities as NORMAL: make them so, and count them again.
+                for function, priority in odd:
+                    cursor.execute(self.sql("UPDATE {table} SET priority = 1 WHERE function_name"
+                                            " = %s AND when_to_run = 0"
+                                            " AND priority IS NOT DISTINCT FROM %s"),
+                                   (Text(bytes(function)), priority))
+                cursor.execute(self.sql(self.counts_sql))
+                groups = cursor.fetchall()
+            return highest, groups
+        highest, groups = self.read(work)
+        due, scheduled = [], {}
+        for function, priority, later, count in groups:
+            function = bytes(function or b"")
+            if later:
+                scheduled[function] = scheduled.get(function, 0) + count
+            else:
+                due.append((function, priority, count))
+        return highest, due, list(scheduled.items())
+
+    def page(self, function, priority, after, limit):
+        return [(seq, bytes(unique), bytes(data)) for seq, unique, data
+                in self.query(self.page_sql, (Text(function), priority, after, limit))]
+
+    def page_scheduled(self, after, limit):
+        # when_to_run is an INTEGER: a bound outside its range would be NUMERIC, which
+        # the index cannot compare with.
+        bound = max(after[0], -2 ** 31 - 1)
+        return [(when, seq, bytes(function), bytes(unique), priority, bytes(data))
+                for when, seq, function, unique, priority, data
+                in self.query(self.page_scheduled_sql, (bound, after[1], limit))]
+
+    def find_row(self, cursor, function, unique):
+        cursor.execute(self.sql(self.find_sql), (Text(unique), Text(function)))
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        seq, priority, data, when = row
+        return seq, priority, bytes(data), when
+
+    def find(self, function, unique):
+        return self.read(lambda cursor: self.find_row(cursor, function, unique))
+
+    def find_sequence(self, seq):
+        rows = self.query(self.find_sequence_sql, (seq,))
+        if not rows:
+            return None
+        function, unique, priority, data, when = rows[0]
+        return bytes(function), bytes(unique), priority, bytes(data), when
+
+    def delete_sequence(self, seq):
+        rows = self.query("DELETE FROM {table} WHERE gearmand_seq = %s"
+                          " RETURNING function_name, priority, COALESCE(when_to_run, 0)", (seq,))
+        if not rows:
+            return None
+        function, priority, when = rows[0]
+        return bytes(function), priority, when
+
+    def delete_function(self, function):
+        """One DELETE, which may take longer than statement_timeout (a million rows
+        take some 0.6 s; in chunks, ten times as long)."""
+        def work(cursor):
+            cursor.execute(f"SET LOCAL statement_timeout = {LONG_TIMEOUT_MS}")
+            cursor.execute(self.sql("DELETE FROM {table} WHERE function_name = %s"),
+                           (Text(function),))
+        self.read(work)
 
     def describe(self, error):
         return first_line(error)

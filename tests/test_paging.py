@@ -1,29 +1,129 @@
-"""Queues larger than memory: with a SQLite queue and a small --queue-memory, a queue
-that grows spills its tail to the store and pages it back in, and nothing a user sees
-changes: the order, the counts, coalescing, handles, epoch times, cancel, drop,
-retries, restarts and kill -9.
+"""Queues larger than memory: with a paging store (SQLite, MySQL, PostgreSQL) and a
+small --queue-memory, a queue that grows spills its tail to the store and pages it
+back in, and nothing a user sees changes: the order, the counts, coalescing, handles,
+epoch times, cancel, drop, retries, restarts and kill -9. Each test runs on each
+store, on a table of its own (MariaDB: root on 127.0.0.1:3306, database `test`;
+PostgreSQL: 127.0.0.1:5432, trust, database `test`, user root).
 
 The budget here is tiny (a few hundred jobs), so the same code paths run with
 thousands of jobs that run with millions; bench/run.py --suite huge measures those.
 """
 import random
+import secrets
 import sqlite3
 import time
 
 import pytest
 
 import gearproto as gp
-from conftest import IMPL, wait_until
-from storetools import HIGH, LOW, NORMAL, SUBMIT_TYPES, priority_status, status
+from conftest import IMPL, unavailable, wait_until
+from storetools import (HIGH, LOW, NORMAL, SUBMIT_TYPES, need_c, priority_status,
+                        status)
+
+try:
+    import mysql.connector as mysql_connector
+except ImportError:               # pragma: no cover
+    mysql_connector = None
+try:
+    import psycopg2
+except ImportError:               # pragma: no cover
+    psycopg2 = None
 
 pytestmark = pytest.mark.skipif(IMPL == "c", reason="paging is ours: C loads every job")
 
 BUDGET = ("--queue-memory", "64K")        # about a hundred jobs in memory
+POSTGRES_CONNINFO = "host=127.0.0.1 port=5432 dbname=test user=root"
 
 
-def start(make_server, tmp_path, *args, name="q.db"):
-    db = tmp_path / name
-    return make_server("-q", "sqlite", "--sqlite-db", str(db), *BUDGET, *args), db
+class SqliteStore:
+    """A store for one test: `options` for ours and for C, rows() counts the table's rows."""
+
+    def __init__(self, tmp_path):
+        self.path = tmp_path / "q.db"
+        self.options = ("-q", "libsqlite3", "--libsqlite3-db", str(self.path))
+
+    def rows(self):
+        with sqlite3.connect(self.path) as connection:
+            return connection.execute("SELECT COUNT(*) FROM gearman_queue").fetchone()[0]
+
+    def drop(self):
+        pass
+
+
+class MySQLStore:
+    def __init__(self, tmp_path):
+        if mysql_connector is None:
+            unavailable("mysql-connector-python is not installed")
+        try:
+            self.query("SELECT 1")
+        except mysql_connector.Error as error:
+            unavailable(f"MariaDB is not reachable on 127.0.0.1:3306: {error}")
+        self.table = "gqp_" + secrets.token_hex(4)
+        self.options = ("-q", "MySQL", "--mysql-host", "127.0.0.1", "--mysql-user", "root",
+                        "--mysql-db", "test", "--mysql-table", self.table)
+
+    def query(self, sql):
+        connection = mysql_connector.connect(host="127.0.0.1", port=3306, user="root",
+                                             database="test", autocommit=True,
+                                             connection_timeout=2)
+        try:
+            cursor = connection.cursor()
+            cursor.execute(sql)
+            return cursor.fetchall() if cursor.with_rows else None
+        finally:
+            connection.close()
+
+    def rows(self):
+        return self.query(f"SELECT COUNT(*) FROM {self.table}")[0][0]
+
+    def drop(self):
+        self.query(f"DROP TABLE IF EXISTS {self.table}")
+
+
+class PostgresStore:
+    def __init__(self, tmp_path):
+        if psycopg2 is None:
+            unavailable("psycopg2 is not installed")
+        try:
+            self.query("SELECT 1")
+        except psycopg2.Error as error:
+            unavailable(f"PostgreSQL is not reachable ({POSTGRES_CONNINFO}): {error}")
+        self.table = "gqp_" + secrets.token_hex(4)
+        self.options = ("-q", "Postgres", "--libpq-conninfo", POSTGRES_CONNINFO,
+                        "--libpq-table", self.table)
+
+    def query(self, sql):
+        connection = psycopg2.connect(POSTGRES_CONNINFO, connect_timeout=2)
+        connection.autocommit = True
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(sql)
+                return cursor.fetchall() if cursor.description else None
+        finally:
+            connection.close()
+
+    def rows(self):
+        return self.query(f"SELECT COUNT(*) FROM {self.table}")[0][0]
+
+    def drop(self):
+        self.query(f"DROP TABLE IF EXISTS {self.table}")
+
+
+STORES = {"sqlite": SqliteStore, "mysql": MySQLStore, "postgres": PostgresStore}
+
+
+@pytest.fixture(params=list(STORES))
+def store(request, tmp_path):
+    """A fresh table of each store. Tests name it before make_server, so that their
+    servers are killed before the table is dropped."""
+    store = STORES[request.param](tmp_path)
+    store.name = request.param
+    yield store
+    store.drop()
+
+
+def start(make_server, store, *args):
+    return make_server(*store.options, *BUDGET, *args)
 
 
 def pipeline(server, jobs, expect=gp.JOB_CREATED):
@@ -98,11 +198,6 @@ def expected_counts(jobs):
     return tuple(counts)
 
 
-def rows(db):
-    with sqlite3.connect(db) as connection:
-        return connection.execute("SELECT COUNT(*) FROM gearman_queue").fetchone()[0]
-
-
 def spilled(server):
     """How many jobs `show jobs` says are in the store only."""
     for line in server.admin("show jobs").split(b"\n"):
@@ -112,8 +207,8 @@ def spilled(server):
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_spilled_queue_keeps_priority_and_fifo_order(make_server, tmp_path, seed):
-    server, db = start(make_server, tmp_path)
+def test_spilled_queue_keeps_priority_and_fifo_order(store, make_server, seed):
+    server = start(make_server, store)
     jobs = mixed_jobs(b"f", 2500, seed)
     pipeline(server, jobs)
     assert spilled(server) > 2000              # most of them are in the store only
@@ -123,12 +218,12 @@ def test_spilled_queue_keeps_priority_and_fifo_order(make_server, tmp_path, seed
     assert [(unique, data) for _, unique, data in ran] == in_order(jobs)
     assert status(server)[b"f"] == (0, 0, 0)
     server.stop()
-    assert rows(db) == 0
+    assert store.rows() == 0
 
 
 def test_jobs_submitted_while_draining_a_spilled_queue_come_after_the_stored_ones(
-        make_server, tmp_path):
-    server, _ = start(make_server, tmp_path)
+        store, make_server):
+    server = start(make_server, store)
     first = [(gp.SUBMIT_JOB_BG, b"f", b"a%d" % n, b"") for n in range(1500)]
     second = [(gp.SUBMIT_JOB_BG, b"f", b"b%d" % n, b"") for n in range(500)]
     pipeline(server, first)
@@ -138,8 +233,8 @@ def test_jobs_submitted_while_draining_a_spilled_queue_come_after_the_stored_one
     assert [unique for _, unique, _ in ran] == [job[2] for job in first + second]
 
 
-def test_restart_counts_at_once_and_pages_in_in_order(make_server, tmp_path):
-    server, db = start(make_server, tmp_path)
+def test_restart_counts_at_once_and_pages_in_in_order(store, make_server):
+    server = start(make_server, store)
     jobs = mixed_jobs(b"f", 3000, 7) + mixed_jobs(b"g", 500, 8, start=3000)
     handles = pipeline(server, jobs)
     server.kill()
@@ -155,8 +250,25 @@ def test_restart_counts_at_once_and_pages_in_in_order(make_server, tmp_path):
     assert all(handle == by_unique[unique] for handle, unique, _ in ran)
 
 
-def test_new_handles_after_a_restart_do_not_repeat_stored_ones(make_server, tmp_path):
-    server, _ = start(make_server, tmp_path)
+def test_functions_whose_names_differ_in_case_stay_apart_after_a_restart(store, make_server):
+    """MySQL's columns compare `case` and `CASE` equal: counts and pages still tell
+    the two functions apart, as the protocol does."""
+    server = start(make_server, store)
+    lower = [(gp.SUBMIT_JOB_BG, b"case", b"l%d" % n, b"") for n in range(300)]
+    upper = [(gp.SUBMIT_JOB_BG if n % 2 else gp.SUBMIT_JOB_LOW_BG, b"CASE", b"u%d" % n, b"")
+             for n in range(200)]
+    pipeline(server, lower + upper)
+    server.kill()
+    server.start()
+    assert priority_status(server)[b"case"][:3] == (0, 300, 0)
+    assert priority_status(server)[b"CASE"][:3] == (0, 100, 100)
+    assert [unique for _, unique, _ in work(server, [b"CASE"], 200)] == \
+        [unique for unique, _ in in_order(upper)]
+    assert [unique for _, unique, _ in work(server, [b"case"], 300)] == [job[2] for job in lower]
+
+
+def test_new_handles_after_a_restart_do_not_repeat_stored_ones(store, make_server):
+    server = start(make_server, store)
     before = pipeline(server, mixed_jobs(b"f", 400, 1))
     server.kill()
     server.start()
@@ -164,8 +276,8 @@ def test_new_handles_after_a_restart_do_not_repeat_stored_ones(make_server, tmp_
     assert not set(before) & set(after)
 
 
-def test_background_submission_joins_a_job_that_is_in_the_store_only(make_server, tmp_path):
-    server, db = start(make_server, tmp_path)
+def test_background_submission_joins_a_job_that_is_in_the_store_only(store, make_server):
+    server = start(make_server, store)
     jobs = [(gp.SUBMIT_JOB_BG, b"f", b"u%d" % n, b"d%d" % n) for n in range(2000)]
     handles = pipeline(server, jobs)
     assert spilled(server) > 1500
@@ -178,11 +290,11 @@ def test_background_submission_joins_a_job_that_is_in_the_store_only(make_server
     assert [unique for _, unique, _ in ran] == [job[2] for job in jobs]
     assert dict((unique, data) for _, unique, data in ran)[b"u1900"] == b"d1900"
     server.stop()
-    assert rows(db) == 0
+    assert store.rows() == 0
 
 
-def test_foreground_submission_joins_a_stored_job_and_gets_its_result(make_server, tmp_path):
-    server, _ = start(make_server, tmp_path)
+def test_foreground_submission_joins_a_stored_job_and_gets_its_result(store, make_server):
+    server = start(make_server, store)
     jobs = [(gp.SUBMIT_JOB_BG, b"f", b"u%d" % n, b"d%d" % n) for n in range(1500)]
     handles = pipeline(server, jobs)
     with server.connect() as client, server.connect() as worker:
@@ -199,8 +311,8 @@ def test_foreground_submission_joins_a_stored_job_and_gets_its_result(make_serve
         assert gp.recv(client) == (gp.WORK_COMPLETE, handles[1400] + b"\0D1400")
 
 
-def test_unique_dash_joins_a_stored_job_with_the_same_payload(make_server, tmp_path):
-    server, _ = start(make_server, tmp_path)
+def test_unique_dash_joins_a_stored_job_with_the_same_payload(store, make_server):
+    server = start(make_server, store)
     jobs = [(gp.SUBMIT_JOB_BG, b"f", b"-", b"payload %d" % n) for n in range(1200)]
     handles = pipeline(server, jobs)
     assert spilled(server) > 1000
@@ -213,10 +325,10 @@ def test_unique_dash_joins_a_stored_job_with_the_same_payload(make_server, tmp_p
     assert [data for _, _, data in ran] == [job[3] for job in jobs]
 
 
-def test_joins_race_with_a_page_in_of_the_same_job(make_server, tmp_path):
+def test_joins_race_with_a_page_in_of_the_same_job(store, make_server):
     """The worker's grab asks for the next page, and in the same read a background
     and a foreground submission name a job of that page: each joins it once."""
-    server, _ = start(make_server, tmp_path)
+    server = start(make_server, store)
     jobs = [(gp.SUBMIT_JOB_BG, b"f", b"u%d" % n, b"d%d" % n) for n in range(1000)]
     handles = pipeline(server, jobs)
     with server.connect() as worker, server.connect() as client:
@@ -244,8 +356,8 @@ def test_joins_race_with_a_page_in_of_the_same_job(make_server, tmp_path):
     assert taken + [unique for _, unique, _ in ran] == [job[2] for job in jobs]
 
 
-def test_get_status_knows_stored_and_paged_in_jobs(make_server, tmp_path):
-    server, _ = start(make_server, tmp_path)
+def test_get_status_knows_stored_and_paged_in_jobs(store, make_server):
+    server = start(make_server, store)
     handles = pipeline(server, [(gp.SUBMIT_JOB_BG, b"f", b"u%d" % n, b"") for n in range(1000)])
     with server.connect() as sock:
         assert gp.call(sock, gp.GET_STATUS, handles[900]) == \
@@ -261,8 +373,8 @@ def test_get_status_knows_stored_and_paged_in_jobs(make_server, tmp_path):
             (gp.STATUS_RES, handles[900] + b"\x000\x000\x000\x000")
 
 
-def test_epoch_jobs_far_down_a_spilled_queue_run_when_due(make_server, tmp_path):
-    server, db = start(make_server, tmp_path)
+def test_epoch_jobs_far_down_a_spilled_queue_run_when_due(store, make_server):
+    server = start(make_server, store)
     pipeline(server, [(gp.SUBMIT_JOB_BG, b"busy", b"u%d" % n, b"") for n in range(1500)])
     now = int(time.time())
     due = {b"e%d" % n: now + 3 + n % 3 for n in range(300)}
@@ -292,8 +404,8 @@ def test_epoch_jobs_far_down_a_spilled_queue_run_when_due(make_server, tmp_path)
     assert not early and not late, (early, late)
 
 
-def test_cancel_of_a_stored_job_and_drop_of_a_spilled_function(make_server, tmp_path):
-    server, db = start(make_server, tmp_path, "--admin-allow", "any")
+def test_cancel_of_a_stored_job_and_drop_of_a_spilled_function(store, make_server):
+    server = start(make_server, store, "--admin-allow", "any")
     handles = pipeline(server, [(gp.SUBMIT_JOB_BG, b"f", b"u%d" % n, b"") for n in range(1000)])
     pipeline(server, [(gp.SUBMIT_JOB_BG, b"gone", b"g%d" % n, b"") for n in range(1000)])
     assert server.admin("cancel job " + handles[950].decode()) == b"OK\r\n"
@@ -304,11 +416,11 @@ def test_cancel_of_a_stored_job_and_drop_of_a_spilled_function(make_server, tmp_
     ran = work(server, [b"f", b"gone"], 999)
     assert b"u950" not in [unique for _, unique, _ in ran]
     server.stop()
-    assert rows(db) == 0
+    assert store.rows() == 0
 
 
-def test_worker_deaths_requeue_at_the_back_of_a_spilled_queue(make_server, tmp_path):
-    server, db = start(make_server, tmp_path, "-j", "2")
+def test_worker_deaths_requeue_at_the_back_of_a_spilled_queue(store, make_server):
+    server = start(make_server, store, "-j", "2")
     jobs = [(gp.SUBMIT_JOB_BG, b"f", b"u%d" % n, b"") for n in range(1000)]
     pipeline(server, jobs)
     for _ in range(2):                          # u0 and u1's workers die; u0's twice
@@ -330,11 +442,11 @@ def test_worker_deaths_requeue_at_the_back_of_a_spilled_queue(make_server, tmp_p
             wait_until(lambda: status(server)[b"f"][1] == 0, what="requeue")
         assert status(server)[b"f"][0] == 0      # dropped after -j 2 tries
     server.stop()
-    assert rows(db) == 0
+    assert store.rows() == 0
 
 
-def test_kill_9_during_page_ins_loses_nothing_and_keeps_order(make_server, tmp_path):
-    server, db = start(make_server, tmp_path)
+def test_kill_9_during_page_ins_loses_nothing_and_keeps_order(store, make_server):
+    server = start(make_server, store)
     jobs = [(gp.SUBMIT_JOB_BG, b"f", b"u%05d" % n, b"") for n in range(4000)]
     pipeline(server, jobs)
     seen = []
@@ -360,14 +472,57 @@ def test_kill_9_during_page_ins_loses_nothing_and_keeps_order(make_server, tmp_p
     assert len(seen) - len(set(seen)) < 6 * 200
 
 
-def test_c_gearmand_replays_a_spilled_store_of_ours(make_server, tmp_path):
-    from storetools import need_c
+def no_unique_jobs(function, count, start=0):
+    """Background jobs with an empty unique and with unique '-': ours are stored
+    under generated uniques, which C replays as ordinary ones."""
+    return [(gp.SUBMIT_JOB_BG, function, b"", b"no unique %d" % n)
+            for n in range(start, start + count)] + \
+        [(gp.SUBMIT_JOB_LOW_BG, function, b"-", b"dash %d" % n)
+         for n in range(start, start + count)]
+
+
+def test_c_gearmand_replays_a_spilled_store_of_ours(store, make_server):
     need_c()
-    server, db = start(make_server, tmp_path)
-    jobs = mixed_jobs(b"f", 1500, 4)
+    server = start(make_server, store)
+    jobs = mixed_jobs(b"f", 1500, 4) + no_unique_jobs(b"f", 5)
     pipeline(server, jobs)
-    server.stop()
-    c_server = make_server("-q", "libsqlite3", "--libsqlite3-db", str(db), impl="c")
-    assert priority_status(c_server)[b"f"][:3] == expected_counts(jobs)
+    assert spilled(server) > 1200
+    server.kill()
+    c_server = make_server(*store.options, impl="c")
+    # C 1.1.20 replays every Postgres job as HIGH (it reads the priority wrongly).
+    assert priority_status(c_server)[b"f"][:3] == (
+        (len(jobs), 0, 0) if store.name == "postgres" else expected_counts(jobs))
     ran = work(c_server, [b"f"], len(jobs))
     assert sorted(data for _, _, data in ran) == sorted(job[3] for job in jobs)
+    wait_until(lambda: store.rows() == 0, 5, what="C to delete the rows of its done jobs")
+
+
+def test_c_and_we_take_turns_on_one_table_in_insertion_order(store, make_server):
+    """C makes the table and queues jobs; we start on it (MySQL and PostgreSQL tables
+    get their seq column now, C's rows numbered in insertion order), queue more,
+    spill and are killed; C replays them all and queues more, after ours; we start
+    again, and a worker gets every job in priority order, then insertion order."""
+    need_c()
+    c_server = make_server(*store.options, impl="c")
+    first = mixed_jobs(b"f", 300, 11)
+    pipeline(c_server, first)
+    c_server.kill()
+
+    server = start(make_server, store)
+    assert status(server)[b"f"][0] == 300
+    second = mixed_jobs(b"f", 600, 12, start=300) + no_unique_jobs(b"f", 3)
+    pipeline(server, second)
+    assert spilled(server) > 700
+    server.kill()
+
+    c_server = make_server(*store.options, impl="c")
+    assert status(c_server)[b"f"][0] == 906
+    third = mixed_jobs(b"f", 300, 13, start=1000)
+    pipeline(c_server, third)
+    c_server.kill()
+
+    server.start()
+    assert status(server)[b"f"][0] == 1206
+    assert spilled(server) > 1000
+    ran = work(server, [b"f"], 1206)
+    assert [(unique, data) for _, unique, data in ran] == in_order(first + second + third)
