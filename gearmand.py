@@ -638,17 +638,22 @@ class Queues:
     def enqueue(self, job):
         """Make a job available to workers: now, or at its epoch time."""
         function = job.function
-        if job.when > 0:
-            delay = job.when - time.time()
-            if delay > 0:
-                function.scheduled += 1
-                self.scheduled += 1
-                self.timers.add(delay, self.job_due, job)
-                # C wakes workers at submission too; they find nothing yet and sleep again.
-                self.wake_workers(function)
-                return
+        if job.when > 0 and self.schedule(job):
+            # C wakes workers at submission too; they find nothing yet and sleep again.
+            self.wake_workers(function)
+            return
         self.queue_up(job)
         self.wake_workers(function)
+
+    def schedule(self, job):
+        """An epoch job waits for its time on a timer: False if it is due already."""
+        delay = job.when - time.time()
+        if delay <= 0:
+            return False
+        job.function.scheduled += 1
+        self.scheduled += 1
+        self.timers.add(delay, self.job_due, job)
+        return True
 
     def queue_up(self, job):
         """Put a job at the back of its queue, which may be in the store."""
@@ -1080,7 +1085,9 @@ class ReconnectingStore(Store):
     def error(self, error, unavailable=False):
         return StoreError(f"{self.label}: {self.describe(error)}", unavailable)
 
-    def write(self, adds, dones):
+    def attempt(self, work):
+        """work() on the connection, made if there is none: an old connection found
+        dead is replaced once at once; a new one that fails starts the backoff."""
         self.backoff.check()
         retried = False
         while True:
@@ -1093,7 +1100,7 @@ class ReconnectingStore(Store):
                     self.disconnect()
                     raise self.backoff.failed(str(self.error(error))) from None
             try:
-                joins = self.write_batch(adds, dones)
+                result = work()
             except StoreError:
                 self.rollback()
                 raise
@@ -1110,7 +1117,10 @@ class ReconnectingStore(Store):
                 self.rollback()
                 raise
             self.backoff.succeeded()
-            return joins
+            return result
+
+    def write(self, adds, dones):
+        return self.attempt(lambda: self.write_batch(adds, dones))
 
     def close(self):
         self.disconnect()
@@ -1202,10 +1212,28 @@ class SqlStore(ReconnectingStore):
             except Exception:
                 pass
 
+    def read(self, work):
+        """work(cursor) on the connection, then COMMIT, which ends the read's snapshot:
+        its result. Reads fail and reconnect as writes do (see attempt)."""
+        def run():
+            cursor = self.connection.cursor()
+            try:
+                result = work(cursor)
+            finally:
+                cursor.close()
+            self.connection.commit()
+            return result
+        return self.attempt(run)
+
     def page_all(self, after, limit):
         """An adopted table's rows after seq `after`, in order:
         [(seq, function, unique, priority, data, when)]."""
-        return self.query(self.page_all_sql, (after, limit))
+        def work(cursor):
+            cursor.execute(self.sql(self.page_all_sql), (after, limit))
+            return [(seq, bytes(function or b""), bytes(unique or b""), priority or 0,
+                     bytes(data or b""), when or 0)
+                    for seq, function, unique, priority, data, when in cursor.fetchall()]
+        return self.read(work)
 
     def setup(self):
         """Connect and create C's table if it is missing; StoreError if that fails."""
@@ -1658,9 +1686,11 @@ class StoreWriter(threading.Thread):
                     if failed is None:
                         due, retry_delay = None, DELETE_DELAY
                     else:
-                        # Rows written one by one since replaced what these deletes aimed at.
-                        written = {row_key(job)[:2] for batch in group for job in batch.jobs
-                                   if job not in failed}
+                        # With a store that deletes by key, rows written one by one since
+                        # replaced what these deletes aimed at. By seq they are apart.
+                        written = set() if self.store.pages else {
+                            row_key(job)[:2] for batch in group for job in batch.jobs
+                            if job not in failed}
                         retry = [key for key in dones if key[:2] not in written]
                         retry_delay = min(retry_delay * 2, self.RETRY_DELAY_MAX)
                         due = time.monotonic() + retry_delay if retry else None
@@ -1692,12 +1722,20 @@ class StoreWriter(threading.Thread):
             if getattr(error, "unavailable", False):
                 return every_job, {}
         if dones and adds:
-            # Perhaps only a delete fails: the adds alone must not fail with it.
+            # Perhaps only a delete fails: the adds alone must not fail with it. An add
+            # whose key the row of a delete still holds would join a job that is over:
+            # that one fails instead.
             try:
-                return set(), self.store.write(adds, []) or {}   # the deletes are retried later
+                joins = self.store.write(adds, []) or {}   # the deletes are retried later
             except Exception as error:
                 if getattr(error, "unavailable", False):
                     return every_job, {}
+            else:
+                ending = {key[:2] for key in dones}
+                stale = {job for job in every_job
+                         if job.number in joins and row_key(job)[:2] in ending}
+                return stale, {seq: row for seq, row in joins.items()
+                               if not any(job.number == seq for job in stale)}
         if len(adds) < 2:
             return every_job, {}
         failed, joins = set(), {}
@@ -2309,7 +2347,9 @@ class Pager:
                 continue
             spill.scheduled -= 1
             self.scheduled_stored -= 1
-            queues.enqueue(job)
+            if not queues.schedule(job):  # no wake-up for a job paged in to wait
+                queues.queue_up(job)
+                queues.wake_workers(function)
             self.settled(function)
         if len(rows) < limit:
             self.scheduled_stored = 0

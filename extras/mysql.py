@@ -15,6 +15,7 @@ import contextlib
 import getpass
 import os
 import re
+import time
 
 import mysql.connector
 from mysql.connector import constants as mysql_constants
@@ -525,36 +526,7 @@ class MySQLStore(SqlStore):
             joins[seq] = found[0]
         return joins
 
-    # -- paging: reads run in the writer thread, between its writes
-
-    def read(self, work):
-        """work(cursor) on the store's connection, then COMMIT, which ends the read's
-        snapshot: its result. A dead connection is replaced once, as write() does;
-        while the server is unreachable, reads fail at once with write()'s backoff."""
-        self.backoff.check()
-        retried = False
-        while True:
-            fresh = self.connection is None
-            try:
-                if fresh:
-                    self.connection = self.connect()
-                cursor = self.connection.cursor()
-                try:
-                    result = work(cursor)
-                finally:
-                    cursor.close()
-                self.connection.commit()
-            except mysql.connector.Error as error:
-                if not self.lost(error):
-                    self.rollback()
-                    raise self.error(error, self.blocked(error)) from None
-                self.disconnect()
-                if fresh or retried:
-                    raise self.backoff.failed(str(self.error(error))) from None
-                retried = True
-                continue
-            self.backoff.succeeded()
-            return result
+    # -- paging: reads run in the writer thread, between its writes (see read())
 
     def query(self, cursor, statement):
         cursor.execute(statement if isinstance(statement, bytes) else statement.encode())
@@ -570,6 +542,9 @@ class MySQLStore(SqlStore):
 
     def counts(self):
         def work(cursor):
+            # Epoch jobs due already take their place in the FIFO, as C's replay queues them.
+            cursor.execute(self.sql("UPDATE {table} SET when_to_run = 0 WHERE when_to_run <> 0"
+                                    " AND when_to_run <= %s"), (int(time.time()),))
             highest = self.query(cursor, self.sql("SELECT MAX(gearmand_seq) FROM {table}"))
             groups = self.groups(cursor)
             odd = [(function, priority) for function, priority, count, later in groups

@@ -9,6 +9,7 @@ CONFLICT DO NOTHING statements of up to PAGE_SIZE rows each (a stored job's row
 stays as it is: the new job joins that one), then COMMIT.
 """
 import os
+import time
 
 import psycopg2
 import psycopg2.extensions
@@ -300,33 +301,7 @@ class PostgresStore(SqlStore):
                           f" {self.key_name()}: with this key a unique can be used by one"
                           f" function at a time (to key rows as C does: {self.widen_sql()})")
 
-    # -- paging: reads run in the writer thread, between its writes
-
-    def read(self, work):
-        """work(cursor) on the store's connection, then COMMIT: its result. A dead
-        connection is replaced once, as write() does; while the server is unreachable,
-        reads fail at once with write()'s backoff."""
-        self.backoff.check()
-        retried = False
-        while True:
-            fresh = self.connection is None
-            try:
-                if fresh:
-                    self.connection = self.connect()
-                with self.connection.cursor() as cursor:
-                    result = work(cursor)
-                self.connection.commit()
-            except psycopg2.Error as error:
-                if not self.lost(error):
-                    self.rollback()
-                    raise self.error(error, self.blocked(error)) from None
-                self.disconnect()
-                if fresh or retried:
-                    raise self.backoff.failed(str(self.error(error))) from None
-                retried = True
-                continue
-            self.backoff.succeeded()
-            return result
+    # -- paging: reads run in the writer thread, between its writes (see read())
 
     def query(self, statement, arguments):
         def work(cursor):
@@ -336,6 +311,9 @@ class PostgresStore(SqlStore):
 
     def counts(self):
         def work(cursor):
+            # Epoch jobs due already take their place in the FIFO, as C's replay queues them.
+            cursor.execute(self.sql("UPDATE {table} SET when_to_run = 0 WHERE when_to_run <> 0"
+                                    " AND when_to_run <= %s"), (int(time.time()),))
             cursor.execute(self.sql("SELECT MAX(gearmand_seq) FROM {table}"))
             highest = cursor.fetchone()[0] or 0
             cursor.execute(self.sql(self.counts_sql))
