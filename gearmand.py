@@ -1158,7 +1158,7 @@ class SqlStore(ReconnectingStore):
     fence = None                      # (cluster, member, owner, epoch) a write must see
     session = None                    # the id of the writer's connection, to be ended
     try_lock_sql = unlock_sql = session_sql = kill_sql = now_sql = share_sql = ""
-    page_all_sql = ""
+    cluster_session_sql = page_all_sql = ""
 
     @staticmethod
     def lock_key(name):
@@ -1170,9 +1170,10 @@ class SqlStore(ReconnectingStore):
         raise NotImplementedError
 
     def cluster_setup(self, connection):
-        """Create the cluster's table if it is missing."""
+        """Create the cluster's table if it is missing; lock waits of this connection end."""
         cursor = connection.cursor()
         try:
+            cursor.execute(self.cluster_session_sql)
             cursor.execute(f"CREATE TABLE IF NOT EXISTS {CLUSTER_TABLE} (cluster VARCHAR(200)"
                            f" NOT NULL, member VARCHAR(200) NOT NULL, owner VARCHAR(200) NOT"
                            f" NULL, epoch BIGINT NOT NULL, lease_expires DOUBLE PRECISION NOT"
@@ -1792,6 +1793,11 @@ class Journal:
         """A new background job. True if it must wait for its row before it runs."""
         job.queued = True
         if self.write_ahead:
+            if self.cluster is not None and not self.cluster.owning:
+                job.row = FAILED          # fenced: it could not be stored; its client hears so
+                job.queued = False
+                self.queues.discard(job)
+                return True
             name_row(job, self.run_id)
             job.row = WRITING
             self.adds.append(job)
@@ -1823,6 +1829,8 @@ class Journal:
                 self.waiting[job] = [peer]
             else:
                 waiting.append(peer)
+        elif job.row == FAILED:
+            self.loop.emit(peer, ERROR, STORE_FAILED)
         else:
             self.loop.emit(peer, JOB_CREATED, job.handle)
 
@@ -2501,6 +2509,12 @@ RENEW_EVERY = 1.0                 # seconds between rounds of the lease thread
 ADOPTED_WINDOW = 1000             # jobs of an adopted table in memory at most
 
 
+def text_of(value):
+    """A driver's text, as str (one driver gives bytes)."""
+    return bytes(value).decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) \
+        else value
+
+
 def lock_name(cluster, member):
     return "gearmand:" + hashlib.sha1(f"{cluster}\0{member}".encode()).hexdigest()
 
@@ -2606,6 +2620,9 @@ class Lease(threading.Thread):
                                f" sessions, address FROM {CLUSTER_TABLE} WHERE cluster = %s"
                                f" ORDER BY member", (name,))
         self.connection.commit()
+        rows = [(text_of(member), text_of(owner), epoch, None if left is None else float(left),
+                 wanted, text_of(sessions), text_of(address))
+                for member, owner, epoch, left, wanted, sessions, address in rows]
         self.members = rows
         if not self.owning or time.monotonic() - self.connected_at < self.lease:
             return        # after a reconnection, give the others the time to reconnect too
@@ -2779,6 +2796,8 @@ class Cluster:
         server.journal.cluster = self
         self.queues.lease_until = 0.0     # nothing is handed out before the table is ours
         server.store.fence = (name, self.member, self.member, None)   # nor written
+        if server.store.connection is not None:
+            server.store.connected(server.store.connection)
         self.lease_thread = Lease(self, server.store, name, self.member, lease, address)
 
     def start(self):
@@ -2910,8 +2929,7 @@ class Cluster:
         """Members, owners and lease ages, for admin, /status and /metrics."""
         members = []
         for member, owner, epoch, left, wanted, _, address in self.lease_thread.members:
-            members.append({"member": text(member) if isinstance(member, bytes) else member,
-                            "owner": text(owner) if isinstance(owner, bytes) else owner,
+            members.append({"member": member, "owner": owner,
                             "epoch": epoch, "lease_left_seconds": round(float(left or 0), 3),
                             "wants_its_table": bool(wanted), "address": address})
         age = None if self.renewed_at is None else round(time.monotonic() - self.renewed_at, 3)
@@ -3803,6 +3821,7 @@ class Admin:
     def __init__(self, server):
         self.loop = server.loop
         self.queues = server.queues
+        self.server = server
         self.allow = server.options.admin_allow
         self.commands = {
             b"status": self.status,
@@ -3817,6 +3836,7 @@ class Admin:
             b"verbose": lambda conn, tokens, bare: b"OK %s\n" % server.log.level_name.encode(),
             b"version": lambda conn, tokens, bare: b"OK %s\n" % GEARMAND_VERSION.encode(),
             b"shutdown": self.shutdown,
+            b"cluster": self.cluster,
         }
 
     def line(self, conn, line):
@@ -3913,6 +3933,18 @@ class Admin:
             return WAIT
         self.queues.cancel(job)
         return b"OK\r\n"
+
+    def cluster(self, conn, tokens, bare):
+        """Ours: each member's table, who serves it, its epoch and the seconds left on
+        its lease (negative: run out), and whether its server wants it back."""
+        cluster = self.server.cluster
+        if cluster is None:
+            return b"ERR NO_CLUSTER this+server+is+in+no+cluster+(--cluster)\r\n"
+        rows = [b"%s\t%s\t%d\t%.3f\t%s\n" % (
+            m["member"].encode(), m["owner"].encode(), m["epoch"], m["lease_left_seconds"],
+            b"wants-it-back" if m["wants_its_table"] else b"-")
+            for m in cluster.snapshot()["members"]]
+        return b"".join(rows) + b".\n"
 
     def stored_cancelled(self, conn, found):
         self.loop.send(conn, b"OK\r\n" if found else b"ERR UNKNOWN_JOB\r\n")
@@ -4202,6 +4234,7 @@ class HttpProtocol:
                       "last_error": stats.store_last_error,
                       "writes_in_flight": server.journal.adds_in_flight,
                       "replayed_jobs": stats.replayed},
+            **({"cluster": server.cluster.snapshot()} if server.cluster else {}),
         }
 
     def status(self):
@@ -4267,6 +4300,25 @@ class HttpProtocol:
                [("", stats.store_errors)])
         family("gearman_store_writes_in_flight", "gauge", "Batches of new jobs being written.",
                [("", server.journal.adds_in_flight)])
+        if server.cluster is not None:
+            cluster = server.cluster.snapshot()
+            family("gearman_cluster_holds_its_table", "gauge",
+                   "1 while this member holds its own table (else it is fenced).",
+                   [("", int(cluster["holds_its_table"]))])
+            family("gearman_cluster_lease_age_seconds", "gauge",
+                   "Seconds since this member's lease was last renewed.",
+                   [("", cluster["lease_age_seconds"] if cluster["lease_age_seconds"] is not None
+                     else "NaN")])
+            family("gearman_cluster_adopted_tables", "gauge",
+                   "Tables of other members this member serves now.",
+                   [("", len(cluster["adopted"]))])
+            family("gearman_cluster_adoptions_total", "counter",
+                   "Tables of other members this member has adopted.",
+                   [("", cluster["adoptions_total"])])
+            family("gearman_cluster_table_owner", "gauge",
+                   "1 for each member's table and the member that serves it.",
+                   [(labels(table=m["member"], owner=m["owner"]), 1)
+                    for m in cluster["members"]])
         family("gearman_uptime_seconds", "gauge", "Seconds since the server started.",
                [("", round(time.time() - stats.started, 3))])
         return b"text/plain; version=0.0.4; charset=utf-8", ("\n".join(lines) + "\n").encode()

@@ -9,6 +9,7 @@ Each write() is one transaction: multi-row DELETEs by seq (DELETE_KEYS_MAX each)
 multi-row INSERTs, each under max_allowed_packet, then COMMIT. An insert leaves a
 stored job's row as it is: the new job joins that one.
 """
+import argparse
 import binascii
 import configparser
 import contextlib
@@ -172,6 +173,23 @@ class MySQLStore(SqlStore):
     find_sequence_sql = ("SELECT function_name, IFNULL(unique_key, ''), priority,"
                          " IFNULL(data, ''), IFNULL(when_to_run, 0) FROM {table}"
                          " WHERE gearmand_seq = %d")
+
+    # --cluster: GET_LOCK, connection ids, the database's clock (see gearmand.Lease).
+    clusters = True
+    try_lock_sql = "SELECT GET_LOCK(%s, 0)"
+    unlock_sql = "SELECT RELEASE_LOCK(%s)"
+    session_sql = "SELECT CONNECTION_ID()"
+    kill_sql = "KILL CONNECTION %s"
+    now_sql = "UNIX_TIMESTAMP(NOW(6))"
+    share_sql = " LOCK IN SHARE MODE"
+    cluster_session_sql = "SET SESSION innodb_lock_wait_timeout = 5"
+    page_all_sql = ("SELECT gearmand_seq, function_name, unique_key, priority, data,"
+                    " IFNULL(when_to_run, 0) FROM {table} WHERE gearmand_seq > %s"
+                    " ORDER BY gearmand_seq LIMIT %s")
+
+    @classmethod
+    def open_table(cls, options, table):
+        return cls.open(argparse.Namespace(**dict(vars(options), mysql_table=table)))
 
     def __init__(self, table, settings, where):
         super().__init__(table, f"MySQL queue {where}")
@@ -483,6 +501,7 @@ class MySQLStore(SqlStore):
         joins = {}
         cursor = self.connection.cursor()
         try:
+            self.check_fence(cursor)
             if dones:
                 rows = (b"%d" % seq for _, _, seq in dones)
                 for statement, _ in self.statements(self.delete_sql, rows, DELETE_KEYS_MAX):

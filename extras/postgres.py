@@ -8,6 +8,8 @@ own seqs. Each write() is one transaction: DELETEs by seq and multi-row INSERT .
 CONFLICT DO NOTHING statements of up to PAGE_SIZE rows each (a stored job's row
 stays as it is: the new job joins that one), then COMMIT.
 """
+import argparse
+import hashlib
 import os
 import time
 
@@ -100,6 +102,28 @@ class PostgresStore(SqlStore):
                                      " ON {table} (when_to_run, gearmand_seq)"
                                      " WHERE when_to_run <> 0 OR when_to_run IS NULL",
     }
+
+    # --cluster: advisory locks, backend pids, the database's clock (see gearmand.Lease).
+    clusters = True
+    try_lock_sql = "SELECT pg_try_advisory_lock(%s)"
+    unlock_sql = "SELECT pg_advisory_unlock(%s)"
+    session_sql = "SELECT pg_backend_pid()"
+    kill_sql = "SELECT pg_terminate_backend(%s)"
+    now_sql = "EXTRACT(EPOCH FROM clock_timestamp())::float8"
+    share_sql = " FOR SHARE"
+    cluster_session_sql = "SET lock_timeout = '5s'"
+    page_all_sql = ("SELECT gearmand_seq, function_name, unique_key, priority, data,"
+                    " COALESCE(when_to_run, 0) FROM {table} WHERE gearmand_seq > %s"
+                    " ORDER BY gearmand_seq LIMIT %s")
+
+    @staticmethod
+    def lock_key(name):
+        """An advisory lock's key: 63 bits of the name's hash."""
+        return int(hashlib.sha1(name.encode()).hexdigest()[:15], 16)
+
+    @classmethod
+    def open_table(cls, options, table):
+        return cls.open(argparse.Namespace(**dict(vars(options), libpq_table=table)))
 
     def __init__(self, table, conninfo, settings, label):
         super().__init__(table, label)
@@ -236,6 +260,7 @@ class PostgresStore(SqlStore):
         joins = {}
         cursor = self.connection.cursor()
         try:
+            self.check_fence(cursor)
             if dones:
                 seqs = [seq for _, _, seq in dones]
                 for start in range(0, len(seqs), PAGE_SIZE * 10):
