@@ -2281,7 +2281,7 @@ class BinaryProtocol:
         end = len(data)
         unpack = HEADER.unpack_from
         handlers = self.handlers
-        debug = self.loop.log.debug
+        debug = self.debug
         while start < end:
             if data[start] == 0:
                 if end - start < 12:
