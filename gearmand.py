@@ -101,6 +101,8 @@ JOB_ASSIGN_ALL = 40
 GET_STATUS_UNIQUE = 41
 STATUS_RES_UNIQUE = 42
 PACKET_TYPES = 43
+PACKET_NAMES = {number: name for name, number in globals().items()
+                if name.isupper() and type(number) is int and 0 < number < PACKET_TYPES}
 
 # How many NUL-terminated arguments each request carries before its last part
 # (the last part is opaque data, or the final argument running to the end).
@@ -1003,6 +1005,18 @@ class Store:
     def delete_function(self, function):
         raise NotImplementedError
 
+    # -- health: see "persistence: health" below
+
+    def probe(self):
+        """Is the backend there? Called by the writer thread when the store has been
+        idle for a while; raises StoreError if not. The builtin queue has nothing to ask."""
+
+    @classmethod
+    def lock_path(cls, options):
+        """A file this store's server holds a lock on for its whole life, so that a
+        second server on the same store refuses to start; None: no lock."""
+        return None
+
 
 class Backoff:
     """Fails fast while a backend is down: after a failed attempt, calls fail at
@@ -1085,10 +1099,12 @@ class ReconnectingStore(Store):
     def error(self, error, unavailable=False):
         return StoreError(f"{self.label}: {self.describe(error)}", unavailable)
 
-    def attempt(self, work):
+    def attempt(self, work, patient=True):
         """work() on the connection, made if there is none: an old connection found
-        dead is replaced once at once; a new one that fails starts the backoff."""
-        self.backoff.check()
+        dead is replaced once at once; a new one that fails starts the backoff, during
+        which attempts fail at once (unless not `patient`: a probe)."""
+        if patient:
+            self.backoff.check()
         retried = False
         while True:
             fresh = self.connection is None
@@ -1124,6 +1140,14 @@ class ReconnectingStore(Store):
 
     def close(self):
         self.disconnect()
+
+    def ping(self):
+        """One cheap round trip on `self.connection` (a driver error if it fails)."""
+
+    def probe(self):
+        """Ping, on a new connection if the old one has died, backoff or not; a
+        StoreError if the backend cannot be reached. Success ends a backoff at once."""
+        self.attempt(self.ping, patient=False)
 
 
 class SqlStore(ReconnectingStore):
@@ -1267,6 +1291,15 @@ class SqlStore(ReconnectingStore):
                 self.connection.rollback()
             except Exception:
                 pass
+
+    def ping(self):
+        cursor = self.connection.cursor()
+        try:
+            cursor.execute("SELECT 1")
+            cursor.fetchall()
+        finally:
+            cursor.close()
+        self.connection.rollback()        # leave no transaction open (Postgres)
 
 
 class SqliteStore(SqlStore):
@@ -1462,6 +1495,10 @@ class SqliteStore(SqlStore):
         if self.connection is not None and self.connection.in_transaction:
             super().rollback()
 
+    @classmethod
+    def lock_path(cls, options):
+        return os.path.abspath(options.sqlite_db) + ".lock" if options.sqlite_db else None
+
 
 # Queue types: name -> (module or None for this file, class, driver module, pip extra, title).
 QUEUE_TYPES = {
@@ -1481,19 +1518,25 @@ QUEUE_TYPES = {
 }
 DRIVER_PACKAGES = {"mysql.connector": "mysql-connector-python", "psycopg2": "psycopg2-binary",
                    "pymemcache": "pymemcache", "redis": "redis"}
+# What `-q` accepts, for messages and --help: each title with its other names.
+QUEUE_TYPE_NAMES = [title + "".join(f", {name}" for name, entry in QUEUE_TYPES.items()
+                                    if entry[4] == title and name != title.lower())
+                    for title in dict.fromkeys(entry[4] for entry in QUEUE_TYPES.values())]
 
 
 def store_class(queue_type):
     """The Store class for a queue type name, importing its backend only now."""
     entry = QUEUE_TYPES.get(queue_type.lower())
     if entry is None:
-        raise StoreError(f"Error while initializing the queue : {queue_type}")
+        raise StoreError(f"Error while initializing the queue : {queue_type} (queue types: "
+                         + "; ".join(QUEUE_TYPE_NAMES) + ")")
     module_name, class_name, driver, extra, title = entry
     if module_name is None:
         return globals()[class_name]
     if driver and importlib.util.find_spec(driver.split(".")[0]) is None:
         raise StoreError(f"queue type {title} needs {DRIVER_PACKAGES[driver]}: "
-                         f"pip install 'gearmand-py[{extra}]'")
+                         f"pip install {DRIVER_PACKAGES[driver]} (or, installed with pip, "
+                         f"pip install 'gearmand-py[{extra}]')")
     # The backends are extras/ beside this file. Vendored in a package (myproj/gearmand.py)
     # they are its subpackage (myproj.extras); a checkout or a plain copy loads them as
     # gearmand_extras, the package pip installs beside the module gearmand.
@@ -1507,8 +1550,12 @@ def store_class(queue_type):
 
     def driver_failed(error):
         # The driver is there but does not load (too old, a missing system library).
+        package = DRIVER_PACKAGES.get(driver)
         return StoreError(f"queue type {title}: cannot load its driver ({error}): "
-                          f"pip install --upgrade 'gearmand-py[{extra or 'all'}]'")
+                          + (f"pip install --upgrade {package} (or, installed with pip, "
+                             if package else "")
+                          + f"pip install --upgrade 'gearmand-py[{extra or 'all'}]'"
+                          + (")" if package else ""))
     try:
         if driver:
             importlib.import_module(driver)
@@ -1655,6 +1702,7 @@ class StoreWriter(threading.Thread):
         self.log = log
         self.stats = stats
         self.batches = queue.Queue()
+        self.checked = time.monotonic()   # the last write or probe (see StoreHealth)
 
     def submit(self, batch):
         """Queue a Batch for the next transaction; None stops the thread."""
@@ -1666,10 +1714,14 @@ class StoreWriter(threading.Thread):
         retry_delay = DELETE_DELAY
         while True:
             try:
-                timeout = None if due is None else max(due - time.monotonic(), 0)
-                batches = [self.batches.get(timeout=timeout)]
+                wake = self.checked + PROBE_INTERVAL
+                if due is not None:
+                    wake = min(wake, due)
+                batches = [self.batches.get(timeout=max(wake - time.monotonic(), 0))]
             except queue.Empty:
                 batches = []
+                if time.monotonic() >= self.checked + PROBE_INTERVAL:
+                    self.probe()          # idle: is the store still there?
             while True:
                 try:
                     batches.append(self.batches.get_nowait())
@@ -1708,20 +1760,24 @@ class StoreWriter(threading.Thread):
     def write(self, adds, dones, batches):
         """Write everything at once; on failure, find the adds that cannot be written
         one by one. Returns (None, joins) if all was written, else (failed jobs, joins)."""
-        started = time.monotonic()
+        started = self.checked = time.monotonic()
         every_job = {job for batch in batches for job in batch.jobs}
         try:
             joins = self.store.write(adds, dones) or {}
             self.stats.commit_seconds.observe(time.monotonic() - started)
             self.stats.batch_sizes.observe(len(adds) + len(dones))
+            self.health.reached()
             return None, joins
         except Exception as error:        # a driver may raise anything; the thread must live
-            self.log.error(f"persistent queue write failed: {error}")
             self.stats.store_errors += 1
             self.stats.store_last_error = str(error)
             self.stats.store_last_error_time = time.time()
             if getattr(error, "unavailable", False):
+                self.health.unreachable(error)
                 return every_job, {}
+            # The backend answered: it refused something of this batch.
+            self.log.limited("store write", "ERROR", f"persistent queue write failed: {error}")
+            refusal = error
         if dones and adds:
             # Perhaps only a delete fails: the adds alone must not fail with it. An add
             # whose key the row of a delete still holds would join a job that is over:
@@ -1737,16 +1793,76 @@ class StoreWriter(threading.Thread):
                          if job.number in joins and row_key(job)[:2] in ending}
                 return stale, {seq: row for seq, row in joins.items()
                                if not any(job.number == seq for job in stale)}
-        if len(adds) < 2:
-            return every_job, {}
-        failed, joins = set(), {}
-        for batch in batches:             # in order: a later row may replace an earlier
-            for job in batch.jobs:
-                try:
-                    joins.update(self.store.write([row_record(job)], []) or {})
-                except Exception:
-                    failed.add(job)
+        failed, joins = every_job, {}
+        if len(adds) > 1:
+            failed = set()
+            for batch in batches:         # in order: a later row may replace an earlier
+                for job in batch.jobs:
+                    try:
+                        joins.update(self.store.write([row_record(job)], []) or {})
+                    except Exception:
+                        failed.add(job)
+        if failed and failed == every_job:
+            # It answers, but takes nothing (a table gone, a disk full): not healthy.
+            self.health.unreachable(refusal)
         return failed, joins
+
+    # -- health
+
+    @property
+    def health(self):
+        return self.stats.store_health
+
+    def probe(self):
+        self.checked = time.monotonic()
+        try:
+            self.store.probe()
+        except Exception as error:
+            self.health.unreachable(error)
+        else:
+            self.health.reached()
+
+
+# --- persistence: health ------------------------------------------------------
+
+# An idle store is probed this often (seconds), so /status and gearman_store_healthy
+# say what the backend is like now, not what it was at the last write.
+PROBE_INTERVAL = 2.0
+
+
+class StoreHealth:
+    """Did the last write or probe reach the store? The writer thread sets it, and
+    logs each change: one line when the store fails, one when it is back."""
+
+    def __init__(self, log):
+        self.log = log
+        self.healthy = True
+        self.since = time.time()          # of the current state
+        self.failures = 0                 # writes and probes failed in this outage
+        self.error = ""
+
+    def reached(self):
+        if not self.healthy:
+            self.log.write("NOTICE", f"persistent queue recovered after "
+                                     f"{time.time() - self.since:.1f} s and {self.failures} "
+                                     f"failed writes or probes", force=True)
+            self.healthy = True
+            self.since = time.time()
+            self.error = ""
+
+    def unreachable(self, error):
+        self.error = str(error)
+        if self.healthy:
+            self.healthy = False
+            self.since = time.time()
+            self.failures = 1
+            self.log.error(f"persistent queue unavailable: {error}; new background jobs get "
+                           f"ERROR QUEUE_ERROR until it recovers")
+        else:
+            self.failures += 1
+            if self.log.debug:
+                self.log.limited("store outage", "DEBUG", f"persistent queue still "
+                                                          f"unavailable: {error}")
 
 
 class Journal:
@@ -2942,16 +3058,26 @@ class Cluster:
 # --- logging and stats --------------------------------------------------------
 
 class Log:
-    """C gearmand's log levels and line format; SIGHUP reopens the file."""
+    """C gearmand's log levels and line format, e.g.
+    `  ERROR 2026-01-02 03:04:05.123456 [  main ] message`; SIGHUP reopens the file.
+
+    `debug` and `info` are plain attributes, so a hot path pays one attribute check
+    when its level is off: `if log.debug: log.write("DEBUG", ...)`. `limited()` keeps
+    a flood (a TLS scan, a misbehaving client) from filling the disk."""
 
     LEVELS = ("FATAL", "ALERT", "CRITICAL", "ERROR", "WARNING", "NOTICE", "INFO", "DEBUG")
+    THREADS = {"MainThread": "main", "store-writer": "writer"}
 
     def __init__(self, target="stderr", level="ERROR", use_syslog=False):
         self.target = target
         self.level = self.LEVELS.index(level)
         self.level_name = level
+        self.debug = self.level >= self.LEVELS.index("DEBUG")
+        self.info_on = self.level >= self.LEVELS.index("INFO")
         self.file = None
         self.syslog = None
+        self.lock = threading.RLock()     # the writer thread logs too; a signal handler may
+        self.windows = {}                 # limited(): key -> [window start, lines, suppressed]
         if use_syslog:
             import syslog
             syslog.openlog("gearmand", syslog.LOG_PID, syslog.LOG_USER)
@@ -2959,35 +3085,60 @@ class Log:
         self.reopen()
 
     def reopen(self):
-        if self.file not in (None, sys.stderr):
-            self.file.close()
-        if self.target == "stderr":
-            self.file = sys.stderr
-        elif self.target == "none":
-            self.file = None
-        else:
-            try:
-                self.file = open(self.target, "a", buffering=1, encoding="utf-8",
-                                 errors="backslashreplace")
-            except OSError as error:
-                print(f"Could not open log file {self.target}: {error.strerror}, "
-                      "logging to stderr", file=sys.stderr)
+        with self.lock:
+            if self.file not in (None, sys.stderr):
+                self.file.close()
+            if self.target == "stderr":
                 self.file = sys.stderr
+            elif self.target == "none":
+                self.file = None
+            else:
+                try:
+                    self.file = open(self.target, "a", buffering=1, encoding="utf-8",
+                                     errors="backslashreplace")
+                except OSError as error:
+                    print(f"Could not open log file {self.target}: {error.strerror}, "
+                          "logging to stderr", file=sys.stderr)
+                    self.file = sys.stderr
 
-    def write(self, level, message):
+    def write(self, level, message, force=False):
+        """One line at `level`; `force` writes it whatever --verbose says (the few
+        lines an operator needs at the default level: start, stop, SIGHUP)."""
         number = self.LEVELS.index(level)
-        if number > self.level:
+        if number > self.level and not force:
             return
-        if self.file is not None:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            try:
-                self.file.write(f"{level:>7} {stamp} {message}\n")
-                self.file.flush()
-            except (OSError, ValueError):
-                pass
-        if self.syslog is not None:
-            priority = min(number, 7)
-            self.syslog.syslog(priority, message)
+        now = time.time()
+        thread = threading.current_thread().name
+        line = (f"{level:>7} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}."
+                f"{int(now % 1 * 1e6):06d} [{self.THREADS.get(thread, thread):>6} ] {message}\n")
+        with self.lock:
+            if self.file is not None:
+                try:
+                    self.file.write(line)
+                    self.file.flush()
+                except (OSError, ValueError):
+                    pass
+            if self.syslog is not None:
+                self.syslog.syslog(min(number, 7), message)
+
+    def limited(self, key, level, message, burst=10, every=10.0):
+        """Write at most `burst` lines of one kind (`key`) every `every` seconds; then
+        one line says how many were left out."""
+        if self.LEVELS.index(level) > self.level:
+            return
+        now = time.monotonic()
+        with self.lock:
+            window = self.windows.get(key)
+            if window is None or now - window[0] >= every:
+                if window is not None and window[2]:
+                    self.write(level, f"... {window[2]} more lines like the last "
+                                      f"({key}) left out in {every:g} s")
+                window = self.windows[key] = [now, 0, 0]
+            if window[1] < burst:
+                window[1] += 1
+                self.write(level, message)
+            else:
+                window[2] += 1
 
     def error(self, message):
         self.write("ERROR", message)
@@ -3020,12 +3171,21 @@ class Histogram:
         self.total += value
 
 
+# The status page's charts: a sample of the queues and the totals every
+# SAMPLE_INTERVAL seconds, the last SAMPLES of them (ten minutes).
+SAMPLE_INTERVAL = 5.0
+SAMPLES = 120
+
+
 class Stats:
     """Totals since start, for /metrics and /status. Plain counters: the loop
-    thread counts jobs, the writer thread counts store work."""
+    thread counts jobs, the writer thread counts store work and sets store_health."""
 
-    def __init__(self):
+    def __init__(self, log=None):
         self.started = time.time()
+        self.store_health = StoreHealth(log)
+        # (time, jobs waiting, jobs running, submitted, completed, failed) samples
+        self.samples = collections.deque(maxlen=SAMPLES)
         self.submitted = {"foreground": 0, "background": 0}
         self.completed = {"foreground": 0, "background": 0}
         self.failed = {"foreground": 0, "background": 0}
@@ -3038,6 +3198,31 @@ class Stats:
         self.commit_seconds = Histogram((0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                          0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
 
+    def sample(self, functions):
+        """Add one sample of the queues (FunctionQueues) and the totals to the ring."""
+        running = sum(f.running for f in functions)
+        waiting = sum(f.total for f in functions) - running
+        self.samples.append((time.time(), waiting, running, sum(self.submitted.values()),
+                             sum(self.completed.values()), sum(self.failed.values())))
+
+    def rates(self, seconds=60.0):
+        """Jobs per second submitted, completed and failed over the last `seconds`,
+        from the samples and the totals now; None before the first sample."""
+        if not self.samples:
+            return None
+        now = time.time()
+        first = self.samples[0]
+        for sample in self.samples:
+            if now - sample[0] <= seconds:
+                first = sample
+                break
+        elapsed = now - first[0]
+        if elapsed <= 0:
+            return None
+        totals = (sum(self.submitted.values()), sum(self.completed.values()),
+                  sum(self.failed.values()))
+        return tuple((total - then) / elapsed for total, then in zip(totals, first[3:]))
+
 
 # --- event loop: connections, timers, the reactor ----------------------------
 
@@ -3045,15 +3230,16 @@ class Connection(Peer):
     """One accepted socket: its protocol, the input not yet parsed, the output not
     yet sent, and the output held back until a store commit."""
 
-    __slots__ = ("sock", "fd", "address", "tls", "handshaking", "protocol", "http", "inbuf",
-                 "chunks", "chunks_size", "need", "out", "out_size", "held", "writing",
+    __slots__ = ("sock", "fd", "address", "port", "tls", "handshaking", "protocol", "http",
+                 "inbuf", "chunks", "chunks_size", "need", "out", "out_size", "held", "writing",
                  "closing", "closed", "exceptions", "client_id")
 
-    def __init__(self, sock, address, protocol, tls=False):
+    def __init__(self, sock, address, protocol, tls=False, port=0):
         super().__init__()
         self.sock = sock
         self.fd = sock.fileno()
         self.address = address            # the peer's IP address, as text
+        self.port = port                  # and its port
         self.tls = tls
         self.handshaking = tls            # a TLS handshake runs before any packet
         self.protocol = protocol          # BinaryProtocol or HttpProtocol
@@ -3163,6 +3349,7 @@ class EventLoop:
         self.resuming = []                # paused connections whose input may go on
         self.stopping = None              # None, "now" or "graceful"
         self.stop_requested = None        # set by signal handlers, applied by the loop
+        self.stop_reason = ""
         self.flush_deadline = None        # graceful stop: give up on unread output then
         self.accept_paused = False
         self.wake_reader, self.wake_writer = socket.socketpair()
@@ -3180,8 +3367,8 @@ class EventLoop:
             self.listeners.append(listener)
             self.selector.register(sock, selectors.EVENT_READ, listener)
             address = sock.getsockname()
-            self.log.info(f"listening on {address[0]}:{address[1]}"
-                          + ("" if protocol.name == "gearman" else f" ({protocol.name})"))
+            self.log.info(f"Listening on {address[0]}:{address[1]} ({sock.fileno()}), "
+                          f"{protocol.name}{' over TLS' if tls_context else ''}")
 
     def accept(self, listener):
         for _ in range(64):
@@ -3192,7 +3379,9 @@ class EventLoop:
             except OSError as error:
                 if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # Out of descriptors: stop accepting for a moment instead of spinning.
-                    self.log.error(f"accept: {error.strerror}; refusing connections for 1 s")
+                    self.log.limited("accept", "ERROR", f"accept: {error.strerror} "
+                                     f"({len(self.connections)} connections open; -f raises "
+                                     f"the limit); refusing connections for 1 s")
                     self.pause_accepting(1.0)
                 return
             sock.setblocking(False)
@@ -3205,7 +3394,11 @@ class EventLoop:
                 sock = listener.tls_context.wrap_socket(sock, server_side=True,
                                                         do_handshake_on_connect=False)
             conn = Connection(sock, address[0], listener.protocol,
-                              sock.__class__ is not socket.socket)
+                              sock.__class__ is not socket.socket, address[1])
+            if self.log.debug:
+                self.log.limited("connections", "DEBUG", f"Accepted connection from "
+                                 f"{conn.address}:{conn.port} ({conn.fd}), "
+                                 f"{listener.protocol.name}", burst=500, every=1.0)
             listener.protocol.opened(conn)
             self.stats.accepted += 1
             self.connections[conn.fd] = conn
@@ -3277,8 +3470,9 @@ class EventLoop:
                 if not conn.closed and not conn.writing and conn.out:
                     self.send_output(conn)
                 if conn.out_size > self.max_output and not conn.closed:
-                    self.log.warning(f"{conn.address}: not reading its replies "
-                                     f"({conn.out_size} bytes waiting), closing")
+                    self.log.limited("limits", "WARNING", f"{conn.address}:{conn.port}: not "
+                                     f"reading its replies ({conn.out_size} bytes waiting, "
+                                     f"over --max-output), closing")
                     self.close(conn)
 
     def wake(self):
@@ -3298,13 +3492,20 @@ class EventLoop:
 
     # -- stopping
 
-    def request_stop(self, how):
-        """Ask the loop to stop ("now" or "graceful"); safe in a signal handler."""
+    def request_stop(self, how, why=""):
+        """Ask the loop to stop ("now" or "graceful") for a reason the log gives
+        (a signal's name, an admin's address); safe in a signal handler."""
         if self.stop_requested != "now":
             self.stop_requested = how
+            self.stop_reason = why
         self.wake()
 
     def begin_stop(self):
+        if self.stopping != self.stop_requested and self.stopping != "now":
+            how = ("at once" if self.stop_requested == "now" else
+                   "gracefully: running jobs finish, no new connections")
+            self.log.write("NOTICE", f"stopping {how} ({self.stop_reason or 'asked to'})",
+                           force=True)
         if self.stopping != "now":
             self.stopping = self.stop_requested
         if self.stopping == "graceful":
@@ -3347,7 +3548,9 @@ class EventLoop:
             self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
             return
         except (OSError, ValueError) as error:
-            self.log.warning(f"{conn.address}: TLS handshake failed: {error}")
+            # A scan or a client without a certificate: worth a line, not a flood of them.
+            self.log.limited("TLS", "WARNING", f"{conn.address}:{conn.port}: TLS handshake "
+                             f"failed, closing: {error}")
             self.close(conn)
             return
         conn.handshaking = False
@@ -3373,8 +3576,8 @@ class EventLoop:
             conn.chunks_size += len(data)
             self.gathering += len(data)
             if self.gathering > self.max_input_buffer:
-                self.log.warning(f"{conn.address}: large packets being received hold over "
-                                 f"--max-input-buffer, closing")
+                self.log.limited("limits", "WARNING", f"{conn.address}:{conn.port}: large "
+                                 f"packets being received hold over --max-input-buffer, closing")
                 self.close(conn)
                 return
             if conn.chunks_size < conn.need:
@@ -3472,6 +3675,9 @@ class EventLoop:
         if conn.closed:
             return
         conn.closed = True
+        if self.log.debug:
+            self.log.limited("connections", "DEBUG", f"Disconnected {conn.address}:{conn.port} "
+                             f"({conn.fd})", burst=500, every=1.0)
         self.selector.unregister(conn.sock)
         del self.connections[conn.fd]
         if conn.chunks is not None:
@@ -3501,6 +3707,7 @@ class BinaryProtocol:
         self.max_packet = server.options.max_packet_size
         self.exceptions = server.options.exceptions
         self.handlers = self.packet_handlers()
+        self.debug = server.log.debug
 
     def opened(self, conn):
         conn.exceptions = self.exceptions
@@ -3511,6 +3718,8 @@ class BinaryProtocol:
             # A client that did not ask for exceptions hears that the job failed. C sends
             # the handle and a stray NUL here, which some clients cannot parse.
             ptype, payload = WORK_FAIL, payload.split(b"\0", 1)[0]
+        if self.debug:
+            self.debug_packet(conn, ptype, payload.split(b"\0", ARGUMENT_NULS[ptype]), "->")
         self.loop.send(conn, RES + TYPE_SIZE.pack(ptype, len(payload)) + payload)
 
     def receive(self, conn, data):
@@ -3519,6 +3728,7 @@ class BinaryProtocol:
         end = len(data)
         unpack = HEADER.unpack_from
         handlers = self.handlers
+        debug = self.debug
         while start < end:
             if data[start] == 0:
                 if end - start < 12:
@@ -3528,8 +3738,9 @@ class BinaryProtocol:
                     self.loop.close(conn)
                     return
                 if size > self.max_packet:
-                    self.loop.log.warning(f"{conn.address}: packet of {size} bytes is over "
-                                          f"--max-packet-size, closing")
+                    self.loop.log.limited("limits", "WARNING", f"{conn.address}:{conn.port}: "
+                                          f"packet of {size} bytes is over --max-packet-size, "
+                                          f"closing")
                     self.loop.close(conn)
                     return
                 if end - start - 12 < size:
@@ -3553,6 +3764,8 @@ class BinaryProtocol:
                     self.loop.close(conn)
                     return
                 if magic == REQ:
+                    if debug:
+                        self.debug_packet(conn, ptype, args)
                     handlers[ptype](conn, args)
                 else:
                     self.loop.send(conn, ERROR_INVALID_MAGIC)
@@ -3582,6 +3795,17 @@ class BinaryProtocol:
                 self.loop.log.error(f"{conn.address}: closing after an internal error:\n"
                                     + traceback.format_exc())
                 self.loop.close(conn)
+
+    def debug_packet(self, conn, ptype, args, direction="<-"):
+        """--verbose DEBUG: one line per request, and per job news sent (names and
+        handles, no job data)."""
+        shown = args[:-1] if ptype in DATA_TYPES else args
+        words = " ".join(text(arg[:64]) for arg in shown)
+        size = len(args[-1]) if ptype in DATA_TYPES else 0
+        self.loop.log.limited("packets", "DEBUG", f"{conn.address}:{conn.port} {direction} "
+                              f"{PACKET_NAMES.get(ptype, ptype)} {words}"
+                              + (f" ({size} bytes of data)" if size else ""),
+                              burst=1000, every=1.0)
 
     def packet_handlers(self):
         handlers = [self.reject] * PACKET_TYPES
@@ -3817,11 +4041,16 @@ class Admin:
 
     # Commands that change the server; --admin-allow restricts who may send them.
     CHANGING = frozenset({b"shutdown", b"cancel", b"drop", b"create", b"maxqueue"})
+    # Those of them C 1.1.20 does not have. Without --admin-allow only loopback peers
+    # may send them: a drop-in replacement must not turn an unknown command into a
+    # remote kill switch on a port that listens on every address.
+    OURS = frozenset({b"shutdown"})
 
     def __init__(self, server):
         self.loop = server.loop
         self.queues = server.queues
         self.server = server
+        self.log = server.log
         self.allow = server.options.admin_allow
         self.commands = {
             b"status": self.status,
@@ -3851,9 +4080,14 @@ class Admin:
         tokens = [token.split(b"\0", 1)[0] for token in tokens]
         word = tokens[0].lower()
         command = self.commands.get(word)
+        if self.log.debug:
+            self.log.limited("admin", "DEBUG", f"{conn.address}:{conn.port} admin: "
+                             f"{text(line[:200])}", burst=100, every=1.0)
         if command is None:
             reply = unknown_command(tokens[0])
-        elif word in self.CHANGING and not self.allowed(conn):
+        elif word in self.CHANGING and not self.allowed(conn, word):
+            self.log.limited("admin denied", "WARNING", f"{conn.address}:{conn.port}: admin "
+                             f"command {text(word)} refused (--admin-allow)")
             reply = (b"ERR PERMISSION_DENIED " + word + b"+is+not+allowed+from+"
                      + conn.address.encode() + b"\r\n")
         else:
@@ -3862,7 +4096,9 @@ class Admin:
                 return                    # it answers once the store has
         self.loop.send(conn, reply or b"ERR UNKNOWN_ERROR\r\n")
 
-    def allowed(self, conn):
+    def allowed(self, conn, word):
+        if self.allow is None:            # the default: C's commands from anyone, ours not
+            return word not in self.OURS or is_loopback(conn.address)
         if self.allow == "any":
             return True
         if self.allow == "loopback":
@@ -3986,10 +4222,11 @@ class Admin:
         return b"OK\r\n"
 
     def shutdown(self, conn, tokens, bare):
+        why = f"admin shutdown from {conn.address}:{conn.port}"
         if len(tokens) == 1:
-            self.loop.request_stop("now")
+            self.loop.request_stop("now", why)
         elif len(tokens) == 2 and tokens[1].lower() == b"graceful":
-            self.loop.request_stop("graceful")
+            self.loop.request_stop("graceful", why + " graceful")
         else:
             return invalid_arguments(tokens[0])
         return b"OK\r\n"
@@ -4005,6 +4242,8 @@ HTTP_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Metho
                 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
                 503: b"Service Unavailable", 505: b"HTTP Version Not Supported"}
 HTTP_PRIORITIES = {b"high": HIGH, b"low": LOW}
+HTTP_BACKGROUND = {b"true": True, b"1": True, b"yes": True, b"false": False, b"0": False,
+                   b"no": False, b"": False}
 
 
 class HttpExchange:
@@ -4036,6 +4275,7 @@ class HttpProtocol:
         self.server = server
         self.loop = server.loop
         self.queues = server.queues
+        self.log = server.log
         self.max_packet = server.options.max_packet_size
         self.routes = {b"/": self.page, b"/metrics": self.metrics, b"/status": self.status}
 
@@ -4112,20 +4352,29 @@ class HttpProtocol:
             self.request(conn, method, target, headers, body)
 
     def request(self, conn, method, target, headers, body):
+        if self.log.debug:
+            self.log.limited("http", "DEBUG", f"{conn.address}:{conn.port} HTTP {text(method)} "
+                             f"{text(target[:200])} ({len(body)} bytes)", burst=500, every=1.0)
         if method not in (b"GET", b"HEAD", b"POST", b"PUT"):
             self.error(conn, 405, b"GET, HEAD, POST or PUT")
             return
-        route = self.routes.get(target.split(b"?", 1)[0])
+        # A query string is not part of the function's name (C made it part of it).
+        path = target.split(b"?", 1)[0]
+        route = self.routes.get(path)
         if route is not None and method in (b"GET", b"HEAD"):
             content_type, content = route()
             self.loop.send(conn, self.response(conn, 200, [(b"Content-Type", content_type)],
                                                  content))
             return
-        name = target.lstrip(b"/")        # the function, verbatim, as in C
+        name = path.lstrip(b"/")          # the function, otherwise verbatim, as in C
         if not name:
             self.error(conn, 404, b"no function named in the path")
             return
-        background = headers.get(b"x-gearman-background", b"").lower() == b"true"
+        background = HTTP_BACKGROUND.get(headers.get(b"x-gearman-background", b"").lower())
+        if background is None:
+            self.error(conn, 400, b"X-Gearman-Background must be true, 1, yes, false, 0 or no",
+                       keep=True)
+            return
         function = self.queues.functions.get(name)
         if not background and (function is None or not function.registrations):
             # A foreground request would wait for a worker that may never come.
@@ -4211,11 +4460,13 @@ class HttpProtocol:
                       "queued": {name: f.queued(priority)
                                  for priority, name in enumerate(PRIORITY_NAMES)}}
                      for f in self.queues.functions_in_c_order()]
-        workers = [{"fd": conn.fd, "address": conn.address, "id": text(conn.client_id),
+        workers = [{"fd": conn.fd, "address": conn.address, "port": conn.port,
+                    "id": text(conn.client_id),
                     "functions": [text(r.function.name) for r in conn.registrations],
                     "running": sum(len(r.jobs) for r in conn.registrations)}
                    for conn in self.loop.connections.values() if conn.registrations]
-        error_age = time.time() - stats.store_last_error_time
+        health = stats.store_health
+        rates = stats.rates()
         return {
             "server": f"gearmand.py {__version__}",
             "version": GEARMAND_VERSION,
@@ -4225,13 +4476,17 @@ class HttpProtocol:
             "functions": functions,
             "workers": workers,
             "jobs": {"submitted": stats.submitted, "completed": stats.completed,
-                     "failed": stats.failed},
+                     "failed": stats.failed,
+                     "per_second": None if rates is None else dict(zip(
+                         ("submitted", "completed", "failed"), (round(r, 3) for r in rates)))},
             "store": {"queue_type": server.options.queue_type,
                       "persistent": server.store.persistent,
                       "durable": server.store.durable,
-                      "healthy": not stats.store_last_error or error_age > 60,
+                      # the last write or probe (every PROBE_INTERVAL s when idle) reached it
+                      "healthy": health.healthy,
+                      "since": round(health.since, 3),   # healthy, or failing, since
                       "errors": stats.store_errors,
-                      "last_error": stats.store_last_error,
+                      "last_error": health.error or stats.store_last_error,
                       "writes_in_flight": server.journal.adds_in_flight,
                       "replayed_jobs": stats.replayed},
             **({"cluster": server.cluster.snapshot()} if server.cluster else {}),
@@ -4298,6 +4553,8 @@ class HttpProtocol:
                [("", stats.replayed)])
         family("gearman_store_errors_total", "counter", "Store commits that failed.",
                [("", stats.store_errors)])
+        family("gearman_store_healthy", "gauge", "1 if the last store write or probe "
+               "reached the store, else 0.", [("", int(stats.store_health.healthy))])
         family("gearman_store_writes_in_flight", "gauge", "Batches of new jobs being written.",
                [("", server.journal.adds_in_flight)])
         if server.cluster is not None:
@@ -4324,7 +4581,8 @@ class HttpProtocol:
         return b"text/plain; version=0.0.4; charset=utf-8", ("\n".join(lines) + "\n").encode()
 
     def page(self):
-        return b"text/html; charset=utf-8", STATUS_PAGE
+        return b"text/html; charset=utf-8", status_page(self.snapshot(),
+                                                       list(self.server.stats.samples))
 
 
 def text(name):
@@ -4339,49 +4597,135 @@ def labels(**values):
     return "{" + ",".join(f'{key}="{escape(value)}"' for key, value in values.items()) + "}"
 
 
-# The status page: no external assets; it reads /status every few seconds.
-STATUS_PAGE = b"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>gearmand.py</title>
-<style>
-body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
+# The status page: rendered here, whole, so it works without JavaScript (a
+# <noscript> refresh reloads it); with JavaScript it replaces its <main> with a
+# fresh copy every 3 s. No external files: the charts are inline SVG.
+PAGE_STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;max-width:70em}
 h1{font-size:1.3em;margin:0 0 .2em} h2{font-size:1.05em;margin:1.2em 0 .4em}
-table{border-collapse:collapse;min-width:40em} th,td{padding:.25em .7em;text-align:right}
-th{background:#eee} td:first-child,th:first-child{text-align:left} tr:nth-child(even){background:#f7f7f7}
-.bad{color:#b00;font-weight:bold} .good{color:#070} #meta{color:#666}
-</style></head><body>
-<h1>gearmand.py</h1><div id="meta">loading&hellip;</div>
-<h2>Functions</h2>
-<table id="functions"><thead><tr><th>function</th><th>jobs</th><th>running</th>
-<th>high</th><th>normal</th><th>low</th><th>workers</th></tr></thead><tbody></tbody></table>
-<h2>Workers</h2>
-<table id="workers"><thead><tr><th>address</th><th>id</th><th>functions</th><th>running</th></tr>
-</thead><tbody></tbody></table>
-<h2>Store</h2><div id="store"></div>
-<script>
-function cell(row, value) { var td = document.createElement("td"); td.textContent = value; row.appendChild(td); }
-function fill(id, rows) {
-  var body = document.querySelector("#" + id + " tbody"); body.textContent = "";
-  rows.forEach(function (values) { var tr = document.createElement("tr"); values.forEach(function (v) { cell(tr, v); }); body.appendChild(tr); });
-}
-function show(s) {
-  document.getElementById("meta").textContent = s.server + " (gearmand " + s.version + "), pid " + s.pid +
-    ", up " + Math.round(s.uptime_seconds) + " s, " + s.connections + " connections, updated " + new Date().toLocaleTimeString();
-  fill("functions", s.functions.map(function (f) { return [f.name, f.jobs, f.running, f.queued.high, f.queued.normal, f.queued.low, f.workers]; }));
-  fill("workers", s.workers.map(function (w) { return [w.address + " (fd " + w.fd + ")", w.id, w.functions.join(" "), w.running]; }));
-  var st = s.store, el = document.getElementById("store");
-  el.className = st.healthy ? "good" : "bad";
-  el.textContent = st.queue_type + (st.durable ? " (durable)" : st.persistent ?
-    " (persistent, not durable)" : " (not persistent)") + ": " +
-    (st.healthy ? "healthy" : "failing: " + st.last_error) + ", " + st.errors + " errors, " +
-    st.replayed_jobs + " jobs replayed at start";
-}
-function refresh() {
-  fetch("/status").then(function (r) { return r.json(); }).then(show)
-    .catch(function (e) { document.getElementById("meta").textContent = "server unreachable: " + e; });
-}
-refresh(); setInterval(refresh, 3000);
-</script></body></html>
+table{border-collapse:collapse;min-width:36em} th,td{padding:.25em .7em;text-align:right}
+th{background:#eee} td:first-child,th:first-child{text-align:left}
+tr:nth-child(even){background:#f7f7f7} tr.orphan td{background:#fde8e8;color:#900}
+.bad{color:#b00;font-weight:bold} .good{color:#070} #meta,.note{color:#666}
+.charts{display:flex;flex-wrap:wrap;gap:1.5em} figure{margin:0}
+figcaption{font-weight:bold;margin-bottom:.2em} svg{background:#fafafa;border:1px solid #ddd}
 """
+PAGE_SCRIPT = """
+function refresh() {
+  fetch("/").then(function (r) { return r.text(); }).then(function (html) {
+    var fresh = new DOMParser().parseFromString(html, "text/html");
+    document.querySelector("main").replaceWith(fresh.querySelector("main"));
+    document.getElementById("live").textContent =
+      "live, updated " + new Date().toLocaleTimeString();
+  }).catch(function (e) {
+    document.getElementById("live").textContent = "server unreachable: " + e;
+  });
+}
+setInterval(refresh, 3000);
+"""
+CHART_COLOURS = ("#1f6fb4", "#e07b00", "#b00020")
+
+
+def status_page(s, samples):
+    """The page for a snapshot (HttpProtocol.snapshot) and the samples (Stats.sample)."""
+    from html import escape
+
+    def row(cells, css=""):
+        return (f"<tr{f' class={css!r}' if css else ''}>"
+                + "".join(f"<td>{escape(str(cell))}</td>" for cell in cells) + "</tr>")
+
+    def table(id_, heads, rows, empty):
+        body = "".join(rows) or f'<tr><td colspan="{len(heads)}" class="note">{empty}</td></tr>'
+        return (f'<table id="{id_}"><thead><tr>' + "".join(f"<th>{h}</th>" for h in heads)
+                + f"</tr></thead><tbody>{body}</tbody></table>")
+
+    functions = []
+    for f in s["functions"]:
+        orphan = f["jobs"] > f["running"] and not f["workers"]
+        functions.append(row([f["name"], f["jobs"], f["running"], f["queued"]["high"],
+                              f["queued"]["normal"], f["queued"]["low"],
+                              "0 (no worker)" if orphan else f["workers"]],
+                             "orphan" if orphan else ""))
+    workers = [row([f"{w['address']}:{w['port']} (fd {w['fd']})", w["id"],
+                    " ".join(w["functions"]), w["running"]]) for w in s["workers"]]
+    jobs = s["jobs"]
+    rates = jobs["per_second"] or {}
+    totals = [row([what] + [sum(jobs[what].values())]
+                  + [jobs[what][kind] for kind in KINDS]
+                  + [f"{rates[what]:.2f}" if what in rates else "-"])
+              for what in ("submitted", "completed", "failed")]
+    st = s["store"]
+    kind = (" (durable)" if st["durable"] else " (persistent, not durable)" if st["persistent"]
+            else " (not persistent)")
+    health = ("healthy" if st["healthy"] else "failing: " + st["last_error"])
+    store = (f'<div id="store" class="{"good" if st["healthy"] else "bad"}">'
+             f'{escape(st["queue_type"] + kind + ": " + health)}, {st["errors"]} errors, '
+             f'{st["replayed_jobs"]} jobs replayed at start</div>')
+    # Queue depth: the samples, and now. Throughput: between consecutive samples.
+    now = (time.time(), sum(f["jobs"] - f["running"] for f in s["functions"]),
+           sum(f["running"] for f in s["functions"]), sum(jobs["submitted"].values()),
+           sum(jobs["completed"].values()), sum(jobs["failed"].values()))
+    points = samples + [now]
+    depth = [(t, (waiting, running)) for t, waiting, running, *_ in points]
+    throughput = [(b[0], tuple(max(after - before, 0) / max(b[0] - a[0], 1e-9)
+                               for after, before in zip(b[3:], a[3:])))
+                  for a, b in zip(points, points[1:])]
+    charts = (chart("depth", "Jobs waiting and running", ("waiting", "running"), depth)
+              + chart("throughput", "Jobs per second", ("submitted", "completed", "failed"),
+                      throughput))
+    uptime = int(s["uptime_seconds"])
+    main = (f'<main><div id="meta">{escape(s["server"])} (gearmand {escape(s["version"])}), '
+            f'pid {s["pid"]}, up {uptime // 3600}h {uptime // 60 % 60}m {uptime % 60}s, '
+            f'{s["connections"]} connections, at {time.strftime("%H:%M:%S")}</div>'
+            f'<h2>Jobs since start</h2>'
+            + table("totals", ["jobs", "total", "foreground", "background",
+                               "per second (last minute)"], totals, "")
+            + f'<div class="charts">{charts}</div>'
+            + "<h2>Functions</h2>"
+            + table("functions", ["function", "jobs", "running", "high", "normal", "low",
+                                  "workers"], functions, "no functions yet")
+            + "<h2>Workers</h2>"
+            + table("workers", ["address", "id", "functions", "running"], workers,
+                    "no workers connected")
+            + f"<h2>Store</h2>{store}</main>")
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<title>gearmand.py status</title>'
+            '<noscript><meta http-equiv="refresh" content="10"></noscript>'
+            f"<style>{PAGE_STYLE}</style></head><body>"
+            '<h1>gearmand.py</h1><p class="note"><span id="live">reloads every 10 s</span>'
+            ' &middot; <a href="/status">/status</a> (JSON) &middot; '
+            '<a href="/metrics">/metrics</a> (Prometheus)</p>'
+            f"{main}<script>{PAGE_SCRIPT}</script></body></html>\n").encode()
+
+
+def chart(id_, title, names, series, width=460, height=130):
+    """An SVG line chart of [(time, (value per name))], the last SAMPLES * SAMPLE_INTERVAL s."""
+    from html import escape
+    span = SAMPLES * SAMPLE_INTERVAL
+    end = series[-1][0] if series else time.time()
+    top = max([max(values) for _, values in series] + [1])
+    left, bottom = 34, height - 16
+    lines = []
+    for index, name in enumerate(names):
+        coords = " ".join(f"{left + (width - left - 4) * (1 - (end - t) / span):.1f},"
+                          f"{bottom - (bottom - 8) * values[index] / top:.1f}"
+                          for t, values in series if end - t <= span)
+        if coords:
+            lines.append(f'<polyline fill="none" stroke="{CHART_COLOURS[index]}" '
+                         f'stroke-width="1.8" points="{coords}"/>')
+    label = f"{top:.3g}"
+    legend = " ".join(f'<span style="color:{CHART_COLOURS[index]}">&#9632; {escape(name)}</span>'
+                      for index, name in enumerate(names))
+    return (f'<figure><figcaption>{escape(title)}</figcaption>'
+            f'<svg id="chart-{id_}" width="{width}" '
+            f'height="{height}" role="img" aria-label="{escape(title)}">'
+            f'<line x1="{left}" y1="{bottom}" x2="{width - 4}" y2="{bottom}" stroke="#999"/>'
+            f'<line x1="{left}" y1="8" x2="{left}" y2="{bottom}" stroke="#999"/>'
+            f'<text x="{left - 4}" y="14" font-size="10" text-anchor="end">{label}</text>'
+            f'<text x="{left - 4}" y="{bottom}" font-size="10" text-anchor="end">0</text>'
+            f'<text x="{left}" y="{height - 3}" font-size="10">{int(span // 60)} min ago</text>'
+            f'<text x="{width - 4}" y="{height - 3}" font-size="10" text-anchor="end">now</text>'
+            + "".join(lines) + f"</svg><div>{legend}</div></figure>")
 
 
 # --- the server: every room wired together -----------------------------------
@@ -4395,7 +4739,7 @@ class Server:
         self.options = options
         self.store = store
         self.log = log
-        self.stats = Stats()
+        self.stats = Stats(log)
         self.loop = EventLoop(self, options, log, self.stats)
         self.queues = Queues(options, self.loop.emit, self.loop.timers, log, self.stats)
         self.journal = Journal(store, self.queues, self.loop, log, self.stats,
@@ -4410,6 +4754,12 @@ class Server:
 
     def listen(self, sockets, http=False, tls_context=None):
         self.loop.listen(sockets, self.http if http else self.gearman, tls_context)
+        if http and not self.stats.samples:
+            self.sample(None)             # the status page's charts start now
+
+    def sample(self, _):
+        self.stats.sample(self.queues.functions.values())
+        self.loop.timers.add(SAMPLE_INTERVAL, self.sample, None)
 
     def serve(self):
         """Run until stopped; then stop the writer, write what must be, close all."""
@@ -4424,6 +4774,7 @@ class Server:
                 self.cluster.stop()
             self.journal.close()
             self.loop.close_all()
+            self.log.info("Shutdown complete")
 
     # -- what the loop tells its owner
 
@@ -4460,8 +4811,20 @@ class OptionParser(argparse.ArgumentParser):
         raise OptionError(message)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """--help shows each option's default, as C's help does (`arg (=4730)`)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is not None and action.default is not False
+                and action.default is not argparse.SUPPRESS and "(default" not in text.lower()):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser():
     parser = OptionParser(prog="gearmand", add_help=False, allow_abbrev=False,
+                          formatter_class=HelpFormatter,
                           description="Gearman job server (gearmand.py, compatible with "
                                       f"gearmand {GEARMAND_VERSION}).")
     general = parser.add_argument_group("General options")
@@ -4486,7 +4849,8 @@ def build_parser():
     general.add_argument("--keepalive-interval", type=int, default=-1, help="TCP_KEEPINTVL.")
     general.add_argument("--keepalive-count", type=int, default=-1, help="TCP_KEEPCNT.")
     general.add_argument("-l", "--log-file", default="/var/log/gearmand.log",
-                         help="Log file; 'stderr' or 'none' are special.")
+                         help="Log file; 'stderr' or 'none' are special (if the file cannot "
+                              "be opened, stderr).")
     general.add_argument("-L", "--listen", action="append",
                          help="Address the server should listen on. Default is all.")
     general.add_argument("-P", "--pid-file", default="/var/gearmand.pid",
@@ -4495,8 +4859,8 @@ def build_parser():
     general.add_argument("-R", "--round-robin", action="store_true",
                          help="Assign work in round-robin order per worker connection.")
     general.add_argument("-q", "--queue-type", default="builtin",
-                         help="Persistent queue type to use (builtin, libsqlite3/sqlite, MySQL, "
-                              "libdrizzle, Postgres, libmemcached, redis, libtokyocabinet).")
+                         help="Persistent queue type to use (" + ", ".join(QUEUE_TYPE_NAMES)
+                              + ").")
     general.add_argument("--config-file", default="/etc/gearmand.conf",
                          help="File of further options, one or more per line.")
     general.add_argument("--syslog", action="store_true", help="Use syslog.")
@@ -4506,7 +4870,8 @@ def build_parser():
     general.add_argument("-u", "--user", help="Switch to given user after startup.")
     general.add_argument("--verbose", default="ERROR",
                          help="Set verbose level (FATAL, ALERT, CRITICAL, ERROR, WARNING, "
-                              "NOTICE, INFO, DEBUG).")
+                              "NOTICE, INFO, DEBUG). Start, stop and SIGHUP are logged at "
+                              "every level.")
     general.add_argument("-V", "--version", action="store_true",
                          help="Display the version of gearmand and exit.")
     general.add_argument("-w", "--worker-wakeup", type=int, default=0,
@@ -4514,16 +4879,16 @@ def build_parser():
                               "(0 = all sleeping workers).")
     general.add_argument("--check-args", action="store_true", help=argparse.SUPPRESS)
     general.add_argument("--max-packet-size", type=int, default=64 << 20,
-                         help="Close connections that send a larger packet (bytes; "
-                              "default 64 MiB).")
-    general.add_argument("--admin-allow", choices=("any", "loopback", "none"), default="any",
+                         help="Close connections that send a larger packet (bytes).")
+    general.add_argument("--admin-allow", choices=("any", "loopback", "none"),
                          help="Who may use the admin commands that change the server (shutdown, "
                               "cancel job, drop function, create function, maxqueue): any "
-                              "peer (default, as C), loopback peers only, or none.")
+                              "peer, loopback peers only, or none. Default: C's commands from "
+                              "any peer (as C), shutdown (C has none) from loopback only.")
     general.add_argument("--max-input-buffer", type=int, default=512 << 20,
                          help="Bytes of large packets still arriving that all connections "
                               "together may hold; past it the connection adding more is "
-                              "closed (default 512 MiB).")
+                              "closed.")
     general.add_argument("--queue-memory", type=memory_size, default=128 << 20,
                          help="With a libsqlite3, MySQL or Postgres queue: memory for queued "
                               "jobs (bytes, or with K, M, G; default 128M; 0 = no limit). Past "
@@ -4540,18 +4905,21 @@ def build_parser():
                               "(renewed every second; default 5): past it the member stops "
                               "and another may adopt the table.")
     general.add_argument("--max-output", type=int, default=256 << 20,
-                         help="Close connections that leave more unread replies (bytes; "
-                              "default 256 MiB).")
+                         help="Close connections that leave more unread replies (bytes).")
 
     http = parser.add_argument_group("HTTP")
     http.add_argument("--http-port", type=int,
                       help="Port of the HTTP interface (job submission, /metrics, /status, /); "
-                           "given, or with -r http (then 8080), it is opened.")
+                           "given, or with -r http (then the default 8080), it is opened. "
+                           "With --ssl it speaks HTTPS.")
 
     gear = parser.add_argument_group("Gear")
-    gear.add_argument("-p", "--port", default="4730", help="Port the server should listen on.")
+    gear.add_argument("-p", "--port", default="4730",
+                      help="Port the server should listen on (1-65535 or a service name; "
+                           "env GEARMAND_PORT overrides 4730).")
     gear.add_argument("--ssl", action="store_true",
-                      help="Enable ssl connections (TLS on the whole port, admin included).")
+                      help="Enable ssl connections (TLS on every port: the Gearman port, "
+                           "admin included, and --http-port).")
     gear.add_argument("--ssl-ca-file",
                       default=os.environ.get("GEARMAND_CA_CERTIFICATE",
                                              "/etc/ssl/certs/gearmand-ca.pem"),
@@ -4649,6 +5017,20 @@ def config_file_tokens(argv):
         return []
 
 
+def given_options(tokens):
+    """The names (dests) of the options that `tokens` set, defaults left out."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_known_args(tokens)[0]))
+
+
+def check_port(value, what):
+    """A port number must be 1-65535 (a name is looked up when binding)."""
+    if str(value).isdigit() and not 0 < int(value) < 65536:
+        raise OptionError(f"{what} {value} is out of range: a port is 1-65535")
+
+
 def parse_options(argv):
     """Parse like C gearmand: command-line values win over the config file's."""
     if "-v" in argv:
@@ -4661,6 +5043,14 @@ def parse_options(argv):
         raise OptionError(f"unrecognised option '{unknown[0]}'")
     if options.help or options.version:
         return options
+    options.given = given_options(from_file + argv)
+    # Without --ssl every port is plain TCP: options that ask for TLS must not be
+    # ignored, least of all --ssl-verify-client.
+    tls_given = [name for name in ("ssl_verify_client", "ssl_ca_file", "ssl_certificate",
+                                   "ssl_key") if name in options.given]
+    if tls_given and not options.ssl:
+        raise OptionError(f"--{tls_given[0].replace('_', '-')} needs --ssl: without it "
+                          f"every port serves plain TCP")
     if options.verbose not in Log.LEVELS:
         raise OptionError("Invalid value for --verbose supplied")
     if options.hashtable_buckets <= 0:
@@ -4673,6 +5063,14 @@ def parse_options(argv):
         raise OptionError("--job-handle-prefix must be shorter than 64 characters")
     if options.port == "4730" and os.environ.get("GEARMAND_PORT"):
         options.port = os.environ["GEARMAND_PORT"]
+    check_port(options.port, "port (-p)")
+    if options.protocol == "http" and options.http_port is None:
+        options.http_port = 8080
+    if options.http_port is not None:
+        check_port(options.http_port, "--http-port")
+        if str(options.http_port) == options.port:
+            raise OptionError(f"--http-port {options.http_port} is the Gearman port (-p) too: "
+                              f"give them different ports")
     if options.queue_type.lower() == "libdrizzle":
         options.mysql_host = options.libdrizzle_uds or options.libdrizzle_host
         options.mysql_port = options.libdrizzle_port
@@ -4697,10 +5095,51 @@ def parse_options(argv):
     return options
 
 
+class Startup:
+    """How the start-up ends, told to the process that launched a daemon (-d). That
+    process waits on a pipe until the daemon has opened its log and its store,
+    replayed the queue and written its pid file, then exits 0; or it prints the
+    one line the daemon sends it and exits 1. Without -d nobody waits."""
+
+    def __init__(self, fd=None):
+        self.fd = fd
+        self.signal = None                # the stop signal that ended the start-up
+        self.log = None                   # once it is open
+
+    def report(self, message):
+        if self.fd is not None:
+            try:
+                os.write(self.fd, message.encode("utf-8", "backslashreplace"))
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+    def ready(self):
+        self.report("OK\n")
+
+    def failed(self, message):
+        self.report("ERR " + " ".join(message.split()) + "\n")
+
+    def stop(self, signum, _):
+        """A stop signal before the loop runs ends the start-up (the queue stays stored)."""
+        self.signal = signal.Signals(signum).name
+        raise SystemExit(0)
+
+
 def daemonize():
-    """Detach: double fork, new session, standard streams to /dev/null."""
-    if os.fork():
-        os._exit(0)
+    """Detach: double fork, new session, standard streams to /dev/null. The
+    launching process exits only when the daemon reports (Startup); the daemon
+    gets the Startup to report with."""
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    first = os.fork()
+    if first:
+        os.close(write_end)
+        os.waitpid(first, 0)
+        os._exit(wait_for_daemon(read_end))
+    os.close(read_end)
     os.setsid()
     if os.fork():
         os._exit(0)
@@ -4708,6 +5147,24 @@ def daemonize():
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
+    return Startup(write_end)
+
+
+def wait_for_daemon(fd):
+    """In the launching process: the daemon's word, as an exit status."""
+    chunks = []
+    while True:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    message = b"".join(chunks).decode("utf-8", "replace")
+    if message.startswith("OK"):
+        return 0
+    line = (message[4:].strip() if message.startswith("ERR ") else
+            "the daemon exited during start-up without saying why; see its log file")
+    print(f"gearmand: {line}", file=sys.stderr, flush=True)
+    return 1
 
 
 def switch_user(name):
@@ -4723,7 +5180,7 @@ def switch_user(name):
     os.setuid(entry.pw_uid)
 
 
-def write_pid_file(path, default):
+def write_pid_file(path, default, log):
     try:
         with open(path, "w") as pid_file:
             pid_file.write(f"{os.getpid()}\n")
@@ -4731,20 +5188,53 @@ def write_pid_file(path, default):
     except OSError as error:
         if path != default:
             raise OptionError(f"Could not open pid file {path}: {error.strerror}") from None
+        log.warning(f"no pid file: could not open {path}: {error.strerror} (-P names another)")
         return False
+
+
+# The TLS files: (option's dest, option, environment variable that sets its default, what).
+TLS_FILES = (("ssl_certificate", "--ssl-certificate", "GEARMAND_SERVER_PEM", "TLS certificate"),
+             ("ssl_key", "--ssl-key", "GEARMAND_SERVER_KEY", "TLS key"),
+             ("ssl_ca_file", "--ssl-ca-file", "GEARMAND_CA_CERTIFICATE", "CA file"))
+
+
+def tls_file(options, dest):
+    """'the TLS key /x.key (--ssl-key)': a file, what it is and where its name came from."""
+    _, option, env, what = next(entry for entry in TLS_FILES if entry[0] == dest)
+    if dest in getattr(options, "given", ()):
+        source = option
+    elif os.environ.get(env):
+        source = f"{env}, the default of {option}"
+    else:
+        source = f"the default of {option}"
+    return f"the {what} {getattr(options, dest)} ({source})"
 
 
 def tls_context(options):
     """The server's TLS context, or None without --ssl."""
     if not options.ssl:
         return None
+    use_ca = options.ssl_verify_client or os.path.exists(options.ssl_ca_file)
+    for dest, *_ in TLS_FILES:
+        if dest != "ssl_ca_file" or use_ca:
+            try:
+                with open(getattr(options, dest), "rb"):
+                    pass
+            except OSError as error:
+                raise OptionError(f"cannot read {tls_file(options, dest)}: "
+                                  f"{error.strerror}") from None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_cert_chain(options.ssl_certificate, options.ssl_key)
-        if options.ssl_verify_client or os.path.exists(options.ssl_ca_file):
-            context.load_verify_locations(options.ssl_ca_file)
     except (OSError, ssl.SSLError) as error:
-        raise OptionError(f"cannot load TLS certificate, key or CA file: {error}") from None
+        raise OptionError(f"cannot load {tls_file(options, 'ssl_certificate')} with "
+                          f"{tls_file(options, 'ssl_key')}: {error}") from None
+    if use_ca:
+        try:
+            context.load_verify_locations(options.ssl_ca_file)
+        except (OSError, ssl.SSLError) as error:
+            raise OptionError(f"cannot load {tls_file(options, 'ssl_ca_file')}: "
+                              f"{error}") from None
     context.verify_mode = ssl.CERT_REQUIRED if options.ssl_verify_client else ssl.CERT_NONE
     return context
 
@@ -4781,19 +5271,47 @@ def bind_listeners(addresses, port, options):
     return sockets
 
 
+def listening_on(port):
+    """Does a socket of this machine (this network namespace) listen on TCP `port`?
+    Linux's /proc/net says; elsewhere we cannot tell, and say no."""
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as table:
+                for line in table:
+                    fields = line.split()
+                    if (len(fields) > 3 and fields[3] == "0A"
+                            and int(fields[1].rsplit(":", 1)[1], 16) == port):
+                        return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
 def bind_with_retry(sock, address, patience=20.0):
-    """Bind, retrying while the address is in use for up to `patience` seconds, as C does."""
+    """Bind. A port another socket listens on fails at once; one that is busy
+    otherwise (a server that is still closing) is retried for up to `patience`
+    seconds, as C does, saying so on stderr (the log is not open yet)."""
+    try:
+        sock.bind(address)
+        return
+    except OSError as error:
+        if error.errno != errno.EADDRINUSE:
+            raise
+        if listening_on(address[1]):
+            raise OSError(errno.EADDRINUSE, "another process is listening on it") from None
+        print(f"gearmand: {address[0]} port {address[1]} is busy ({error.strerror}); "
+              f"retrying for up to {patience:g} s", file=sys.stderr, flush=True)
     deadline = time.monotonic() + patience
     delay = 0.1
     while True:
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
         try:
             sock.bind(address)
             return
         except OSError as error:
             if error.errno != errno.EADDRINUSE or time.monotonic() + delay > deadline:
                 raise
-        time.sleep(delay)
-        delay = min(delay * 2, 2.0)
 
 
 def set_file_limit(options):
@@ -4809,40 +5327,97 @@ def set_file_limit(options):
 def bind_ports(options):
     """[(listening sockets, is HTTP)] for the Gearman port and the HTTP port if any."""
     ports = [(options.port, False)]
-    if options.protocol == "http" or options.http_port is not None:
-        ports.append((8080 if options.http_port is None else options.http_port, True))
+    if options.http_port is not None:
+        ports.append((options.http_port, True))
     listeners = []
     for port, http in ports:
         try:
             listeners.append((bind_listeners(options.listen, port, options), http))
         except OSError as error:
+            for sockets, _ in listeners:
+                for sock in sockets:
+                    sock.close()
             raise OptionError(f"Could not listen on {'HTTP ' if http else ''}port {port}: "
                               f"{error.strerror or error}") from None
     return listeners
 
 
-def open_store(cls, options, log):
+def lock_store(cls, options):
+    """Hold the store's lock file (Store.lock_path) for the rest of the process's life,
+    so that two servers never replay and run the same queue; OptionError if another
+    server holds it. Taken by the process that serves: after -d's fork."""
+    path = cls.lock_path(options)
+    if path is None:
+        return None
+    import fcntl
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        raise OptionError(f"cannot open the queue's lock file {path}: {error.strerror}") from None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        if error.errno not in (errno.EACCES, errno.EAGAIN):
+            raise OptionError(f"cannot lock the queue's lock file {path}: "
+                              f"{error.strerror}") from None
+        raise OptionError(f"another server uses this queue: {path} is locked"
+                          + (f" by pid {holder}" if holder.isdigit() else "")
+                          + "; stop it first, or give each server a queue of its own") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd                             # never closed: the lock lasts as long as we do
+
+
+def open_store(cls, options):
+    options.store_lock = lock_store(cls, options)
     try:
         return cls.open(options)
     except StoreError as error:
-        report_store_error(error, options, log)
+        raise OptionError(str(error)) from None
 
 
-def report_store_error(error, options, log):
+def ready_line(server, options, context):
+    ports = f"port {options.port}"
+    if options.http_port is not None:
+        ports += f", HTTP port {options.http_port}"
+    if context is not None:
+        ports += (", TLS" + (" with client certificates" if options.ssl_verify_client else ""))
+    store = server.store
+    kind = "durable" if store.durable else "not durable" if store.persistent else "in memory"
+    return (f"gearmand.py {__version__} (gearmand {GEARMAND_VERSION}) ready, {ports}, "
+            f"pid {os.getpid()}, queue {options.queue_type} ({kind}), "
+            f"{server.stats.replayed} jobs replayed, verbose {options.verbose}")
+
+
+def start(cls, context, listeners, options, startup):
+    """Everything between binding the ports and serving: the log, the store and its
+    lock, the listeners, the replay and the pid file. Returns (server, pid written)."""
+    log = startup.log = Log(options.log_file, options.verbose, options.syslog)
+
+    def reopen(*_):                       # logrotate's SIGHUP: C's line, in the new file
+        log.reopen()
+        log.write("NOTICE", "SIGHUP, reopening log file", force=True)
+    signal.signal(signal.SIGHUP, reopen)
+    log.info(f"Initializing Gear on port {options.port} with SSL: "
+             f"{'true' if context else 'false'}")
+    log.info(f"Starting up with pid {os.getpid()}, verbose is set to {options.verbose}")
+    server = Server(options, open_store(cls, options), log)
+    log.info(f"queue {options.queue_type}: {getattr(server.store, 'label', 'builtin')}")
+    for sockets, http in listeners:
+        server.listen(sockets, http, context)
+    for notice in server.store.notices:
+        log.warning(notice)
+    try:
+        if server.cluster is None:        # a member takes in its table once it holds it
+            server.journal.replay()
+    except StoreError as error:
+        raise OptionError(str(error)) from None
+    pid_written = write_pid_file(options.pid_file, os.path.abspath("/var/gearmand.pid"), log)
     if options.daemon:
-        log.error(str(error))             # the terminal is gone
-    raise OptionError(str(error)) from None
-
-
-def become_daemon(server, cls, options, log):
-    """Detach. A store connection must not cross a fork (SQLite's locks stay with
-    the parent): the store opened to check the settings, the daemon opens its own."""
-    options.pid_file = os.path.abspath(options.pid_file)
-    server.store.close()
-    daemonize()
-    store = open_store(cls, options, log)
-    server.store = server.journal.store = store
-    os.chdir("/")                         # every path the store needs is open or absolute
+        os.chdir("/")                     # every path the server needs is open or absolute
+    return server, pid_written
 
 
 def run(options):
@@ -4853,39 +5428,47 @@ def run(options):
     except StoreError as error:
         raise OptionError(str(error)) from None
     context = tls_context(options)
+    startup = Startup()
     # Once the port accepts, signals may come at any time: before the log is open
     # SIGHUP has nothing to reopen, and a stop request simply ends the start-up.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     for stop_signal in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(stop_signal, lambda *_: sys.exit(0))
+        signal.signal(stop_signal, startup.stop)
     listeners = bind_ports(options)
     # The port is bound: from here on, work as the user asked for, with its files.
     if options.user:
         switch_user(options.user)
     if options.log_file not in ("stderr", "none"):
         options.log_file = os.path.abspath(options.log_file)
-    log = Log(options.log_file, options.verbose, options.syslog)
-    # A logrotate SIGHUP may come during a long replay.
-    signal.signal(signal.SIGHUP, lambda *_: log.reopen())
-    server = Server(options, open_store(cls, options, log), log)
-    for sockets, http in listeners:
-        server.listen(sockets, http, None if http else context)
+    options.pid_file = os.path.abspath(options.pid_file)
     if options.daemon:
-        become_daemon(server, cls, options, log)
-    for notice in server.store.notices:
-        log.warning(notice)
+        startup = daemonize()
+        for stop_signal in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(stop_signal, startup.stop)
     try:
-        if server.cluster is None:        # a member takes in its table once it holds it
-            server.journal.replay()
-    except StoreError as error:
-        report_store_error(error, options, log)
-    pid_written = write_pid_file(options.pid_file, "/var/gearmand.pid")
-    signal.signal(signal.SIGTERM, lambda *_: server.loop.request_stop("now"))
-    signal.signal(signal.SIGINT, lambda *_: server.loop.request_stop("now"))
-    signal.signal(signal.SIGUSR1, lambda *_: server.loop.request_stop("graceful"))
+        server, pid_written = start(cls, context, listeners, options, startup)
+    except OptionError as error:
+        if options.daemon and startup.log is not None:
+            startup.log.error(str(error))     # the terminal is gone; the log keeps it
+        startup.failed(str(error))
+        raise
+    except SystemExit:
+        why = f"stopped by {startup.signal or 'a signal'} during start-up"
+        if startup.log is not None:
+            startup.log.write("NOTICE", why, force=True)
+        startup.failed(why)
+        raise
+    except BaseException as error:
+        startup.failed(f"internal error during start-up: {error!r}")
+        raise
+    log = server.log
+    signal.signal(signal.SIGTERM, lambda *_: server.loop.request_stop("now", "SIGTERM"))
+    signal.signal(signal.SIGINT, lambda *_: server.loop.request_stop("now", "SIGINT"))
+    signal.signal(signal.SIGUSR1, lambda *_: server.loop.request_stop("graceful", "SIGUSR1"))
     # A signal the kernel hands to the writer thread must still end the main thread's select().
     signal.set_wakeup_fd(server.loop.wake_writer.fileno(), warn_on_full_buffer=False)
-    log.notice(f"gearmand.py {__version__} ready, port {options.port}")
+    log.write("NOTICE", ready_line(server, options, context), force=True)
+    startup.ready()
     try:
         server.serve()
     finally:

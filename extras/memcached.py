@@ -148,6 +148,10 @@ class MemcachedStore(ReconnectingStore):
     def describe(self, error):
         return describe(error)
 
+    def ping(self):
+        for client in self.clients:
+            client.version()
+
     def write_batch(self, adds, dones):
         """Delete the finished jobs' items, then set the new ones: two round trips
         to each server concerned."""

@@ -126,6 +126,9 @@ class RedisStore(ReconnectingStore):
     def describe(self, error):
         return describe(error)
 
+    def ping(self):
+        self.client.ping()
+
     def write_batch(self, adds, dones):
         """Run the script once. After a lost reply it runs again on a new connection:
         it is idempotent, so running it twice is harmless."""

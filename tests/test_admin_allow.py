@@ -1,12 +1,14 @@
 """--admin-allow=any|loopback|none: who may send the admin commands that change the
 server (shutdown, cancel job, drop function, create function, maxqueue). The option
-is ours; the default, any, keeps C's behaviour."""
+is ours; the default keeps C's behaviour for C's commands (anyone may send them) and
+lets only loopback peers send `shutdown`, which C does not have."""
 import socket
 import subprocess
+import sys
 
 import pytest
 
-from conftest import IMPL, admin_reply_complete, recv_until, unavailable
+from conftest import IMPL, ROOT, admin_reply_complete, recv_until, unavailable
 from gearproto import ERR_QUEUE_FULL, ERROR, SUBMIT_JOB_BG, can_do, expect, send, submit, sync
 
 OURS_ONLY = pytest.mark.skipif(IMPL == "c", reason="--admin-allow is an option of ours")
@@ -166,7 +168,7 @@ def test_default_any_allows_changing_commands_as_c_does(make_server):
 
 
 @pytest.mark.skipif(IMPL == "c", reason="shutdown is ours: C 1.1.20 answers ERR UNKNOWN_COMMAND")
-def test_default_any_allows_shutdown(make_server):
+def test_default_allows_shutdown_from_loopback(make_server):
     server = make_server()
     client = server.connect()
     submit(client, "f", "", "x")
@@ -180,3 +182,50 @@ def test_invalid_admin_allow_value_exits_1(make_server):
     proc = subprocess.run(server.command(), capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1
     assert len(proc.stderr.splitlines()) == 1 and "admin-allow" in proc.stderr
+
+
+class FakePeer:
+    """What Admin.line reads of a connection, from an address we cannot connect from."""
+    closed = False
+    port = 40000
+
+    def __init__(self, address):
+        self.address = address
+
+
+def in_process_admin(*args):
+    """A Server built in this process (no sockets served): its Admin, the replies it
+    sends and its loop (to see whether a stop was asked for)."""
+    sys.path.insert(0, str(ROOT))
+    import gearmand
+    options = gearmand.parse_options(["-l", "none", *args])
+    server = gearmand.Server(options, gearmand.Store(), gearmand.Log("none"))
+    replies = []
+    server.loop.send = lambda conn, data: replies.append(data)
+    return server.admin, replies, server.loop
+
+
+@OURS_ONLY
+@pytest.mark.parametrize("address", ["192.0.2.7", "2001:db8::7", "::ffff:192.0.2.7"])
+def test_default_refuses_shutdown_from_a_non_loopback_peer(address):
+    """Without --admin-allow, `shutdown` (C has no such command) is a loopback-only
+    command: the quick start listens on every address. It used to stop the server
+    for anyone who could reach the port."""
+    admin, replies, loop = in_process_admin()
+    for line in (b"shutdown\r", b"shutdown graceful\r"):
+        admin.line(FakePeer(address), line)
+        assert replies.pop() == denied("shutdown", address)
+    assert loop.stop_requested is None
+    # C's changing commands stay open to anyone, as in C
+    admin.line(FakePeer(address), b"create function g\r")
+    assert replies.pop() == b"OK\r\n"
+    admin.line(FakePeer("127.0.0.1"), b"shutdown\r")
+    assert replies.pop() == b"OK\r\n" and loop.stop_requested == "now"
+    assert loop.stop_reason == "admin shutdown from 127.0.0.1:40000"
+
+
+@OURS_ONLY
+def test_admin_allow_any_opens_shutdown_to_every_peer():
+    admin, replies, loop = in_process_admin("--admin-allow=any")
+    admin.line(FakePeer("192.0.2.7"), b"shutdown graceful\r")
+    assert replies.pop() == b"OK\r\n" and loop.stop_requested == "graceful"

@@ -4,13 +4,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 import gearproto as gp
 
 from conftest import (IMPL, ROOT, Server, admin_reply_complete, free_port, recv_until,
-                      unavailable, wait_for_port)
+                      unavailable, wait_for_port, wait_until)
 
 pytestmark = pytest.mark.skipif(IMPL == "c", reason="how gearmand.py itself is started")
 
@@ -76,19 +77,28 @@ def test_a_driver_that_does_not_load_is_one_line(tmp_path, failure):
     assert result.returncode == 1
     line = one_line(result)
     assert line.startswith("gearmand: queue type redis: cannot load its driver (")
-    assert line.endswith("): pip install --upgrade 'gearmand-py[redis]'")
+    # the plain driver package for a copied file, the extra for a pip-installed server
+    assert line.endswith("): pip install --upgrade redis (or, installed with pip, "
+                         "pip install --upgrade 'gearmand-py[redis]')")
 
 
 @pytest.mark.parametrize("queue_type, message", [
-    ("MySQL", "queue type MySQL needs mysql-connector-python: pip install 'gearmand-py[mysql]'"),
-    ("libdrizzle", "queue type MySQL needs mysql-connector-python: "
-                   "pip install 'gearmand-py[mysql]'"),
-    ("Postgres", "queue type Postgres needs psycopg2-binary: pip install 'gearmand-py[postgres]'"),
-    ("libmemcached", "queue type libmemcached needs pymemcache: "
-                     "pip install 'gearmand-py[memcached]'"),
-    ("REDIS", "queue type redis needs redis: pip install 'gearmand-py[redis]'"),
+    ("MySQL", "queue type MySQL needs mysql-connector-python: pip install "
+              "mysql-connector-python (or, installed with pip, pip install 'gearmand-py[mysql]')"),
+    ("libdrizzle", "queue type MySQL needs mysql-connector-python: pip install "
+                   "mysql-connector-python (or, installed with pip, "
+                   "pip install 'gearmand-py[mysql]')"),
+    ("Postgres", "queue type Postgres needs psycopg2-binary: pip install psycopg2-binary "
+                 "(or, installed with pip, pip install 'gearmand-py[postgres]')"),
+    ("libmemcached", "queue type libmemcached needs pymemcache: pip install pymemcache "
+                     "(or, installed with pip, pip install 'gearmand-py[memcached]')"),
+    ("REDIS", "queue type redis needs redis: pip install redis "
+              "(or, installed with pip, pip install 'gearmand-py[redis]')"),
 ])
-def test_a_missing_driver_is_one_line_naming_the_pip_extra(tmp_path, queue_type, message):
+def test_a_missing_driver_is_one_line_naming_the_package_and_the_extra(tmp_path, queue_type,
+                                                                       message):
+    """A copied gearmand.py has no extras to install: the line names the driver's
+    own package first."""
     # python -S leaves site-packages, and so every driver, out of reach.
     result = run([str(ROOT / "gearmand.py"), "-q", queue_type, "-p", str(free_port())],
                  tmp_path, python=(sys.executable, "-S"))
@@ -111,10 +121,13 @@ def test_drivers_are_imported_only_when_their_queue_type_is_chosen(tmp_path):
     assert result.stdout.decode().split("\n")[:2] == ["[]", "['redis']"], result.stderr
 
 
-def test_unknown_queue_type_is_cs_message(tmp_path):
+def test_unknown_queue_type_is_cs_message_and_the_valid_types(tmp_path):
     result = run([str(ROOT / "gearmand.py"), "-q", "mysql2", "-p", str(free_port())], tmp_path)
     assert result.returncode == 1
-    assert one_line(result) == "gearmand: Error while initializing the queue : mysql2"
+    assert one_line(result) == (
+        "gearmand: Error while initializing the queue : mysql2 (queue types: builtin; "
+        "libsqlite3, sqlite; MySQL, libdrizzle; Postgres, postgresql, libpq; libmemcached, "
+        "memcached; redis; libtokyocabinet, tokyocabinet)")
 
 
 def test_config_file_options_and_command_line_precedence(tmp_path):
@@ -146,6 +159,13 @@ def test_missing_explicit_config_file_is_an_error(tmp_path):
     (["-v"], "Option -v has been deprecated, please use --verbose"),
     (["stray"], "unrecognised option 'stray'"),
     (["--job-handle-prefix", "x" * 64], "--job-handle-prefix must be shorter than 64 characters"),
+    (["-p", "99999"], "port (-p) 99999 is out of range: a port is 1-65535"),
+    (["-p", "0"], "port (-p) 0 is out of range: a port is 1-65535"),
+    (["--http-port", "70000"], "--http-port 70000 is out of range: a port is 1-65535"),
+    (["--ssl-verify-client"], "--ssl-verify-client needs --ssl: without it every port serves "
+                              "plain TCP"),
+    (["--ssl-ca-file", "/etc/hostname"], "--ssl-ca-file needs --ssl: without it every port "
+                                         "serves plain TCP"),
 ])
 def test_bad_values_are_one_line_and_exit_1(tmp_path, args, message):
     result = run([str(ROOT / "gearmand.py"), "-p", str(free_port())] + args, tmp_path)
@@ -190,3 +210,75 @@ def test_listens_on_ipv4_and_ipv6(tmp_path, listen):
     finally:
         proc.kill()
         proc.wait()
+
+
+# --- ports and --help ------------------------------------------------------------------
+
+def test_a_port_another_server_listens_on_fails_at_once(tmp_path):
+    """C (and we, before) retried for 20 silent seconds and then said one line."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        started = time.monotonic()
+        result = run([str(ROOT / "gearmand.py"), "-L", "127.0.0.1", "-p", str(port),
+                      "-l", "stderr", "-P", str(tmp_path / "pid")], tmp_path)
+        assert time.monotonic() - started < 5
+    assert result.returncode == 1
+    assert one_line(result) == (f"gearmand: Could not listen on port {port}: another process "
+                                f"is listening on it")
+
+
+def test_a_busy_port_is_retried_and_says_so(tmp_path):
+    """A port bound by a socket that does not listen (a server still closing) is
+    retried, and the server says so at once instead of waiting in silence."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))         # no SO_REUSEADDR, no listen(): busy, not serving
+    port = holder.getsockname()[1]
+    log = tmp_path / "stderr"
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "gearmand.py"), "-L", "127.0.0.1",
+                                 "-p", str(port), "-l", "stderr", "-P", str(tmp_path / "pid")],
+                                stderr=stderr)
+    try:
+        wait_until(lambda: "busy" in log.read_text(), what="the busy line")
+        assert log.read_text().splitlines()[0] == (
+            f"gearmand: 127.0.0.1 port {port} is busy (Address already in use); "
+            f"retrying for up to 20 s")
+        assert proc.poll() is None
+        holder.close()
+        assert wait_for_port(port, proc)
+    finally:
+        holder.close()
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("args", [["--http-port", "{port}"], ["-r", "http"]],
+                         ids=["--http-port", "-r http (8080)"])
+def test_http_port_equal_to_the_gearman_port_is_refused_at_once(tmp_path, args):
+    port = 8080 if args == ["-r", "http"] else free_port()
+    started = time.monotonic()
+    result = run([str(ROOT / "gearmand.py"), "-L", "127.0.0.1", "-p", str(port)]
+                 + [arg.format(port=port) for arg in args], tmp_path)
+    assert time.monotonic() - started < 5
+    assert result.returncode == 1
+    assert one_line(result) == (f"gearmand: --http-port {port} is the Gearman port (-p) too: "
+                                f"give them different ports")
+
+
+def test_help_shows_the_defaults(tmp_path):
+    result = run([str(ROOT / "gearmand.py"), "--help"], tmp_path)
+    assert result.returncode == 0
+    help_text = " ".join(result.stdout.decode().split())    # argparse wraps lines
+    for default in ("(default: 4730)", "(default: /var/log/gearmand.log)",
+                    "(default: /var/gearmand.pid)", "(default: 32)", "(default: ERROR)",
+                    "(default: gearman_queue)", "(default: queue)",
+                    "(default: /etc/ssl/certs/gearmand.pem)",
+                    "(default: /etc/ssl/certs/gearmand.key)",
+                    "(default: /etc/ssl/certs/gearmand-ca.pem)", "(default: 991)",
+                    "(default: builtin)", "(default: /etc/gearmand.conf)"):
+        assert default in help_text, default
+    # every valid queue type is named
+    for name in ("libsqlite3", "MySQL", "Postgres", "libmemcached", "redis", "libtokyocabinet"):
+        assert name in help_text

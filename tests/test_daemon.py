@@ -392,3 +392,101 @@ def test_sigusr1_gives_a_worker_no_queued_job(make_server, tmp_path):
     assert server.proc.wait(15) == 0
     server.start()
     assert server.status() == {"f": (2, 0, 0)}
+
+
+# --- -d reports its start-up to the launching process (#17) -----------------------------
+
+def daemon_run(tmp_path, daemons, *args, timeout=30):
+    """Launch with -d and wait for the launching process; (status, stderr lines, port).
+    A daemon that answers on the port is stopped after the test, whatever its status."""
+    server = Server(tmp_path, ["-d", *args])
+    proc = subprocess.run(server.command(), capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        daemons.append(int(admin(server.port, "getpid").split()[1]))
+    except (OSError, ValueError, IndexError):
+        pass
+    return proc.returncode, proc.stderr.splitlines(), server.port
+
+
+def no_daemon_left(port):
+    """No server stays behind: the port stops accepting (the daemon exits after it
+    reported)."""
+    wait_until(lambda: not accepts(port), what="no daemon left on the port")
+    return True
+
+
+@pytest.mark.skipif(IMPL == "c", reason="C checks its pid file before it detaches, "
+                                        "with a message of its own")
+def test_daemon_with_a_pid_file_it_cannot_write_exits_1_with_one_line(tmp_path, daemons):
+    """Before, the launching process exited 0 and the daemon died silently."""
+    log = tmp_path / "daemon.log"
+    status, lines, port = daemon_run(tmp_path, daemons, "-P", "/nonexistent/dir/g.pid",
+                                     "-l", str(log))
+    assert status == 1
+    assert lines == ["gearmand: Could not open pid file /nonexistent/dir/g.pid: "
+                     "No such file or directory"]
+    assert no_daemon_left(port)
+    assert "Could not open pid file /nonexistent/dir/g.pid" in log.read_text()
+
+
+@pytest.mark.skipif(IMPL == "c", reason="C checks its pid file before it switches user")
+def test_daemon_as_nobody_with_a_pid_directory_of_root_exits_1(tmp_path, daemons):
+    if os.getuid() != 0:
+        pytest.skip("switching users needs root")
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("there is no user nobody")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o755)             # root's: nobody cannot write in it
+    status, lines, port = daemon_run(tmp_path, daemons, "-u", "nobody",
+                                     "-P", str(run_dir / "g.pid"), "-l", "none")
+    assert status == 1
+    assert lines == [f"gearmand: Could not open pid file {run_dir / 'g.pid'}: Permission denied"]
+    assert no_daemon_left(port)
+
+
+def test_daemon_pid_file_is_there_when_the_launcher_returns(tmp_path, daemons):
+    """start-stop-daemon and systemd's Type=forking read the pid file as soon as the
+    launching process exits: it must be there, and the daemon must answer."""
+    pid_path = tmp_path / "g.pid"
+    status, lines, port = daemon_run(tmp_path, daemons, "-P", str(pid_path), "-l", "none")
+    assert (status, lines) == (0, [])
+    pid = read_pid(pid_path)              # at once: no waiting
+    assert pid is not None, "no pid file when -d returned"
+    daemons.append(pid)
+    assert admin(port, "getpid") == b"OK %d\n" % pid
+    os.kill(pid, signal.SIGUSR1)          # kill -USR1 $(cat g.pid) right after start
+    wait_until(lambda: not alive(pid), what="daemon stopped by SIGUSR1")
+    assert not pid_path.exists()
+
+
+# --- one server per SQLite queue (#17) ----------------------------------------------------
+
+@pytest.mark.skipif(IMPL == "c", reason="C lets two servers replay and run one queue")
+@pytest.mark.parametrize("first_daemon", [False, True], ids=["foreground", "-d"])
+@pytest.mark.parametrize("second_daemon", [False, True], ids=["then foreground", "then -d"])
+def test_a_second_server_on_one_sqlite_queue_exits_1(make_server, tmp_path, daemons,
+                                                    first_daemon, second_daemon):
+    """Both used to replay the file and both ran its jobs. The lock is held by the
+    process that serves, the daemon after -d's fork."""
+    db = tmp_path / "queue.db"
+    store = ("-q", "libsqlite3", "--libsqlite3-db", str(db))
+    if first_daemon:
+        pid_path = tmp_path / "first.pid"
+        first, pid = start_daemon(tmp_path, daemons, str(pid_path), pid_path, *store)
+    else:
+        first = make_server(*store)
+        pid = first.pid
+    submit(first.connect(), "f", "u1", "x")
+    if second_daemon:
+        status, lines, port = daemon_run(tmp_path, daemons, "-P", str(tmp_path / "second.pid"),
+                                         "-l", "none", *store)
+    else:
+        status, lines = run_options(*store, "-P", str(tmp_path / "second.pid"))
+    assert status == 1
+    assert lines == [f"gearmand: another server uses this queue: {db}.lock is locked by pid "
+                     f"{pid}; stop it first, or give each server a queue of its own"]
+    # the first server goes on alone with its job
+    assert admin(first.port, "status") == b"f\t1\t0\t0\n.\n"

@@ -10,6 +10,7 @@ import json
 import re
 import socket
 import sqlite3
+import time
 
 import pytest
 
@@ -212,9 +213,58 @@ def test_get_submits_an_empty_payload(make_server):
 
 def test_function_name_is_the_path_verbatim(make_server):
     server = start(make_server)
-    status, headers, _ = request(server, "POST", "/f%20x?a=1", b"d", BACKGROUND)
+    status, headers, _ = request(server, "POST", "/f%20x", b"d", BACKGROUND)
     assert (status, headers["x-gearman-command"]) == (200, "JOB_CREATED")
-    assert server.status() == {"f%20x?a=1": (1, 0, 0)}
+    assert server.status() == {"f%20x": (1, 0, 0)}
+
+
+@ours_only
+def test_query_string_is_not_part_of_the_function_name(make_server):
+    """C submits `POST /resize?x=1` to a function named `resize?x=1`; ours to `resize`."""
+    server = start(make_server)
+    status, headers, _ = request(server, "POST", "/resize?x=1", b"d", BACKGROUND)
+    assert (status, headers["x-gearman-command"]) == (200, "JOB_CREATED")
+    with worker(server, "resize") as sock:
+        request(server, "POST", "/resize?x=2&y", b"e", BACKGROUND)
+        assert server.status() == {"resize": (2, 0, 1)}
+        assert grab(sock)[1:] == (b"resize", b"d")
+
+
+@ours_only
+@pytest.mark.parametrize("value", ["true", "TRUE", "1", "yes", "Yes"])
+def test_background_header_accepts_true_1_and_yes(make_server, value):
+    server = start(make_server)
+    status, headers, _ = request(server, "POST", "/bg", b"d", {"X-Gearman-Background": value})
+    assert (status, headers["x-gearman-command"]) == (200, "JOB_CREATED")
+    assert server.status() == {"bg": (1, 0, 0)}
+
+
+@ours_only
+@pytest.mark.parametrize("value", ["ture", "2", "on", "background"])
+def test_background_header_other_values_are_400_not_a_foreground_job(make_server, value):
+    server = start(make_server)
+    with worker(server, "bg"):            # a foreground job would be taken and run
+        status, _, body = request(server, "POST", "/bg", b"d", {"X-Gearman-Background": value})
+        assert status == 400 and b"X-Gearman-Background" in body
+        assert server.status() == {"bg": (0, 0, 1)}
+
+
+@ours_only
+@pytest.mark.parametrize("value", ["false", "0", "No"])
+def test_background_header_false_0_and_no_mean_foreground(make_server, value):
+    server = start(make_server)
+    status, _, _ = request(server, "POST", "/fg", b"d", {"X-Gearman-Background": value})
+    assert status == 503                  # foreground, and no worker: answered at once
+
+
+@ours_only
+def test_reserved_paths_are_pages_for_get_and_functions_for_post(make_server):
+    server = start(make_server)
+    for path in ("/status", "/metrics"):
+        assert request(server, "GET", path)[0] == 200
+        status, headers, _ = request(server, "POST", path, b"d", BACKGROUND)
+        assert (status, headers["x-gearman-command"]) == (200, "JOB_CREATED")
+    assert server.status() == {"status": (1, 0, 0), "metrics": (1, 0, 0)}
 
 
 def test_priority_header_orders_the_queue(make_server):
@@ -659,7 +709,9 @@ def test_background_job_is_stored_with_sqlite(make_server, tmp_path):
     assert sample(samples, "gearman_store_replayed_jobs") == 3
     assert sample(samples, "gearman_store_batch_size_count") == 0
     assert sample(samples, "gearman_jobs_queued", function="stored", priority="high") == 1
-    assert json.loads(request(server, "GET", "/status")[2])["store"] == {
+    store = json.loads(request(server, "GET", "/status")[2])["store"]
+    assert 0 < time.time() - store.pop("since") < 60
+    assert store == {
         "queue_type": "libsqlite3", "persistent": True, "durable": True, "healthy": True, "errors": 0,
         "last_error": "", "writes_in_flight": 0, "replayed_jobs": 3}
 
@@ -887,7 +939,11 @@ def test_status_page_is_self_contained_and_refreshes(make_server):
     assert page.startswith("<!DOCTYPE html>")
     assert re.findall(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", page, re.I) == []
     assert re.findall(r"@import|url\(", page) == []
-    assert 'fetch("/status")' in page
+    # the page is whole without its script, links to the machine-readable views,
+    # reloads itself without JavaScript and refreshes in place with it
+    assert '<a href="/status">' in page and '<a href="/metrics">' in page
+    assert re.search(r'<noscript><meta http-equiv="refresh" content="\d+"></noscript>', page)
+    assert 'fetch("/")' in page
     interval = re.search(r"setInterval\(refresh, (\d+)\)", page)
     assert interval and 1000 <= int(interval.group(1)) <= 10000
     # HEAD: the headers only.

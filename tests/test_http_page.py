@@ -1,10 +1,14 @@
 """The status page in a real browser: headless Debian chromium renders GET / from a
-live server, its script fills the tables from /status, and we read the DOM and
-take a screenshot."""
+live server, with JavaScript off (the page as served) and on (it refreshes itself in
+place), and we read the DOM and take a screenshot."""
+import json
 import os
+import re
+import select
 import shutil
 import struct
 import subprocess
+import time
 from html.parser import HTMLParser
 
 import pytest
@@ -33,6 +37,80 @@ def chromium(tmp_path, url, *args):
     return done.stdout.decode()
 
 
+def chromium_dom_without_javascript(tmp_path, url):
+    """The DOM of `url` in chromium with JavaScript off. --dump-dom needs JavaScript
+    (--blink-settings=scriptEnabled=false makes it print nothing), so this drives the
+    browser over the DevTools protocol (--remote-debugging-pipe: commands on fd 3,
+    replies on fd 4, NUL-terminated JSON)."""
+    if not os.path.exists(CHROMIUM):
+        unavailable("chromium is not installed (apt-get install chromium)")
+    to_browser, browser_in = os.pipe()[::-1]
+    from_browser, browser_out = os.pipe()
+
+    def pipes():                          # in the child: fd 3 reads, fd 4 writes
+        reading, writing = os.dup(browser_in), os.dup(browser_out)
+        os.dup2(reading, 3)
+        os.dup2(writing, 4)
+    profile = tmp_path / "chromium-profile-nojs"
+    proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                             "--no-first-run", "--disable-background-networking",
+                             "--disable-component-update", "--disable-sync",
+                             "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+                             "--remote-debugging-pipe", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            pass_fds=(3, 4, browser_in, browser_out), preexec_fn=pipes)
+    os.close(browser_in)
+    os.close(browser_out)
+    buffer = b""
+    sequence = 0
+
+    def call(method, session=None, **params):
+        nonlocal sequence
+        sequence += 1
+        message = {"id": sequence, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(to_browser, json.dumps(message).encode() + b"\0")
+        return wait(lambda m: m.get("id") == sequence)
+
+    seen = []                             # messages read, not yet waited for
+
+    def wait(matches):
+        nonlocal buffer
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            while b"\0" in buffer:
+                raw, buffer = buffer.split(b"\0", 1)
+                seen.append(json.loads(raw))
+            for message in seen:
+                if matches(message):
+                    seen.remove(message)
+                    assert "error" not in message, message
+                    return message
+            ready, _, _ = select.select([from_browser], [], [], 1)
+            if ready:
+                chunk = os.read(from_browser, 1 << 20)
+                assert chunk, "chromium closed its pipe"
+                buffer += chunk
+        raise AssertionError("chromium did not answer")
+    try:
+        target = call("Target.createTarget", url="about:blank")["result"]["targetId"]
+        session = call("Target.attachToTarget", targetId=target,
+                       flatten=True)["result"]["sessionId"]
+        call("Emulation.setScriptExecutionDisabled", session, value=True)
+        call("Page.enable", session)
+        call("Page.navigate", session, url=url)
+        wait(lambda m: m.get("method") == "Page.loadEventFired")
+        root = call("DOM.getDocument", session)["result"]["root"]["nodeId"]
+        return call("DOM.getOuterHTML", session, nodeId=root)["result"]["outerHTML"]
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(to_browser)
+        os.close(from_browser)
+        shutil.rmtree(profile, ignore_errors=True)
+
+
 class Tables(HTMLParser):
     """Text of each table's body rows by table id, and of elements by id."""
 
@@ -44,16 +122,25 @@ class Tables(HTMLParser):
         self.row = None
         self.cell = None
         self.open_ids = []
+        self.links = set()
+        self.svgs = set()
+        self.polylines = 0
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
+        if tag == "a":
+            self.links.add(attrs.get("href"))
+        elif tag == "svg":
+            self.svgs.add(attrs.get("id"))
+        elif tag == "polyline":
+            self.polylines += 1
         if tag == "table":
             self.table = self.tables.setdefault(attrs.get("id"), [])
         elif tag == "tr" and self.table is not None:
             self.row = []
         elif tag in ("td", "th") and self.row is not None:
             self.cell = [tag, ""]
-        if "id" in attrs and tag in ("div", "h1"):
+        if "id" in attrs and tag in ("div", "h1", "span"):
             self.open_ids.append((tag, attrs["id"]))
             self.by_id[attrs["id"]] = ""
 
@@ -83,9 +170,8 @@ def png_size(path):
     return struct.unpack(">II", data[16:24])
 
 
-def test_status_page_renders_live_counts(make_server, tmp_path):
-    if not os.path.exists(CHROMIUM):
-        unavailable("chromium is not installed (apt-get install chromium)")
+def busy_server(make_server):
+    """A server with queued, running and orphaned jobs and two workers."""
     http_port = free_port()
     server = make_server("--http-port", str(http_port))
     assert wait_for_port(http_port, server.proc)
@@ -96,6 +182,8 @@ def test_status_page_renders_live_counts(make_server, tmp_path):
             gp.submit(client, "resize_image", b"", data, ptype)
         for data in (b"a", b"b"):
             gp.submit(client, "send_email", b"", data)
+        for data in (b"p1", b"p2", b"p3"):
+            gp.submit(client, "make_pdf", b"", data)          # no worker for these
     resizer = server.connect()
     gp.send(resizer, gp.SET_CLIENT_ID, b"resizer-1")
     gp.can_do(resizer, "resize_image")
@@ -104,29 +192,66 @@ def test_status_page_renders_live_counts(make_server, tmp_path):
     mailer = server.connect()
     gp.send(mailer, gp.SET_CLIENT_ID, b"mailer-7")
     gp.can_do(mailer, "send_email", "send_sms")
-    assert server.status() == {"resize_image": (6, 1, 1), "send_email": (2, 0, 1),
-                               "send_sms": (0, 0, 1)}
+    gp.send(mailer, gp.GRAB_JOB)
+    assert gp.recv(mailer)[0] == gp.JOB_ASSIGN
+    gp.send(mailer, gp.WORK_COMPLETE, b"H:" + os.uname().nodename.encode() + b":7", b"sent")
+    gp.sync(mailer)
+    assert server.status() == {"resize_image": (6, 1, 1), "send_email": (1, 0, 1),
+                               "send_sms": (0, 0, 1), "make_pdf": (3, 0, 0)}
+    server.workers = (resizer, mailer)
+    server.url = f"http://127.0.0.1:{http_port}/"
+    return server
 
-    url = f"http://127.0.0.1:{http_port}/"
-    page = Tables()
-    page.feed(chromium(tmp_path, url, "--dump-dom"))
+
+def check_page(page, server, live):
     functions = {row[0]: row[1:] for row in page.tables["functions"]}
-    # jobs, running, high, normal, low, workers
+    # jobs, running, high, normal, low, workers; a function with jobs and no worker is marked
     assert functions == {"resize_image": ["6", "1", "0", "3", "2", "1"],
-                         "send_email": ["2", "0", "0", "2", "0", "1"],
-                         "send_sms": ["0", "0", "0", "0", "0", "1"]}
-    workers = sorted(row[1:] for row in page.tables["workers"])
-    assert workers == [["mailer-7", "send_sms send_email", "0"],
-                       ["resizer-1", "resize_image", "1"]]
+                         "send_email": ["1", "0", "0", "1", "0", "1"],
+                         "send_sms": ["0", "0", "0", "0", "0", "1"],
+                         "make_pdf": ["3", "0", "0", "3", "0", "0 (no worker)"]}
+    workers = {row[1]: row for row in page.tables["workers"]}
+    assert sorted(workers) == ["mailer-7", "resizer-1"]
+    assert workers["mailer-7"][2:] == ["send_sms send_email", "0"]
+    assert workers["resizer-1"][2:] == ["resize_image", "1"]
+    port = server.workers[0].getsockname()[1]
+    assert workers["resizer-1"][0].startswith(f"127.0.0.1:{port} (fd ")   # the worker's port
+    totals = {row[0]: row[1:4] for row in page.tables["totals"]}
+    assert totals == {"submitted": ["11", "0", "11"], "completed": ["1", "0", "1"],
+                      "failed": ["0", "0", "0"]}
+    assert all(re.fullmatch(r"\d+\.\d\d|-", row[4]) for row in page.tables["totals"])
     assert page.by_id["meta"].startswith("gearmand.py ")
     assert f"pid {server.pid}" in page.by_id["meta"]
     assert page.by_id["store"].startswith("builtin (not persistent): healthy, 0 errors")
+    assert page.links >= {"/status", "/metrics"}
+    assert page.svgs >= {"chart-depth", "chart-throughput"}
+    assert page.polylines >= 2
+    assert page.by_id["live"].startswith("live, updated " if live else "reloads every 10 s")
+
+
+def test_status_page_without_javascript(make_server, tmp_path):
+    """Everything is on the page as served: the tables, the totals, the charts."""
+    if not os.path.exists(CHROMIUM):
+        unavailable("chromium is not installed (apt-get install chromium)")
+    server = busy_server(make_server)
+    page = Tables()
+    page.feed(chromium_dom_without_javascript(tmp_path, server.url))
+    check_page(page, server, live=False)
+
+
+def test_status_page_with_javascript_refreshes_in_place(make_server, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        unavailable("chromium is not installed (apt-get install chromium)")
+    server = busy_server(make_server)
+    page = Tables()
+    page.feed(chromium(tmp_path, server.url, "--dump-dom"))
+    check_page(page, server, live=True)
 
     shot = tmp_path / "page.png"
-    chromium(tmp_path, url, f"--screenshot={shot}", "--window-size=1000,700")
-    assert png_size(shot) == (1000, 700)
+    chromium(tmp_path, server.url, f"--screenshot={shot}", "--window-size=1000,900")
+    assert png_size(shot) == (1000, 900)
     assert shot.stat().st_size > 20000        # a rendered page, not a blank one
-    if os.environ.get("GEARMAND_KEEP_SCREENSHOT"):
+    if os.environ.get("GEARMAND_KEEP_SCREENSHOT"):   # docs/status-page.png is made so
         shutil.copy(shot, os.environ["GEARMAND_KEEP_SCREENSHOT"])
-    resizer.close()
-    mailer.close()
+    for sock in server.workers:
+        sock.close()

@@ -6,8 +6,10 @@ import secrets
 import shutil
 import socket
 import subprocess
+import json
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -273,7 +275,22 @@ class SilencingProxy:
         self.port = self.listener.getsockname()[1]
         self.armed = False
         self.connections = 0
+        self.down = False                     # cut(): Redis looks gone, restore() brings it back
+        self.open = []
         threading.Thread(target=self.accept, daemon=True).start()
+
+    def cut(self):
+        """An outage without touching the shared Redis: every connection through the
+        proxy is closed, and new ones are closed as they come."""
+        self.down = True
+        for sock in self.open:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def restore(self):
+        self.down = False
 
     def accept(self):
         while True:
@@ -281,8 +298,12 @@ class SilencingProxy:
                 downstream, _ = self.listener.accept()
             except OSError:
                 return                        # closed
+            if self.down:
+                downstream.close()
+                continue
             self.connections += 1
             upstream = socket.create_connection(("127.0.0.1", 6379))
+            self.open += [downstream, upstream]
             silenced = threading.Event()
             for source, target, requests in ((downstream, upstream, True),
                                              (upstream, downstream, False)):
@@ -335,3 +356,44 @@ def test_a_reply_lost_to_a_timeout_is_retried_not_an_error(make_server, prefix, 
     assert proxy.connections == 2             # the retry came on a new connection
     assert set(records(prefix)) == {key_of(prefix, first), key_of(prefix, late)}
     assert drain(server, [function], 2) == [(function, b"first", b"1"), (function, b"late", b"2")]
+
+
+def store_status(http_port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/status", timeout=5) as response:
+        return json.loads(response.read())["store"]
+
+
+def healthy_gauge(http_port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    return [line for line in lines if line.startswith("gearman_store_healthy ")]
+
+
+def test_health_follows_an_idle_store_and_is_logged(make_server, prefix, proxy):
+    """Nothing is written while Redis is away and back: the idle store's probe (PING)
+    makes /status and /metrics say so within seconds, and the log has one line for
+    each change. Before, health was only ever set by a failed write and then stayed
+    false for 60 s."""
+    http_port = free_port()
+    server = make_server("-q", "redis", "--redis-server", "127.0.0.1", "--redis-port",
+                         str(proxy.port), "--redis-prefix", prefix, "--http-port", str(http_port))
+    wait_until(lambda: store_status(http_port)["healthy"], what="healthy at start")
+    assert healthy_gauge(http_port) == ["gearman_store_healthy 1"]
+
+    proxy.cut()
+    store = wait_until(lambda: (lambda s: not s["healthy"] and s)(store_status(http_port)),
+                       timeout=15, what="unhealthy while Redis is away")
+    assert store["last_error"]
+    assert healthy_gauge(http_port) == ["gearman_store_healthy 0"]
+    wait_until(lambda: "persistent queue unavailable" in server.log(), what="the failure line")
+
+    proxy.restore()
+    started = time.monotonic()
+    wait_until(lambda: store_status(http_port)["healthy"], timeout=15, what="healthy again")
+    assert time.monotonic() - started < 15
+    assert healthy_gauge(http_port) == ["gearman_store_healthy 1"]
+    log = server.log()
+    assert log.count("persistent queue unavailable") == 1, log
+    assert log.count("persistent queue recovered after") == 1, log
+    # and the store takes jobs again
+    submit_ok(server, [Job(prefix.encode(), b"after", b"1")])

@@ -6,6 +6,7 @@ Debian's libgearman and C gearmand are built without TLS, so `gearman -S` cannot
 work here, and the C server accepts --ssl but then serves plain TCP: every test in
 this file is skipped against C.
 """
+import json
 import os
 import socket
 import ssl
@@ -15,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import IMPL, ROOT, need_tool, unavailable, wait_until
+from conftest import IMPL, ROOT, free_port, need_tool, unavailable, wait_until
 from gearproto import (
     ECHO_REQ, ECHO_RES, Closed, can_do, expect, pack, read_to_eof, round_trip, send, submit,
     sync,
@@ -252,12 +253,102 @@ def test_without_verify_client_a_certificate_is_not_required(tls_server, certs):
     assert not refused(tls_server, client_context(certs, "stranger"))
 
 
-def test_missing_certificate_is_one_line_and_exit_1(tmp_path, certs):
+def start_failure(tmp_path, *args, env=None):
+    """Start with `args`, which must fail: the one line it prints (exit status 1)."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "gearmand.py"), "-p", "0", "-L", "127.0.0.1", "-l",
-         "stderr", "-P", str(tmp_path / "pid"), "--ssl", "--ssl-certificate",
-         str(tmp_path / "missing.pem"), "--ssl-key", certs["server.key"]],
-        capture_output=True, text=True, timeout=30)
+        [sys.executable, str(ROOT / "gearmand.py"), "-p", str(free_port()), "-L", "127.0.0.1",
+         "-l", "stderr", "-P", str(tmp_path / "pid"), *args],
+        capture_output=True, text=True, timeout=30, env=env)
     assert proc.returncode == 1
     lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gearmand: "), proc.stderr
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_missing_certificate_names_the_file_and_the_option(tmp_path, certs):
+    """Before: `cannot load TLS certificate, key or CA file: [Errno 2] No such file or
+    directory`, naming neither the file nor the option."""
+    missing = tmp_path / "missing.pem"
+    assert start_failure(tmp_path, "--ssl", "--ssl-certificate", str(missing), "--ssl-key",
+                         certs["server.key"]) == (
+        f"gearmand: cannot read the TLS certificate {missing} (--ssl-certificate): "
+        f"No such file or directory")
+
+
+def test_missing_default_key_names_the_default(tmp_path, certs):
+    env = {k: v for k, v in os.environ.items() if k != "GEARMAND_SERVER_KEY"}
+    assert start_failure(tmp_path, "--ssl", "--ssl-certificate", certs["server.pem"],
+                         env=env) == (
+        "gearmand: cannot read the TLS key /etc/ssl/certs/gearmand.key (the default of "
+        "--ssl-key): No such file or directory")
+    env["GEARMAND_SERVER_KEY"] = str(tmp_path / "env.key")
+    assert start_failure(tmp_path, "--ssl", "--ssl-certificate", certs["server.pem"],
+                         env=env) == (
+        f"gearmand: cannot read the TLS key {tmp_path / 'env.key'} (GEARMAND_SERVER_KEY, the "
+        f"default of --ssl-key): No such file or directory")
+
+
+def test_a_key_that_is_not_the_certificates_names_both(tmp_path, certs):
+    line = start_failure(tmp_path, "--ssl", "--ssl-certificate", certs["server.pem"],
+                         "--ssl-key", certs["client.key"])
+    assert line.startswith(f"gearmand: cannot load the TLS certificate {certs['server.pem']} "
+                           f"(--ssl-certificate) with the TLS key {certs['client.key']} "
+                           f"(--ssl-key): "), line
+
+
+def test_verify_client_without_ssl_is_refused(tmp_path, certs):
+    """It used to start a plaintext server that verified nothing."""
+    assert start_failure(tmp_path, "--ssl-verify-client", "--ssl-ca-file", certs["ca.pem"]) \
+        == "gearmand: --ssl-verify-client needs --ssl: without it every port serves plain TCP"
+
+
+# --- the HTTP port under --ssl (#17) -----------------------------------------------
+
+def curl(*args):
+    """curl's exit status and body (status code on the last line)."""
+    proc = subprocess.run([need_tool("curl"), "-sS", "--max-time", "10",
+                           "-w", "\n%{http_code}", *args], capture_output=True, text=True,
+                          timeout=30)
+    return proc.returncode, proc.stdout
+
+
+@pytest.fixture
+def https_server(make_server, certs):
+    http_port = free_port()
+    server = make_server(*tls_options(certs, "--ssl-verify-client"), "--http-port",
+                         str(http_port), "--verbose", "WARNING")
+    server.http_port = http_port
+    return server
+
+
+def test_http_port_speaks_https_with_client_verification(https_server, certs):
+    """Before, the HTTP port answered plain HTTP to anyone, job submission included,
+    though --ssl-verify-client was given."""
+    port = https_server.http_port
+    url = f"https://localhost:{port}"
+    client = ("--cacert", certs["ca.pem"], "--cert", certs["client.pem"], "--key",
+              certs["client.key"], "--resolve", f"localhost:{port}:127.0.0.1")
+    status, out = curl(*client, url + "/status")
+    assert status == 0 and out.endswith("\n200"), out
+    assert json.loads(out.rsplit("\n", 1)[0])["pid"] == https_server.pid
+    status, out = curl(*client, "-H", "X-Gearman-Background: true", "--data-binary", "x",
+                       url + "/over-https")
+    assert status == 0 and out.endswith("\n200"), out
+    # plain HTTP, no client certificate, another CA's certificate: no answer, no job
+    status, out = curl(f"http://127.0.0.1:{port}/status")
+    assert status != 0 and not out.startswith("{"), out
+    status, out = curl("--cacert", certs["ca.pem"], "--resolve", f"localhost:{port}:127.0.0.1",
+                       url + "/status")
+    assert status != 0, out
+    status, out = curl("--cacert", certs["ca.pem"], "--cert", certs["stranger.pem"], "--key",
+                       certs["stranger.key"], "--resolve", f"localhost:{port}:127.0.0.1",
+                       "-H", "X-Gearman-Background: true", "--data-binary", "x",
+                       url + "/stranger")
+    assert status != 0, out
+    sock = tls_connect(https_server, client_context(certs, "client"))
+    assert admin(sock, b"status\r\n") == b"over-https\t1\t0\t0\n.\n"
+    # each refusal is in the log (at WARNING), saying who and why
+    refusals = [line for line in https_server.log().splitlines()
+                if "TLS handshake failed" in line]
+    assert len(refusals) >= 2 and all(line.startswith("WARNING ") for line in refusals)
+    assert any("CERTIFICATE" in line.upper() for line in refusals), refusals

@@ -58,11 +58,17 @@ def clock(monkeypatch):
 
 
 class FakeLog:
+    debug = False
+    level_name = "ERROR"
+
     def __init__(self):
         self.lines = []
 
-    def write(self, level, message):
+    def write(self, level, message, force=False):
         self.lines.append((level, message))
+
+    def limited(self, key, level, message, burst=10, every=10.0):
+        self.write(level, message)
 
     def error(self, message):
         self.write("ERROR", message)
@@ -487,7 +493,7 @@ class Writer:
     def __init__(self, store):
         self.reports = queue.Queue()
         self.log = FakeLog()
-        self.stats = gearmand.Stats()
+        self.stats = gearmand.Stats(self.log)
         self.joins = []
         self.thread = gearmand.StoreWriter(store, self.on_written, self.log, self.stats)
 
@@ -816,17 +822,23 @@ def test_store_class_of_this_file(name, cls):
 def test_store_class_unknown_type():
     with pytest.raises(StoreError) as raised:
         gearmand.store_class("Oracle")
-    assert str(raised.value) == "Error while initializing the queue : Oracle"
+    assert str(raised.value).startswith("Error while initializing the queue : Oracle (queue types: "
+                                        "builtin; libsqlite3, sqlite; MySQL, libdrizzle; ")
 
 
 @pytest.mark.parametrize("name, message", [
-    ("MySQL", "queue type MySQL needs mysql-connector-python: pip install 'gearmand-py[mysql]'"),
+    ("MySQL", "queue type MySQL needs mysql-connector-python: pip install mysql-connector-python (or, installed with pip, "
+     "pip install 'gearmand-py[mysql]')"),
     ("libdrizzle",
-     "queue type MySQL needs mysql-connector-python: pip install 'gearmand-py[mysql]'"),
-    ("postgres", "queue type Postgres needs psycopg2-binary: pip install 'gearmand-py[postgres]'"),
-    ("Redis", "queue type redis needs redis: pip install 'gearmand-py[redis]'"),
+     "queue type MySQL needs mysql-connector-python: pip install mysql-connector-python (or, installed with pip, "
+     "pip install 'gearmand-py[mysql]')"),
+    ("postgres", "queue type Postgres needs psycopg2-binary: pip install psycopg2-binary (or, installed with pip, "
+     "pip install 'gearmand-py[postgres]')"),
+    ("Redis", "queue type redis needs redis: pip install redis (or, installed with pip, "
+     "pip install 'gearmand-py[redis]')"),
     ("libmemcached",
-     "queue type libmemcached needs pymemcache: pip install 'gearmand-py[memcached]'"),
+     "queue type libmemcached needs pymemcache: pip install pymemcache (or, installed with pip, "
+     "pip install 'gearmand-py[memcached]')"),
 ])
 def test_store_class_driver_missing(monkeypatch, fresh_extras, name, message):
     real = importlib.util.find_spec
@@ -1755,7 +1767,7 @@ def check_counts(journal):
 def make_admin(journal, loop):
     server = types.SimpleNamespace(loop=loop, queues=journal.queues,
                                    options=types.SimpleNamespace(admin_allow="any"),
-                                   log=types.SimpleNamespace(level_name="ERROR"))
+                                   log=FakeLog())
     admin = gearmand.Admin(server)
 
     def command(conn, line):
