@@ -1378,8 +1378,9 @@ class SqliteStore(SqlStore):
             raise self.error(error) from None
 
     def blocked(self, error):
-        # Another process holds the database's lock past the 6 s busy timeout.
-        return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
+        # Every row alike: another process holds the database's lock past the busy
+        # timeout, the table is gone, the disk is full or read-only.
+        return isinstance(error, sqlite3.OperationalError)
 
     def ensure_when_to_run(self, connection):
         """Tables of gearmand before 0.22 lack when_to_run; C adds it the same way."""
@@ -1777,7 +1778,6 @@ class StoreWriter(threading.Thread):
                 return every_job, {}
             # The backend answered: it refused something of this batch.
             self.log.limited("store write", "ERROR", f"persistent queue write failed: {error}")
-            refusal = error
         if dones and adds:
             # Perhaps only a delete fails: the adds alone must not fail with it. An add
             # whose key the row of a delete still holds would join a job that is over:
@@ -1802,9 +1802,6 @@ class StoreWriter(threading.Thread):
                         joins.update(self.store.write([row_record(job)], []) or {})
                     except Exception:
                         failed.add(job)
-        if failed and failed == every_job:
-            # It answers, but takes nothing (a table gone, a disk full): not healthy.
-            self.health.unreachable(refusal)
         return failed, joins
 
     # -- health

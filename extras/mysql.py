@@ -456,7 +456,8 @@ class MySQLStore(SqlStore):
                 or not isinstance(error, mysql.connector.DatabaseError))   # interface, timeouts
 
     def blocked(self, error):
-        return getattr(error, "errno", None) == LOCK_WAIT_TIMEOUT
+        # A lock wait past its timeout, the table gone, full, or the server read-only.
+        return getattr(error, "errno", None) in (LOCK_WAIT_TIMEOUT, 1146, 1114, 1290)
 
     def describe(self, error):
         if getattr(error, "errno", None) == COLLISION:

@@ -251,8 +251,8 @@ class PostgresStore(SqlStore):
                 or bool(self.connection.closed) or code.startswith(("08", "57P")))
 
     def blocked(self, error):
-        # statement_timeout (57014) or lock_timeout (55P03)
-        return getattr(error, "pgcode", None) in ("57014", "55P03")
+        # statement_timeout, lock_timeout, the table gone, the disk full, read-only
+        return getattr(error, "pgcode", None) in ("57014", "55P03", "42P01", "53100", "25006")
 
     # -- statements
 

@@ -289,7 +289,8 @@ def test_the_wheel_installs_and_runs_with_its_backends(tmp_path, servers):
     assert version.stdout.startswith("\ngearmand 1.1.20 - gearmand.py 0.1.0"), version
     missing = subprocess.run([command, "-q", "redis"], capture_output=True, text=True, timeout=20)
     assert (missing.returncode, missing.stderr) == (
-        1, "gearmand: queue type redis needs redis: pip install 'gearmand-py[redis]'\n")
+        1, "gearmand: queue type redis needs redis: pip install redis (or, installed with pip, "
+           "pip install 'gearmand-py[redis]')\n")
 
     # With the drivers of this machine: -q redis through the wheel's gearmand_extras.
     options, _ = redis_backend(tmp_path, "gv" + secrets.token_hex(4))
