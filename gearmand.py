@@ -2175,7 +2175,10 @@ class Pager:
 
     def load(self):
         """Count what the store holds; every queue with stored jobs starts spilled."""
-        highest, due, scheduled = self.journal.store.counts()
+        return self.take_counts(self.journal.store.counts())
+
+    def take_counts(self, counts):
+        highest, due, scheduled = counts
         queues = self.queues
         queues.job_count = max(queues.job_count, highest)
         count = 0
@@ -3007,13 +3010,24 @@ class Cluster:
             if function.spill is not None:
                 function.total -= sum(function.spill.stored) + function.spill.scheduled
                 function.spill = None
+        self.journal.ask("counts", (), self.counted)
+
+    def counted(self, counts):
+        """The counts of the table taken back came in: page it in (or ask again)."""
+        if isinstance(counts, StoreError):
+            self.log.error(f"cluster {self.name}: cannot count {self.member}'s jobs: {counts}; "
+                           f"again in 1 s")
+            self.loop.timers.add(1.0, lambda _: self.journal.ask("counts", (), self.counted),
+                                 None)
+            return
+        if not self.owning:
+            return
         pager = self.journal.pager
-        if pager is not None:
-            pager.spilled = 0
-            pager.scheduled_cursor = None
-            pager.scheduled_stored = 0
-            pager.load()
-            pager.start()
+        pager.spilled = sum(1 for f in self.queues.functions.values() if f.spill is not None)
+        pager.scheduled_cursor = None
+        pager.scheduled_stored = 0
+        pager.take_counts(counts)
+        pager.start()
 
     def adopt(self, member, epoch):
         if member in self.adoptions:
@@ -3278,10 +3292,11 @@ class Timer:
 class Timers:
     """Callbacks due later, on the loop's thread: a heap of (when, sequence, Timer)."""
 
-    def __init__(self):
+    def __init__(self, on_error=None):
         self.heap = []
         self.sequence = 0
         self.cancelled = 0                # cancelled timers still in the heap
+        self.on_error = on_error or (lambda what: None)   # logs a callback's exception
 
     def add(self, delay, callback, argument):
         timer = Timer(callback, argument)
@@ -3310,7 +3325,11 @@ class Timers:
             timer = heapq.heappop(heap)[2]
             if timer.active:
                 timer.active = False
-                timer.callback(timer.argument)
+                try:
+                    timer.callback(timer.argument)
+                except Exception:
+                    # A bug must cost what the timer was for, never the server.
+                    self.on_error("a timer")
             else:
                 self.cancelled -= 1
 
@@ -3341,7 +3360,7 @@ class EventLoop:
         self.connections = {}             # fd -> Connection, oldest first
         self.listeners = []
         self.selector = selectors.DefaultSelector()
-        self.timers = Timers()
+        self.timers = Timers(self.internal_error)
         self.dirty = []                   # connections with output to send this turn
         self.resuming = []                # paused connections whose input may go on
         self.stopping = None              # None, "now" or "graceful"
@@ -3485,7 +3504,14 @@ class EventLoop:
                 pass
         except (BlockingIOError, InterruptedError):
             pass
-        self.owner.woken()
+        try:
+            self.owner.woken()
+        except Exception:
+            self.internal_error("the writer's news")
+
+    def internal_error(self, what):
+        """A bug in `what` costs what it was doing, never the server and its queue."""
+        self.log.error(f"internal error in {what}:\n" + traceback.format_exc())
 
     # -- stopping
 
