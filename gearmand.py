@@ -1180,6 +1180,7 @@ class SqlStore(ReconnectingStore):
 
     clusters = False
     fence = None                      # (cluster, member, owner, epoch) a write must see
+    fence_fresh_until = 0.0           # monotonic: till then the lease is too fresh to be lost
     session = None                    # the id of the writer's connection, to be ended
     try_lock_sql = unlock_sql = session_sql = kill_sql = now_sql = share_sql = ""
     cluster_session_sql = page_all_sql = ""
@@ -1213,6 +1214,8 @@ class SqlStore(ReconnectingStore):
         if self.fence is None:
             return
         cluster, member, owner, epoch = self.fence
+        if epoch is not None and time.monotonic() < self.fence_fresh_until:
+            return    # renewed within half a lease: nobody may have taken the table since
         cursor.execute(f"SELECT epoch FROM {CLUSTER_TABLE} WHERE cluster = %s AND member = %s"
                        f" AND owner = %s{self.share_sql}", (cluster, member, owner))
         rows = cursor.fetchall()
@@ -2932,9 +2935,14 @@ class Cluster:
         self.loop.wake()
 
     def renewed(self, sent):
-        """The lease was renewed by a statement sent at `sent` (monotonic)."""
+        """The lease was renewed by a statement sent at `sent` (monotonic). No other
+        member may adopt this member's tables before a lease has passed since."""
         self.renewed_at = sent
         self.queues.lease_until = sent + self.lease
+        fresh_until = sent + self.lease / 2
+        self.server.store.fence_fresh_until = fresh_until
+        for adoption in list(self.adoptions.values()):
+            adoption.store.fence_fresh_until = fresh_until
 
     def writer_finished(self, batch, failed, joins):
         self.event("written", batch)
