@@ -36,9 +36,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_GEARBENCH = ROOT.parent / "shared" / "bench" / "gearbench.py"
+BASELINE = None   # --baseline: another checkout of gearmand.py, run as server "base"
 C_GEARMAND = "/usr/sbin/gearmand"
 ALL_SERVERS = ("ours", "c", "gear")
-SERVER_TITLES = {"ours": "gearmand.py", "c": "C gearmand", "gear": "gear.Server"}
+SERVER_TITLES = {"ours": "gearmand.py", "c": "C gearmand", "gear": "gear.Server",
+                 "base": "baseline"}
 
 # python-gear's server runs its poll loop in daemon threads; the main thread only waits.
 GEAR_SERVER_CODE = ('import sys, time, gear; '
@@ -60,7 +62,7 @@ STORE_ADDRESSES = {"mysql": ("127.0.0.1", 3306), "postgres": ("127.0.0.1", 5432)
 @dataclasses.dataclass
 class Metric:
     label: str
-    key: str             # field of gearbench's JSON, or "rss_per_job"
+    key: str             # field of gearbench's JSON, or "rss_per_job", "cpu_us_per_job"
     lower_is_better: bool = False
 
 
@@ -73,6 +75,9 @@ IDLE_CPU = Metric("idle CPU %", "server_idle_cpu_pct", True)
 RT_P50_MS = Metric("job rt p50 ms", "job_rt_p50_ms", True)
 QUEUED_AFTER_S = Metric("queued after restart s", "queued_after_cmd_s", True)
 REPLAY_JOBS_PER_S = Metric("replayed jobs/s", "replay_jobs_per_s")
+# Server CPU time per job, over the same window as jobs/s: the cost that a faster or
+# slower generator does not hide. Every scenario with jobs reports it.
+CPU_US_PER_JOB = Metric("server CPU µs/job", "cpu_us_per_job", True)
 
 
 @dataclasses.dataclass
@@ -90,6 +95,10 @@ class Scenario:
     def jobs_for(self, server):
         return self.c_jobs if server == "c" and self.c_jobs else self.jobs
 
+    @property
+    def figures(self):
+        return self.metrics + ((CPU_US_PER_JOB,) if self.jobs and self.bench != "recover" else ())
+
 
 def memory_scenarios(jobs):
     return [
@@ -104,7 +113,7 @@ DURABLE = ("ours", "c")   # gear.Server has no persistent queue
 
 SUITES = {
     "memory": memory_scenarios(100_000),
-    "big": [
+    "million": [
         # C's hash tables have 991 buckets by default and slow down as they fill: allow time.
         Scenario("bg-submit, left queued", "bg-submit", 1_000_000, (JOBS_PER_S, RSS_PER_JOB),
                  bench_args=("--no-cleanup", "--timeout", "900")),
@@ -143,6 +152,56 @@ SUITES = {
 SUITE_DEFAULT_REPS = {"smoke": 1, "conns10k": 1}
 
 
+def takes_part(server, scenario):
+    """The baseline runs wherever ours does."""
+    return server in scenario.servers or (server == "base" and "ours" in scenario.servers)
+
+
+# --- the big suite: bench/huge.py's 10 M-job check, with the targets of docs/performance.md
+
+BIG_JOBS = 10_000_000
+BIG_TARGETS = [
+    # (figure, key of huge.py's JSON, target, met?)
+    ("submit jobs/s (whole run)", "submit_jobs_per_s", ">= 100,000", lambda v: v >= 100_000),
+    ("RSS while full, MB", "rss_full_mb", "<= 300", lambda v: v <= 300),
+    ("RSS peak over all phases, MB", "rss_peak_all_mb", "<= 300", lambda v: v <= 300),
+    ("status right after kill -9 + restart, s", "status_after_restart_s", "<= 3",
+     lambda v: v <= 3),
+    ("rare function's job handed out, ms", "rare_job_latency_ms", "<= 10", lambda v: v <= 10),
+    ("drain jobs/s, one function", "drain_jobs_per_s", "", None),
+    ("jobs drained in exact order", "drained_in_order", "all of one function", None),
+    ("SQLite file, GB", "db_gb", "", None),
+]
+
+
+def run_big(args):
+    """The queue larger than memory: huge.py starts and kills its own server."""
+    jobs = args.jobs or BIG_JOBS
+    argv = [sys.executable, str(ROOT / "bench" / "huge.py"), "--jobs", str(jobs)]
+    print(f"run.py: {shlex.join(argv)}", file=sys.stderr, flush=True)
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        print(f"run.py: huge.py failed ({proc.returncode}):\n{proc.stderr.strip()}")
+        return 1
+    result = json.loads(lines[-1])
+    result["rss_peak_all_mb"] = max(result["rss_peak_mb"].values())
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps({"suite": "big", "command": shlex.join(argv),
+                                "result": result}) + "\n")
+    print_header("big", 1, machine_info(args.gearbench), [shlex.join(argv)], args.markdown)
+    rows = [["figure", "gearmand.py", "target", "met"]]
+    missed = 0
+    for label, key, target, met in BIG_TARGETS:
+        value = result.get(key)
+        verdict = "" if met is None or value is None else ("yes" if met(value) else "NO")
+        missed += verdict == "NO"
+        rows.append([label, "-" if value is None else fmt(value), target, verdict])
+    print_table(rows, args.markdown, numeric_from=1)
+    return 1 if missed else 0
+
+
 # --- servers -----------------------------------------------------------------
 
 def server_unavailable(server):
@@ -153,6 +212,8 @@ def server_unavailable(server):
         return f"{C_GEARMAND} is not installed"
     if server == "gear" and importlib.util.find_spec("gear") is None:
         return "the gear package is not importable (pip install gear)"
+    if server == "base" and not (BASELINE / "gearmand.py").exists():
+        return f"{BASELINE / 'gearmand.py'} does not exist"
     return None
 
 
@@ -160,7 +221,7 @@ def store_args(server, store, workdir, table):
     """gearmand options for a persistent queue (ours also takes C's names for them)."""
     if store == "memory":
         return []
-    if store == "sqlite" and server == "ours":
+    if store == "sqlite" and server in ("ours", "base"):
         return ["--queue-type=sqlite", f"--sqlite-db={workdir}/queue.db"]
     if store == "sqlite":
         return ["-q", "libsqlite3", "--libsqlite3-db", f"{workdir}/queue.db"]
@@ -178,8 +239,9 @@ def store_args(server, store, workdir, table):
 
 def server_command(server, scenario, port, workdir, table):
     queue = store_args(server, scenario.store, workdir, table)
-    if server == "ours":
-        return ([sys.executable, str(ROOT / "gearmand.py"), "-p", str(port), "-L", "127.0.0.1",
+    if server in ("ours", "base"):
+        home = ROOT if server == "ours" else BASELINE
+        return ([sys.executable, str(home / "gearmand.py"), "-p", str(port), "-L", "127.0.0.1",
                  "-l", "none"] + queue)
     if server == "c":
         return ([C_GEARMAND, "-t", "1", "-p", str(port), "-L", "127.0.0.1", "-l", "none",
@@ -356,6 +418,10 @@ def log_tail(path, lines=15):
 # --- figures and the table ---------------------------------------------------
 
 def metric_value(result, metric):
+    if metric.key == "cpu_us_per_job":
+        if not result.get("server_cpu_pct") or not result.get("jobs_per_s"):
+            return None
+        return result["server_cpu_pct"] * 1e4 / result["jobs_per_s"]
     if metric.key == "rss_per_job":
         if result.get("server_rss_kb") is None or result.get("server_rss_kb_before") is None:
             return None
@@ -372,7 +438,7 @@ def median_of(records, metric):
 def fmt(value):
     if value is None:
         return "-"
-    if abs(value) >= 1000:
+    if isinstance(value, int) or abs(value) >= 1000:
         return f"{value:,.0f}"
     if abs(value) >= 10:
         return f"{value:.1f}"
@@ -387,19 +453,19 @@ def ratio(a, b):
 
 def build_table(scenarios, servers, records):
     """Rows of strings: scenario, figure, the median per server, ours/C, ours/gear."""
-    ratio_with = [s for s in ("c", "gear") if "ours" in servers and s in servers]
+    ratio_with = [s for s in ("c", "gear", "base") if "ours" in servers and s in servers]
     header = (["scenario", "figure"] + [SERVER_TITLES[s] for s in servers]
               + [f"ours/{'C' if s == 'c' else s}" for s in ratio_with])
     rows = [header]
     for scenario in scenarios:
         name = scenario_label(scenario, servers)
-        for metric in scenario.metrics:
+        for metric in scenario.figures:
             medians = {}
             for server in servers:
                 mine = [r for r in records if r["scenario"] == scenario.name
                         and r["server"] == server]
                 medians[server] = median_of(mine, metric) if mine else None
-            cells = [fmt(medians[s]) if s in scenario.servers else "n/a" for s in servers]
+            cells = [fmt(medians[s]) if takes_part(s, scenario) else "n/a" for s in servers]
             ratios = [ratio(medians["ours"], medians[s]) for s in ratio_with]
             label = metric.label + (" (lower is better)" if metric.lower_is_better else "")
             rows.append([name, label] + cells + ratios)
@@ -415,16 +481,18 @@ def scenario_label(scenario, servers):
     return f"{scenario.name} ({jobs})"
 
 
-def print_table(rows, markdown):
+def print_table(rows, markdown, numeric_from=2):
     if markdown:
         print("| " + " | ".join(rows[0]) + " |")
-        print("|" + "|".join("---" if i < 2 else "---:" for i in range(len(rows[0]))) + "|")
+        print("|" + "|".join("---" if i < numeric_from else "---:"
+                             for i in range(len(rows[0]))) + "|")
         for row in rows[1:]:
             print("| " + " | ".join(row) + " |")
         return
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        cells = [c.ljust(w) if i < numeric_from else c.rjust(w)
+                 for i, (c, w) in enumerate(zip(row, widths))]
         print("  ".join(cells).rstrip())
 
 
@@ -493,7 +561,7 @@ def command_templates(gearbench, scenarios, servers):
     lines = []
     for scenario in scenarios:
         for server in servers:
-            if server not in scenario.servers:
+            if not takes_part(server, scenario):
                 continue
             jobs = scenario.jobs_for(server)
             server_argv = server_command(server, scenario, "PORT", "TMP", "TABLE")
@@ -511,7 +579,7 @@ def command_templates(gearbench, scenarios, servers):
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Benchmark gearmand.py against C gearmand and "
                                             "gear.Server with gearbench.")
-    p.add_argument("--suite", choices=sorted(SUITES), default="smoke")
+    p.add_argument("--suite", choices=sorted(list(SUITES) + ["big"]), default="smoke")
     p.add_argument("--reps", type=int, help="repetitions (default 3; smoke: 1)")
     p.add_argument("--jobs", type=int, help="jobs per run for every server (overrides the suite)")
     p.add_argument("--servers",
@@ -520,11 +588,18 @@ def parse_args(argv):
                    help=f"path to gearbench.py (default {DEFAULT_GEARBENCH})")
     p.add_argument("--out", help="append a JSON line for every run to this file")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.add_argument("--baseline", type=Path,
+                   help="a checkout of another gearmand.py commit (git worktree add DIR COMMIT),"
+                        " run beside ours as server 'base' for before/after ratios")
     args = p.parse_args(argv)
     args.servers_given = args.servers is not None
     args.servers = (args.servers or ",".join(ALL_SERVERS)).split(",")
+    if args.baseline:
+        args.baseline = args.baseline.resolve()
+        if "base" not in args.servers:
+            args.servers.append("base")
     for s in args.servers:
-        if s not in ALL_SERVERS:
+        if s not in ALL_SERVERS + (("base",) if args.baseline else ()):
             p.error(f"unknown server {s!r} (choose among {', '.join(ALL_SERVERS)})")
     if args.reps is None:
         args.reps = SUITE_DEFAULT_REPS.get(args.suite, 3)
@@ -587,12 +662,16 @@ def report_progress(record, rep, reps):
 
 
 def main(argv=None):
+    global BASELINE
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    BASELINE = args.baseline
     if not args.gearbench.is_file():
         usage_error(f"gearbench not found at {args.gearbench} "
                     "(pass --gearbench PATH/TO/gearbench.py)")
+    if args.suite == "big":
+        return run_big(args)
     scenarios = choose_scenarios(args)
-    servers = [s for s in choose_servers(args) if any(s in sc.servers for sc in scenarios)]
+    servers = [s for s in choose_servers(args) if any(takes_part(s, sc) for sc in scenarios)]
     if not servers:
         usage_error("no server to benchmark (or none that takes part in this suite)")
     raise_nofile_limit()
@@ -606,7 +685,7 @@ def main(argv=None):
     for scenario in scenarios:
         for rep in range(1, args.reps + 1):
             for server in servers:
-                if server not in scenario.servers:
+                if not takes_part(server, scenario):
                     continue
                 record = run_once(args.gearbench, server, scenario, scenario.jobs_for(server),
                                   len(records))
