@@ -2204,7 +2204,10 @@ class Pager:
         return count
 
     def start(self):
-        """With the writer running: the first page of every stored queue."""
+        """With the writer running: the first page of every stored queue. Nobody is
+        accepted until they are in (the writer answers in order, so a probe asked
+        after them answers after them): a client's first `show jobs` after a restart
+        then lists the jobs that C's, which replays them all, would."""
         for function in list(self.queues.functions.values()):
             spill = function.spill
             if spill is not None:
@@ -2212,6 +2215,9 @@ class Pager:
                     if spill.stored[priority]:
                         self.refill(function, priority)
         self.refill_scheduled()
+        if self.journal.requests:
+            self.loop.hold_accepting()
+            self.journal.ask("probe", (), self.loop.resume_accepting)
 
     def spill_of(self, function):
         if function.spill is None:
@@ -3430,12 +3436,17 @@ class EventLoop:
 
     def pause_accepting(self, seconds):
         if not self.accept_paused:
-            self.accept_paused = True
-            for listener in self.listeners:
-                self.selector.unregister(listener.sock)
+            self.hold_accepting()
             self.timers.add(seconds, self.resume_accepting, None)
 
-    def resume_accepting(self, _):
+    def hold_accepting(self):
+        """Accept nobody until resume_accepting(); meanwhile the kernel keeps new
+        connections in the listen backlog."""
+        self.accept_paused = True
+        for listener in self.listeners:
+            self.selector.unregister(listener.sock)
+
+    def resume_accepting(self, _=None):
         self.accept_paused = False
         if self.stopping is None:
             for listener in self.listeners:

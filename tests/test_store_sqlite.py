@@ -331,6 +331,23 @@ def test_replay_keeps_priority_order_data_and_epoch(make_server, tmp_path):
     assert rows_become(db, [(b"later", b"f", 1, b"E", future)]) == [(b"later", b"f", 1, b"E", future)]
 
 
+def test_the_first_show_jobs_after_a_restart_lists_every_stored_job(make_server, tmp_path):
+    # C replays every job before it serves; we page the first window of each queue in
+    # before we accept anyone, so a small queue is listed whole from the first command.
+    db = tmp_path / "q.db"
+    server = make_server("--queue-type=sqlite", f"--sqlite-db={db}")
+    uniques = [b"u%d" % n for n in range(600)]   # 600 queues: their pages take a while
+    with server.connect() as sock:
+        for n, unique in enumerate(uniques):
+            ptype = (SUBMIT_JOB_BG, SUBMIT_JOB_HIGH_BG, SUBMIT_JOB_LOW_BG)[n % 3]
+            gp.send(sock, ptype, b"f%d" % (n // 3), unique, b"d")
+        assert [gp.recv(sock)[0] for _ in uniques] == [JOB_CREATED] * len(uniques)
+    server.kill()
+    server.start()
+    listed = server.admin("show unique jobs").split(b"\n")
+    assert sorted(listed[:-2]) == sorted(uniques) and listed[-2:] == [b".", b""]
+
+
 def test_resubmission_after_replay_joins_the_replayed_job(make_server, tmp_path):
     db = tmp_path / "q.db"
     server = make_server("--queue-type=sqlite", f"--sqlite-db={db}")
