@@ -1327,7 +1327,10 @@ class SqliteStore(SqlStore):
                  " (when_to_run) WHERE when_to_run != 0")
     counts_sql = ("SELECT function_name, priority, COUNT(*) FROM {table} WHERE when_to_run = 0"
                   " GROUP BY function_name, priority")
-    scheduled_counts_sql = ("SELECT function_name, COUNT(*) FROM {table} WHERE when_to_run != 0"
+    # Through the partial index: the planner would rather scan the whole queue index,
+    # which costs seconds on a table of 100 M rows with no epoch job in it.
+    scheduled_counts_sql = ("SELECT function_name, COUNT(*) FROM {table} INDEXED BY"
+                            " {index}_gearmand_scheduled WHERE when_to_run != 0"
                             " GROUP BY function_name")
     page_sql = ("SELECT rowid, IFNULL(unique_key, ''), IFNULL(data, X'') FROM {table}"
                 " WHERE function_name = CAST(? AS TEXT) AND priority = ? AND when_to_run = 0"
@@ -1458,7 +1461,8 @@ class SqliteStore(SqlStore):
                                (int(time.time()),))
             highest = connection.execute(self.sql("SELECT MAX(rowid) FROM {table}")).fetchone()[0]
             due = connection.execute(self.sql(self.counts_sql)).fetchall()
-            scheduled = connection.execute(self.sql(self.scheduled_counts_sql)).fetchall()
+            scheduled = connection.execute(self.scheduled_counts_sql.format(
+                table=self.table, index=self.table.rpartition(".")[2])).fetchall()
         except sqlite3.Error as error:
             raise self.error(error) from None
         odd = [(function, priority) for function, priority, _ in due if priority not in (0, 1, 2)]
