@@ -1329,6 +1329,21 @@ class SqliteStore(SqlStore):
                  " (when_to_run) WHERE when_to_run != 0")
     counts_sql = ("SELECT function_name, priority, COUNT(*) FROM {table} WHERE when_to_run = 0"
                   " GROUP BY function_name, priority")
+    # How many rows each queue has, kept by write_batch in the transaction that changes
+    # them, so that a start on 100 M stored jobs need not count them. The counts are
+    # trusted only while every write since the last full count was ours: a trigger
+    # marks them stale at the first row anyone else (C gearmand, the sqlite3 shell, our
+    # own drop function and cancel) inserts, deletes or updates, and only a full count
+    # at start trusts them again. Scheduled rows are counted per function, priority 0.
+    counts_table_sql = ("CREATE TABLE IF NOT EXISTS {index}_gearmand_counts (function_name"
+                        " TEXT, priority INTEGER, scheduled INTEGER, rows INTEGER NOT NULL,"
+                        " PRIMARY KEY (function_name, priority, scheduled))",
+                        "CREATE TABLE IF NOT EXISTS {index}_gearmand_counted (valid INTEGER)")
+    stale_trigger_sql = ("CREATE TRIGGER IF NOT EXISTS {index}_gearmand_{event} AFTER {event}"
+                         " ON {name} WHEN (SELECT valid FROM {name}_gearmand_counted)"
+                         " BEGIN UPDATE {name}_gearmand_counted SET valid = 0; END")
+    add_count_sql = ("INSERT INTO {table}_gearmand_counts VALUES (CAST(? AS TEXT), ?, ?, ?)"
+                     " ON CONFLICT DO UPDATE SET rows = rows + excluded.rows")
     # Through the partial index: the planner would rather scan the whole queue index,
     # which costs seconds on a table of 100 M rows with no epoch job in it.
     scheduled_counts_sql = ("SELECT function_name, COUNT(*) FROM {table} INDEXED BY"
@@ -1376,8 +1391,11 @@ class SqliteStore(SqlStore):
         try:
             self.ensure_when_to_run(self.connection)
             name = self.table.rpartition(".")[2]
-            for statement in self.index_sql:
+            for statement in self.index_sql + self.counts_table_sql:
                 self.connection.execute(statement.format(index=self.table, name=name))
+            for event in ("INSERT", "DELETE", "UPDATE"):
+                self.connection.execute(self.stale_trigger_sql.format(
+                    index=self.table, name=name, event=event))
             # C reads a NULL when_to_run (tables older than gearmand 0.22) as 0: so do we.
             self.connection.execute(self.sql("UPDATE {table} SET when_to_run = 0"
                                              " WHERE when_to_run IS NULL"))
@@ -1415,19 +1433,40 @@ class SqliteStore(SqlStore):
         joins = {}
         cursor = self.connection.cursor()
         try:
-            cursor.execute("BEGIN")
+            # IMMEDIATE: a read first and a write later could not wait for the lock.
+            cursor.execute("BEGIN IMMEDIATE")
+            counting = cursor.execute(self.sql("SELECT valid FROM {table}_gearmand_counted")
+                                      ).fetchone() == (1,)
+            changes = collections.Counter() if counting else None
             for start in range(0, len(dones), step * 6):
                 chunk = [seq for _, _, seq in dones[start:start + step * 6]]
-                cursor.execute(self.delete_sql.format(
-                    table=self.table, seqs=", ".join(["?"] * len(chunk))), chunk)
+                statement = self.delete_sql.format(table=self.table,
+                                                   seqs=", ".join(["?"] * len(chunk)))
+                if not counting:
+                    cursor.execute(statement, chunk)
+                else:
+                    cursor.execute(statement + " RETURNING function_name, priority, when_to_run",
+                                   chunk)
+                    for function, priority, when in cursor.fetchall():
+                        changes[function, 0 if when else priority, when != 0] -= 1
             for start in range(0, len(adds), step):
                 chunk = adds[start:start + step]
                 cursor.execute(self.insert_sql.format(
                     table=self.table, rows=", ".join([self.insert_row] * len(chunk))),
                     [value for unique, function, priority, data, when, seq in chunk
                      for value in (seq, unique, function, priority, data, when)])
+                taken = {}
                 if cursor.rowcount != len(chunk):
-                    joins.update(self.taken_keys(cursor, chunk))
+                    taken = self.taken_keys(cursor, chunk)
+                    joins.update(taken)
+                if counting:
+                    for _, function, priority, _, when, seq in chunk:
+                        if seq not in taken:
+                            changes[function, 0 if when else priority, when != 0] += 1
+            if counting:
+                cursor.executemany(self.sql(self.add_count_sql),
+                                   [key + (rows,) for key, rows in changes.items() if rows])
+                cursor.execute(self.sql("UPDATE {table}_gearmand_counted SET valid = 1"))
             cursor.execute("COMMIT")
         finally:
             cursor.close()
@@ -1454,19 +1493,31 @@ class SqliteStore(SqlStore):
     # -- paging
 
     def counts(self):
+        connection = self.connection
         try:
-            connection = self.connection
             # Epoch jobs due already take their place in the FIFO, by rowid, as C's
-            # replay queues them; only those still to come are scheduled.
+            # replay queues them; only those still to come are scheduled. (If there
+            # are any, this makes the kept counts stale.)
             connection.execute(self.sql("UPDATE {table} SET when_to_run = 0 WHERE"
                                         " when_to_run != 0 AND when_to_run <= ?"),
                                (int(time.time()),))
             highest = connection.execute(self.sql("SELECT MAX(rowid) FROM {table}")).fetchone()[0]
-            due = connection.execute(self.sql(self.counts_sql)).fetchall()
-            scheduled = connection.execute(self.scheduled_counts_sql.format(
-                table=self.table, index=self.table.rpartition(".")[2])).fetchall()
+            if connection.execute(self.sql("SELECT valid FROM {table}_gearmand_counted")
+                                  ).fetchone() == (1,):
+                kept = connection.execute(self.sql(
+                    "SELECT function_name, priority, scheduled, rows FROM {table}_gearmand_counts"
+                    " WHERE rows > 0")).fetchall()
+                return (highest or 0, [row[:2] + row[3:] for row in kept if not row[2]],
+                        [(row[0], row[3]) for row in kept if row[2]])
+            due, scheduled = self.count_rows()
         except sqlite3.Error as error:
             raise self.error(error) from None
+        return highest or 0, due, scheduled
+
+    def count_rows(self):
+        """Count every queue from the indexes, and keep the counts from now on."""
+        connection = self.connection
+        due = connection.execute(self.sql(self.counts_sql)).fetchall()
         odd = [(function, priority) for function, priority, _ in due if priority not in (0, 1, 2)]
         if odd:
             # C replays other priorities as NORMAL: make them so, and count them again.
@@ -1475,7 +1526,24 @@ class SqliteStore(SqlStore):
                                             " = CAST(? AS TEXT) AND priority IS ?"),
                                    (function, priority))
             due = connection.execute(self.sql(self.counts_sql)).fetchall()
-        return highest or 0, due, scheduled
+        scheduled = connection.execute(self.scheduled_counts_sql.format(
+            table=self.table, index=self.table.rpartition(".")[2])).fetchall()
+        # Nobody else writes while we hold the lock file; C gearmand, which takes
+        # none, would make the counts stale again by its first row.
+        connection.execute("BEGIN")
+        try:
+            connection.execute(self.sql("DELETE FROM {table}_gearmand_counts"))
+            connection.executemany(self.sql(self.add_count_sql),
+                                   [(function, priority, False, rows)
+                                    for function, priority, rows in due]
+                                   + [(function, 0, True, rows) for function, rows in scheduled])
+            connection.execute(self.sql("DELETE FROM {table}_gearmand_counted"))
+            connection.execute(self.sql("INSERT INTO {table}_gearmand_counted VALUES (1)"))
+            connection.execute("COMMIT")
+        except sqlite3.Error:
+            connection.execute("ROLLBACK")
+            raise
+        return due, scheduled
 
     def page(self, function, priority, after, limit):
         return self.connection.execute(self.sql(self.page_sql),

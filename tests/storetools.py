@@ -472,7 +472,8 @@ def drain_fast(server, function, count, timeout=60.0, window=100):
             assert time.monotonic() < deadline, f"only {len(ran)} of {count} jobs ran"
 
 
-def check_kill_9_at_a_random_instant(server, function, submitters=3, instant=(0.3, 1.2)):
+def check_kill_9_at_a_random_instant(server, function, submitters=3, instant=(0.3, 1.2),
+                                     after_kill=None):
     """Clients pipeline background submissions of `function` as fast as the server
     takes them and a worker runs them, until the server is killed with SIGKILL at a
     random instant; then it is started again and every job it replays is run.
@@ -514,6 +515,8 @@ def check_kill_9_at_a_random_instant(server, function, submitters=3, instant=(0.
     for thread in threads:
         thread.join(15)
         assert not thread.is_alive(), "a client thread hangs after the kill"
+    if after_kill is not None:
+        after_kill()                      # the store as the crash left it
 
     assert not load.wrong, f"unexpected replies during the load: {load.wrong[:5]}"
     sent, acked, taken = load.sent_at, set(load.acked), load.taken
