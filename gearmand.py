@@ -1396,9 +1396,6 @@ class SqliteStore(SqlStore):
             for event in ("INSERT", "DELETE", "UPDATE"):
                 self.connection.execute(self.stale_trigger_sql.format(
                     index=self.table, name=name, event=event))
-            # C reads a NULL when_to_run (tables older than gearmand 0.22) as 0: so do we.
-            self.connection.execute(self.sql("UPDATE {table} SET when_to_run = 0"
-                                             " WHERE when_to_run IS NULL"))
         except sqlite3.Error as error:
             self.disconnect()
             raise self.error(error) from None
@@ -1517,6 +1514,10 @@ class SqliteStore(SqlStore):
     def count_rows(self):
         """Count every queue from the indexes, and keep the counts from now on."""
         connection = self.connection
+        # C reads a NULL when_to_run (tables older than gearmand 0.22) as 0: so do we.
+        # (A scan of the table: only rows someone else wrote can have one.)
+        connection.execute(self.sql("UPDATE {table} SET when_to_run = 0"
+                                    " WHERE when_to_run IS NULL"))
         due = connection.execute(self.sql(self.counts_sql)).fetchall()
         odd = [(function, priority) for function, priority, _ in due if priority not in (0, 1, 2)]
         if odd:

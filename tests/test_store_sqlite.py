@@ -427,6 +427,25 @@ def test_counts_another_program_changed_are_counted_again(make_server, tmp_path)
     assert valid == [(1,)] and kept == true == {(b"f", 1, False): 3, (b"g", 0, False): 1}
 
 
+def test_rows_without_when_to_run_are_due_jobs(make_server, tmp_path):
+    # A table of gearmand before 0.22 has no when_to_run: its rows get a NULL one,
+    # which C reads as 0; so does a row another program inserts without it.
+    db = tmp_path / "q.db"
+    execute(db, "CREATE TABLE gearman_queue(unique_key TEXT PRIMARY KEY, function_name TEXT,"
+                " priority INTEGER, data BLOB)")
+    execute(db, "INSERT INTO gearman_queue VALUES ('old', 'f', 1, 'from 0.21')")
+    server = sqlite_server(make_server, db)
+    assert server.status()["f"][0] == 1
+    assert drain(server, b"f", 1) == [(b"old", b"from 0.21")]
+    wait_until(lambda: not rows(db), what="the finished job's row to go")
+    server.kill()
+    execute(db, "INSERT INTO gearman_queue (unique_key, function_name, priority, data)"
+                " VALUES ('shell', 'f', 1, 'by hand')")
+    server.start()
+    assert server.status()["f"][0] == 1
+    assert drain(server, b"f", 1) == [(b"shell", b"by hand")]
+
+
 def test_resubmission_after_replay_joins_the_replayed_job(make_server, tmp_path):
     db = tmp_path / "q.db"
     server = make_server("--queue-type=sqlite", f"--sqlite-db={db}")
