@@ -2083,7 +2083,7 @@ class Journal:
             self.writer = StoreWriter(self.store, self.writer_finished, self.log, self.stats)
             self.writer.start()
             if self.pager is not None:
-                self.pager.start()
+                self.pager.start(serving=False)
 
     def end_turn(self):
         """Hand this turn's new rows and requests to the writer at once; deletes may
@@ -2278,11 +2278,12 @@ class Pager:
             self.log.notice(f"{count} jobs in the persistent queue; paging them in")
         return count
 
-    def start(self):
-        """With the writer running: the first page of every stored queue. Nobody is
-        accepted until they are in (the writer answers in order, so a probe asked
-        after them answers after them): a client's first `show jobs` after a restart
-        then lists the jobs that C's, which replays them all, would."""
+    def start(self, serving=True):
+        """With the writer running: the first page of every stored queue. At the
+        server's start (not `serving` yet) nobody is accepted until they are in (the
+        writer answers in order, so a probe asked after them answers after them): a
+        client's first `show jobs` then lists the jobs that C's, which replays them
+        all before it serves, would."""
         for function in list(self.queues.functions.values()):
             spill = function.spill
             if spill is not None:
@@ -2290,7 +2291,7 @@ class Pager:
                     if spill.stored[priority]:
                         self.refill(function, priority)
         self.refill_scheduled()
-        if self.journal.requests:
+        if not serving and self.journal.requests:
             self.loop.hold_accepting()
             self.journal.ask("probe", (), self.loop.resume_accepting)
 

@@ -1831,7 +1831,7 @@ def test_pager_start_asks_for_first_pages_and_a_short_page_makes_the_queue_resid
             stored_row(6, b"s1", when=later)]
     journal, queues, loop, store = make_pager(rows)
     pager = journal.pager
-    pager.start()
+    pager.start(serving=False)
     f, g = queues.functions[b"f"], queues.functions[b"g"]
     assert [(r.method, r.arguments) for r in journal.requests] == [
         ("page", (b"f", HIGH, 0, 2000)), ("page", (b"f", NORMAL, 0, 2000)),
