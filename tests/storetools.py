@@ -670,3 +670,62 @@ def check_ended_jobs_leave_the_store(server, function, stored, drop_function=Tru
     wait_until(lambda: stored() & ours == kept, what=f"only {sorted(kept)} left in the store")
     # And the dead worker's job still runs, once.
     assert drain(server, [name(b"died")], 1) == [(name(b"died"), b"died", b"data died")]
+
+
+# --- the databases the backend tests use (MariaDB and PostgreSQL on 127.0.0.1) --------
+
+POSTGRES_CONNINFO = "host=127.0.0.1 port=5432 dbname=test user=root"
+
+
+def mysql_connect():
+    import mysql.connector
+    return mysql.connector.connect(host="127.0.0.1", port=3306, user="root", database="test",
+                                   autocommit=True, use_unicode=False, connection_timeout=2)
+
+
+def mysql_query(sql, params=()):
+    """Run one statement on MariaDB's test database; its rows, if it has any."""
+    connection = mysql_connect()
+    try:
+        cursor = connection.cursor()
+        cursor.execute(sql, params)
+        return cursor.fetchall() if cursor.with_rows else None
+    finally:
+        connection.close()
+
+
+def postgres_query(sql, params=()):
+    """Run one statement on PostgreSQL's test database; its rows, if it has any."""
+    import psycopg2
+    connection = psycopg2.connect(POSTGRES_CONNINFO, connect_timeout=2)
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchall() if cursor.description else None
+    finally:
+        connection.close()
+
+
+def require_mysql():
+    """MariaDB answers, or the test is unavailable (a failure in CI)."""
+    try:
+        import mysql.connector
+    except ImportError:
+        conftest.unavailable("mysql-connector-python is not installed")
+    try:
+        mysql_query("SELECT 1")
+    except mysql.connector.Error as error:
+        conftest.unavailable(f"MariaDB is not reachable on 127.0.0.1:3306: {error}")
+
+
+def require_postgres():
+    """PostgreSQL answers, or the test is unavailable (a failure in CI)."""
+    try:
+        import psycopg2
+    except ImportError:
+        conftest.unavailable("psycopg2 is not installed")
+    try:
+        postgres_query("SELECT 1")
+    except psycopg2.Error as error:
+        conftest.unavailable(f"PostgreSQL is not reachable ({POSTGRES_CONNINFO}): {error}")

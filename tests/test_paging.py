@@ -16,9 +16,10 @@ import time
 import pytest
 
 import gearproto as gp
-from conftest import IMPL, unavailable, wait_until
-from storetools import (HIGH, LOW, NORMAL, SUBMIT_TYPES, need_c, priority_status,
-                        status)
+from conftest import IMPL, wait_until
+from storetools import (HIGH, LOW, NORMAL, POSTGRES_CONNINFO, SUBMIT_TYPES, mysql_query,
+                        need_c, postgres_query, priority_status, require_mysql,
+                        require_postgres, status)
 
 try:
     import mysql.connector as mysql_connector
@@ -32,7 +33,6 @@ except ImportError:               # pragma: no cover
 pytestmark = pytest.mark.skipif(IMPL == "c", reason="paging is ours: C loads every job")
 
 BUDGET = ("--queue-memory", "64K")        # about a hundred jobs in memory
-POSTGRES_CONNINFO = "host=127.0.0.1 port=5432 dbname=test user=root"
 
 
 class SqliteStore:
@@ -52,26 +52,12 @@ class SqliteStore:
 
 class MySQLStore:
     def __init__(self, tmp_path):
-        if mysql_connector is None:
-            unavailable("mysql-connector-python is not installed")
-        try:
-            self.query("SELECT 1")
-        except mysql_connector.Error as error:
-            unavailable(f"MariaDB is not reachable on 127.0.0.1:3306: {error}")
+        require_mysql()
         self.table = "gqp_" + secrets.token_hex(4)
         self.options = ("-q", "MySQL", "--mysql-host", "127.0.0.1", "--mysql-user", "root",
                         "--mysql-db", "test", "--mysql-table", self.table)
 
-    def query(self, sql):
-        connection = mysql_connector.connect(host="127.0.0.1", port=3306, user="root",
-                                             database="test", autocommit=True,
-                                             connection_timeout=2)
-        try:
-            cursor = connection.cursor()
-            cursor.execute(sql)
-            return cursor.fetchall() if cursor.with_rows else None
-        finally:
-            connection.close()
+    query = staticmethod(mysql_query)
 
     def rows(self):
         return self.query(f"SELECT COUNT(*) FROM {self.table}")[0][0]
@@ -82,25 +68,12 @@ class MySQLStore:
 
 class PostgresStore:
     def __init__(self, tmp_path):
-        if psycopg2 is None:
-            unavailable("psycopg2 is not installed")
-        try:
-            self.query("SELECT 1")
-        except psycopg2.Error as error:
-            unavailable(f"PostgreSQL is not reachable ({POSTGRES_CONNINFO}): {error}")
+        require_postgres()
         self.table = "gqp_" + secrets.token_hex(4)
         self.options = ("-q", "Postgres", "--libpq-conninfo", POSTGRES_CONNINFO,
                         "--libpq-table", self.table)
 
-    def query(self, sql):
-        connection = psycopg2.connect(POSTGRES_CONNINFO, connect_timeout=2)
-        connection.autocommit = True
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(sql)
-                return cursor.fetchall() if cursor.description else None
-        finally:
-            connection.close()
+    query = staticmethod(postgres_query)
 
     def rows(self):
         return self.query(f"SELECT COUNT(*) FROM {self.table}")[0][0]

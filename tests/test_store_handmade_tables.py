@@ -22,8 +22,9 @@ import gearproto as gp
 
 pytest.register_assert_rewrite("storetools")
 
-from conftest import IMPL, unavailable  # noqa: E402
-from storetools import (QUEUE_ERROR, Job, check_replay, check_replay_any_order,  # noqa: E402
+from conftest import IMPL  # noqa: E402
+from storetools import (POSTGRES_CONNINFO, mysql_query, postgres_query, require_mysql,
+                        require_postgres, QUEUE_ERROR, Job, check_replay, check_replay_any_order,  # noqa: E402
                         drain, need_c, sample_jobs, submit_all, submit_ok, submit_one, wait_until,
                         we_write_and_c_starts)
 
@@ -48,7 +49,6 @@ MYSQL_GUIDE_TABLE = """create table `{table}` (
 POSTGRES_GUIDE_TABLE = ("CREATE TABLE {table} (unique_key VARCHAR(64) NOT NULL,"
                         " function_name VARCHAR(255) NOT NULL, priority INTEGER NOT NULL,"
                         " data BYTEA NOT NULL, when_to_run INTEGER, PRIMARY KEY (unique_key))")
-POSTGRES_CONNINFO = "host=127.0.0.1 port=5432 dbname=test user=root"
 
 # gearmand 0.x's SQLite table (when_to_run came in 0.22; both servers add it).
 SQLITE_0X_TABLE = ("CREATE TABLE gearman_queue(unique_key TEXT PRIMARY KEY,"
@@ -76,28 +76,11 @@ def advice(line):
 
 # -- MySQL --------------------------------------------------------------------------
 
-def mysql_query(sql, params=()):
-    connection = mysql_connector.connect(host="127.0.0.1", port=3306, user="root",
-                                         database="test", autocommit=True, use_unicode=False,
-                                         connection_timeout=2)
-    try:
-        cursor = connection.cursor()
-        cursor.execute(sql, params)
-        return cursor.fetchall() if cursor.with_rows else None
-    finally:
-        connection.close()
-
-
 @pytest.fixture
 def mysql_tables():
     """make(create=True) names a table (made by the guide's statement unless
     create=False); every one is dropped after the test."""
-    if mysql_connector is None:
-        unavailable("mysql-connector-python is not installed")
-    try:
-        mysql_query("SELECT 1")
-    except mysql_connector.Error as error:
-        unavailable(f"MariaDB is not reachable on 127.0.0.1:3306: {error}")
+    require_mysql()
     names = []
 
     def make(create=True):
@@ -270,29 +253,13 @@ def test_we_write_and_c_replays_guide_table(make_server, guide_table):
 
 # -- PostgreSQL ------------------------------------------------------------------------
 
-def pg_query(sql, params=()):
-    connection = psycopg2.connect(POSTGRES_CONNINFO, connect_timeout=2)
-    connection.autocommit = True
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            return cursor.fetchall() if cursor.description else None
-    finally:
-        connection.close()
-
-
 @pytest.fixture
 def pg_table():
-    if psycopg2 is None:
-        unavailable("psycopg2 is not installed")
-    try:
-        pg_query("SELECT 1")
-    except psycopg2.Error as error:
-        unavailable(f"PostgreSQL is not reachable ({POSTGRES_CONNINFO}): {error}")
+    require_postgres()
     name = "gq18_" + secrets.token_hex(4)
-    pg_query(POSTGRES_GUIDE_TABLE.format(table=name))
+    postgres_query(POSTGRES_GUIDE_TABLE.format(table=name))
     yield name
-    pg_query(f"DROP TABLE IF EXISTS {name}")
+    postgres_query(f"DROP TABLE IF EXISTS {name}")
 
 
 def pg_options(table, *more):
@@ -301,7 +268,7 @@ def pg_options(table, *more):
 
 def pg_rows(table):
     return {(bytes(u, "utf-8"), bytes(f, "utf-8")): (p, bytes(d), w)
-            for u, f, p, d, w in pg_query(f"SELECT unique_key, function_name, priority, data,"
+            for u, f, p, d, w in postgres_query(f"SELECT unique_key, function_name, priority, data,"
                                           f" when_to_run FROM {table}")}
 
 
@@ -326,7 +293,7 @@ def test_postgres_narrow_table_one_function_per_unique(make_server, pg_table):
     function = prefix().encode()
     first, other = function + b".first", function + b".other"
     # A row left over from an earlier run: a queued job, which a new job with its key joins.
-    pg_query(f"INSERT INTO {pg_table} VALUES ('left', %s, 2, 'old', 0)", (first.decode(),))
+    postgres_query(f"INSERT INTO {pg_table} VALUES ('left', %s, 2, 'old', 0)", (first.decode(),))
     server = make_server(*pg_options(pg_table, "--verbose=WARNING"))
     warnings = log_lines(server, "WARNING")
     assert len(warnings) == 1, server.log()
@@ -361,7 +328,7 @@ def test_postgres_narrow_table_one_function_per_unique(make_server, pg_table):
     # The advice is right: after it, no warning, and one unique serves two functions.
     server.stop()
     wait_until(lambda: not pg_rows(pg_table), 5, what="done jobs deleted")
-    pg_query(alter)
+    postgres_query(alter)
     since = len(server.log())
     server.start()
     submit_ok(server, [Job(first, b"same", b"1"), Job(other, b"same", b"2")])

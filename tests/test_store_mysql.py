@@ -12,7 +12,8 @@ import pytest
 pytest.register_assert_rewrite("storetools")
 
 from conftest import IMPL, free_port, unavailable  # noqa: E402
-from storetools import (HIGH, QUEUE_ERROR, Job, check_bad_settings_exit_1,  # noqa: E402
+from storetools import (mysql_connect, mysql_query, require_mysql,
+                        HIGH, QUEUE_ERROR, Job, check_bad_settings_exit_1,  # noqa: E402
                         check_c_writes_we_replay, check_ended_jobs_leave_the_store,
                         check_job_created_waits_for_the_commit, check_kill_9_at_a_random_instant,
                         check_outage, check_refused_writes, check_replay, check_replay_any_order,
@@ -30,33 +31,13 @@ PID_FILE = "/run/mysqld/mysqld.pid"
 EMPTY_UNIQUES = 1 if IMPL == "c" else 2
 
 
-def connect_db():
-    return mysql_connector.connect(host="127.0.0.1", port=3306, user="root", database="test",
-                                   autocommit=True, use_unicode=False, connection_timeout=2)
-
-
-def query(sql, params=()):
-    connection = connect_db()
-    try:
-        cursor = connection.cursor()
-        cursor.execute(sql, params)
-        return cursor.fetchall() if cursor.with_rows else None
-    finally:
-        connection.close()
-
-
 @pytest.fixture
 def table():
-    if mysql_connector is None:
-        unavailable("mysql-connector-python is not installed")
-    try:
-        connect_db().close()
-    except mysql_connector.Error as error:
-        unavailable(f"MariaDB is not reachable on 127.0.0.1:3306: {error}")
+    require_mysql()
     name = "gq_" + secrets.token_hex(4)
     yield name
     ensure_mariadb_running()
-    query(f"DROP TABLE IF EXISTS {name}")
+    mysql_query(f"DROP TABLE IF EXISTS {name}")
 
 
 def options(table, host="127.0.0.1"):
@@ -67,7 +48,7 @@ def options(table, host="127.0.0.1"):
 def rows(table):
     """The table's rows as {(unique, function): (priority, data, when_to_run)}."""
     return {(bytes(u), bytes(f)): (p, None if d is None else bytes(d), w)
-            for u, f, p, d, w in query(f"SELECT unique_key, function_name, priority, data,"
+            for u, f, p, d, w in mysql_query(f"SELECT unique_key, function_name, priority, data,"
                                        f" when_to_run FROM {table}")}
 
 
@@ -94,7 +75,7 @@ def mariadb_pid():
 
 def mariadb_up():
     try:
-        connect_db().close()
+        mysql_connect().close()
         return True
     except mysql_connector.Error:
         return False
@@ -138,7 +119,7 @@ def test_background_jobs_survive_kill_and_replay_exactly_once(make_server, table
             continue                     # we store them under generated uniques
         data = None if IMPL == "c" and not job.data else job.data    # C stores b"" as NULL
         assert stored[job.unique, job.function] == (job.priority, data, job.when)
-    assert query(f"SHOW CREATE TABLE {table}")[0][1].count(b"UNIQUE KEY") == 1
+    assert mysql_query(f"SHOW CREATE TABLE {table}")[0][1].count(b"UNIQUE KEY") == 1
 
     server.kill()
     server.start()
@@ -161,13 +142,13 @@ def test_job_created_waits_for_the_commit_and_the_loop_does_not(make_server, tab
     refuses then gets ERROR."""
     server = make_server(*options(table))
     function = prefix().encode()
-    query(f"CREATE TRIGGER {table}_refuse BEFORE INSERT ON {table} FOR EACH ROW"
+    mysql_query(f"CREATE TRIGGER {table}_refuse BEFORE INSERT ON {table} FOR EACH ROW"
           f" IF NEW.function_name = '{function.decode()}.bad' THEN"
           f" SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'refused'; END IF")
 
     @contextlib.contextmanager
     def locked():
-        connection = connect_db()
+        connection = mysql_connect()
         try:
             connection.cursor().execute(f"LOCK TABLES {table} WRITE")
             yield
@@ -206,7 +187,7 @@ def test_leftover_row_is_a_queued_job_that_new_jobs_join(make_server, table):
     server.stop()
     function = prefix().encode()
     # By hand, without a column list: the seq column of ours is invisible to it.
-    query(f"INSERT INTO {table} VALUES ('left', %s, 2, 'old', 0)", (function,))
+    mysql_query(f"INSERT INTO {table} VALUES ('left', %s, 2, 'old', 0)", (function,))
     server.start()
     assert server.status()[function.decode()][0] == 1
     submit_ok(server, [Job(function, b"left", b"new", HIGH)])
@@ -220,7 +201,7 @@ def test_leftover_row_is_a_queued_job_that_new_jobs_join(make_server, table):
 def test_refused_writes_answer_queue_error(make_server, table):
     # Strict mode refuses a function name longer than VARCHAR(255).
     check_refused_writes(make_server(*options(table)), prefix().encode(), lambda: rows(table),
-                         lambda: query(f"DROP TABLE {table}"))
+                         lambda: mysql_query(f"DROP TABLE {table}"))
 
 
 def test_c_writes_and_we_replay(make_server, table):
@@ -246,11 +227,11 @@ def test_lost_connection_is_replaced_at_once(make_server, table):
     server = make_server(*options(table))
     function = prefix().encode()
     submit_ok(server, [Job(function, b"one", b"1")])
-    ids = query("SELECT ID FROM information_schema.PROCESSLIST"
+    ids = mysql_query("SELECT ID FROM information_schema.PROCESSLIST"
                 " WHERE DB = 'test' AND ID != CONNECTION_ID()")
     assert ids
     for (connection_id,) in ids:
-        query(f"KILL {connection_id}")
+        mysql_query(f"KILL {connection_id}")
     submit_ok(server, [Job(function, b"two", b"2")])
     assert set(rows(table)) == {(b"one", function), (b"two", function)}
 
@@ -260,17 +241,17 @@ def option_file_home(table, tmp_path):
     """A MariaDB user with a password, and a HOME for ~/.my.cnf: (user, password, home, env)."""
     user, password = "gq_" + secrets.token_hex(4), secrets.token_hex(8)
     for host in ("%", "localhost"):
-        query(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY '{password}'")
-        query(f"GRANT ALL ON test.* TO '{user}'@'{host}'")
+        mysql_query(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY '{password}'")
+        mysql_query(f"GRANT ALL ON test.* TO '{user}'@'{host}'")
     home = tmp_path / "home"
     home.mkdir()
     yield user, password, home, dict(os.environ, HOME=str(home))
     for host in ("%", "localhost"):
-        query(f"DROP USER IF EXISTS '{user}'@'{host}'")
+        mysql_query(f"DROP USER IF EXISTS '{user}'@'{host}'")
 
 
 def connected_as(user):
-    return query("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s",
+    return mysql_query("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s",
                  (user,))[0][0]
 
 
@@ -324,7 +305,7 @@ def test_option_file_escapes_as_in_libmariadb(make_server, table, option_file_ho
     user, _, home, env = option_file_home
     password = 'a b"c\\d\\e'
     for host in ("%", "localhost"):
-        query(f"ALTER USER '{user}'@'{host}' IDENTIFIED BY %s", (password,))
+        mysql_query(f"ALTER USER '{user}'@'{host}' IDENTIFIED BY %s", (password,))
     (home / ".my.cnf").write_text(f"[gearmand]\nuser={user}\ndatabase=test\n"
                                   f'password="a\\sb\\"c\\\\d\\e"\n')
     server = make_server("-q", "MySQL", "--mysql-host", "127.0.0.1", "--mysql-table", table,

@@ -15,7 +15,8 @@ import pytest
 pytest.register_assert_rewrite("storetools")
 
 from conftest import IMPL, ROOT, free_port, unavailable  # noqa: E402
-from storetools import (HIGH, QUEUE_ERROR, Job, check_bad_settings_exit_1,  # noqa: E402
+from storetools import (POSTGRES_CONNINFO, postgres_query, require_postgres,
+                        HIGH, QUEUE_ERROR, Job, check_bad_settings_exit_1,  # noqa: E402
                         check_c_writes_we_replay, check_ended_jobs_leave_the_store,
                         check_job_created_waits_for_the_commit, check_kill_9_at_a_random_instant,
                         check_outage, check_refused_writes, check_replay,
@@ -27,32 +28,16 @@ try:
 except ImportError:               # pragma: no cover
     psycopg2 = None
 
-CONNINFO = "host=127.0.0.1 port=5432 dbname=test user=root"
-
-
-def query(sql, params=()):
-    connection = psycopg2.connect(CONNINFO, connect_timeout=2)
-    connection.autocommit = True
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            return cursor.fetchall() if cursor.description else None
-    finally:
-        connection.close()
+CONNINFO = POSTGRES_CONNINFO
 
 
 @pytest.fixture
 def table():
-    if psycopg2 is None:
-        unavailable("psycopg2 is not installed")
-    try:
-        query("SELECT 1")
-    except psycopg2.Error as error:
-        unavailable(f"PostgreSQL is not reachable ({CONNINFO}): {error}")
+    require_postgres()
     name = "gq_" + secrets.token_hex(4)
     yield name
     ensure_postgres_running()
-    query(f"DROP TABLE IF EXISTS {name}")
+    postgres_query(f"DROP TABLE IF EXISTS {name}")
 
 
 def options(table, conninfo=CONNINFO):
@@ -62,7 +47,7 @@ def options(table, conninfo=CONNINFO):
 def rows(table):
     """The table's rows as {(unique, function): (priority, data, when_to_run)}."""
     return {(u.encode(), f.encode()): (p, None if d is None else bytes(d), w)
-            for u, f, p, d, w in query(f"SELECT unique_key, function_name, priority, data,"
+            for u, f, p, d, w in postgres_query(f"SELECT unique_key, function_name, priority, data,"
                                        f" when_to_run FROM {table}")}
 
 
@@ -85,7 +70,7 @@ def pg_ctlcluster(action):
 
 def postgres_up():
     try:
-        query("SELECT 1")
+        postgres_query("SELECT 1")
         return True
     except psycopg2.Error:
         return False
@@ -127,7 +112,7 @@ def test_background_jobs_survive_kill_and_replay_exactly_once(make_server, table
         if job.unique in (b"", b"-"):
             continue                     # stored under generated uniques
         assert stored[job.unique, job.function] == (job.priority, job.data, job.when)
-    assert query("SELECT count(*) FROM pg_constraint WHERE conrelid = %s::regclass"
+    assert postgres_query("SELECT count(*) FROM pg_constraint WHERE conrelid = %s::regclass"
                  " AND contype = 'u'", (table,)) == [(1,)]
 
     server.kill()
@@ -151,11 +136,11 @@ def test_job_created_waits_for_the_commit_and_the_loop_does_not(make_server, tab
     A row a trigger refuses then gets ERROR."""
     server = make_server(*options(table))
     function = prefix().encode()
-    query(f"CREATE FUNCTION {table}_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+    postgres_query(f"CREATE FUNCTION {table}_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
           f" IF NEW.function_name = '{function.decode()}.bad' THEN RAISE EXCEPTION 'refused';"
           f" END IF; RETURN NEW; END $$")
     try:
-        query(f"CREATE TRIGGER refuse BEFORE INSERT ON {table} FOR EACH ROW"
+        postgres_query(f"CREATE TRIGGER refuse BEFORE INSERT ON {table} FOR EACH ROW"
               f" EXECUTE FUNCTION {table}_refuse()")
 
         @contextlib.contextmanager
@@ -170,7 +155,7 @@ def test_job_created_waits_for_the_commit_and_the_loop_does_not(make_server, tab
 
         check_job_created_waits_for_the_commit(server, function, locked, lambda: keys(table))
     finally:
-        query(f"DROP FUNCTION {table}_refuse() CASCADE")
+        postgres_query(f"DROP FUNCTION {table}_refuse() CASCADE")
 
 
 @pytest.mark.skipif(IMPL == "c", reason="/metrics is ours; C commits every job on its own")
@@ -202,7 +187,7 @@ def test_leftover_row_is_a_queued_job_that_new_jobs_join(make_server, table):
     server.stop()
     function = prefix().encode()
     # By hand, without a column list: the seq column of ours comes last and is filled in.
-    query(f"INSERT INTO {table} VALUES ('left', %s, 1, 'old', 0)", (function.decode(),))
+    postgres_query(f"INSERT INTO {table} VALUES ('left', %s, 1, 'old', 0)", (function.decode(),))
     server.start()
     assert server.status()[function.decode()][0] == 1
     submit_ok(server, [Job(function, b"left", b"new", HIGH), Job(function, b"LEFT", b"other")])
@@ -215,7 +200,7 @@ def test_leftover_row_is_a_queued_job_that_new_jobs_join(make_server, table):
 
 def test_refused_writes_answer_queue_error(make_server, table):
     check_refused_writes(make_server(*options(table)), prefix().encode(), lambda: rows(table),
-                         lambda: query(f"DROP TABLE {table}"))
+                         lambda: postgres_query(f"DROP TABLE {table}"))
 
 
 def test_c_writes_and_we_replay(make_server, table):
@@ -247,7 +232,7 @@ def test_lost_connection_is_replaced_at_once(make_server, table):
     server = make_server(*options(table))
     function = prefix().encode()
     submit_ok(server, [Job(function, b"one", b"1")])
-    assert query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'test'"
+    assert postgres_query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'test'"
                  " AND backend_type = 'client backend' AND pid != pg_backend_pid()")
     submit_ok(server, [Job(function, b"two", b"2")])
     assert set(rows(table)) == {(b"one", function), (b"two", function)}
