@@ -3,12 +3,18 @@
 Everything talks to the job server over raw sockets (tests/gearproto.py):
 submit background jobs, drain them with a worker, read `status` and
 `prioritystatus`, run a foreground job, poll a condition with a deadline,
-check a replay; and the checks the SQL stores (MySQL, Postgres) share.
+check a replay; the checks the SQL stores (MySQL, Postgres) share; and the test
+databases themselves (MYSQL, POSTGRES): queries, per-test tables, outages.
 """
 import collections
+import contextlib
+import importlib
 import os
 import random
+import secrets
 import select
+import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -229,6 +235,188 @@ def run_once(make_server, *args):
     server = make_server(*args, start=False)
     result = subprocess.run(server.command(), capture_output=True, timeout=30)
     return result.returncode, result.stderr.decode().strip().splitlines()
+
+
+# -- the test databases: MariaDB and PostgreSQL -------------------------------------------
+
+POSTGRES_CONNINFO = "host=127.0.0.1 port=5432 dbname=test user=root"
+
+
+def unique_prefix(tag="gq"):
+    """A function-name prefix of a test's own: tests share the databases."""
+    return tag + secrets.token_hex(3)
+
+
+class Database:
+    """One of the databases the tests use (MariaDB: root, no password, database `test`
+    on 127.0.0.1:3306; PostgreSQL: POSTGRES_CONNINFO): statements on a connection of
+    their own, per-test tables, the server's queue options for them, and stopping and
+    starting the database for the outage tests."""
+    name = label = module = package = where = ""
+    port = 0
+
+    def driver(self):
+        """The driver module; unavailable() if it is not installed."""
+        try:
+            return importlib.import_module(self.module)
+        except ImportError:
+            unavailable(f"{self.package} is not installed")
+
+    def require(self):
+        """unavailable() unless the driver is installed and the database answers."""
+        driver = self.driver()
+        try:
+            self.query("SELECT 1")
+        except driver.Error as error:
+            unavailable(f"{self.label} is not reachable {self.where}: {error}")
+
+    def query(self, sql, params=()):
+        """Run `sql` (autocommit) on a connection of its own: its rows, or None."""
+        connection = self.connect()
+        try:
+            cursor = connection.cursor()
+            cursor.execute(sql, params)
+            return cursor.fetchall() if cursor.description else None
+        finally:
+            connection.close()
+
+    def count(self, table):
+        return self.query(f"SELECT COUNT(*) FROM {table}")[0][0]
+
+    def queue_rows(self, table):
+        """A queue table's rows as {(unique, function): (priority, data, when_to_run)}."""
+        return {(self.text(u), self.text(f)): (p, None if d is None else bytes(d), w)
+                for u, f, p, d, w in self.query(f"SELECT unique_key, function_name, priority,"
+                                                f" data, when_to_run FROM {table}")}
+
+    def queue_keys(self, table):
+        """{(function, unique)} of a queue table's rows."""
+        return {(function, unique) for unique, function in self.queue_rows(table)}
+
+    def drop_table(self, table):
+        self.query(f"DROP TABLE IF EXISTS {table}")
+
+    @contextlib.contextmanager
+    def tables(self, prefix):
+        """For a fixture: unavailable() unless the database answers, then
+        new(create=None) names a table of the test's own (`prefix` and random hex),
+        made by the statement `create` (with {table} in it) if given. Every one is
+        dropped at the end, with the database running again if the test stopped it."""
+        self.require()
+        names = []
+
+        def new(create=None):
+            name = prefix + secrets.token_hex(4)
+            names.append(name)
+            if create:
+                self.query(create.format(table=name))
+            return name
+        try:
+            yield new
+        finally:
+            self.ensure_running()
+            for name in names:
+                self.drop_table(name)
+
+    def up(self):
+        try:
+            self.connect().close()
+            return True
+        except self.driver().Error:
+            return False
+
+    def ensure_running(self):
+        if not self.up():
+            self.start()
+            wait_until(self.up, 60, what=f"{self.label} to accept connections", interval=0.1)
+
+    @contextlib.contextmanager
+    def stopped(self):
+        """Holds the database down (unavailable() where it cannot be stopped and started
+        here), then starts it again."""
+        try:
+            self.stop()
+            yield
+        finally:
+            self.ensure_running()
+
+
+class MariaDB(Database):
+    name, label, module, package = "mysql", "MariaDB", "mysql.connector", \
+        "mysql-connector-python"
+    port = 3306
+    where = "on 127.0.0.1:3306"
+    program, pid_file = "/usr/sbin/mariadbd", "/run/mysqld/mysqld.pid"
+    text = bytes      # use_unicode=False: strings come as bytearray
+
+    def connect(self):
+        return self.driver().connect(host="127.0.0.1", port=self.port, user="root",
+                                     database="test", autocommit=True, use_unicode=False,
+                                     connection_timeout=2)
+
+    def options(self, table, host="127.0.0.1", port=None):
+        """The server's options for `table` (with --mysql-port if `port` is given)."""
+        return (("-q", "MySQL", "--mysql-host", host)
+                + (("--mysql-port", str(port)) if port else ())
+                + ("--mysql-user", "root", "--mysql-db", "test", "--mysql-table", table))
+
+    def pid(self):
+        try:
+            with open(self.pid_file) as pid_file:
+                pid = int(pid_file.read().split()[0])
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def stop(self):
+        pid = self.pid()
+        if pid is None or os.geteuid() != 0 or not os.path.exists(self.program):
+            unavailable("cannot stop and restart MariaDB here (needs root and its pid file)")
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 60, what="MariaDB to stop",
+                   interval=0.05)
+
+    def start(self):
+        subprocess.run(["start-stop-daemon", "--start", "--oknodo", "--background",
+                        "--exec", self.program], check=True, capture_output=True)
+
+
+class PostgreSQL(Database):
+    name, label, module, package = "postgres", "PostgreSQL", "psycopg2", "psycopg2"
+    port = 5432
+    where = f"({POSTGRES_CONNINFO})"
+
+    @staticmethod
+    def text(value):
+        return value.encode()
+
+    def connect(self, autocommit=True):
+        connection = self.driver().connect(POSTGRES_CONNINFO, connect_timeout=2)
+        connection.autocommit = autocommit
+        return connection
+
+    def options(self, table, conninfo=POSTGRES_CONNINFO):
+        return ("-q", "Postgres", "--libpq-conninfo", conninfo, "--libpq-table", table)
+
+    def pg_ctlcluster(self, action):
+        versions = os.listdir("/etc/postgresql")
+        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", versions[0], "main",
+                        action], check=True, capture_output=True, timeout=60)
+
+    def stop(self):
+        if (not shutil.which("pg_ctlcluster") or not os.path.isdir("/etc/postgresql")
+                or os.geteuid() != 0):
+            unavailable("cannot stop and restart PostgreSQL here (needs root and pg_ctlcluster)")
+        self.pg_ctlcluster("stop")
+        assert not self.up()
+
+    def start(self):
+        self.pg_ctlcluster("start")
+
+
+MYSQL, POSTGRES = MariaDB(), PostgreSQL()
+DATABASES = {db.name: db for db in (MYSQL, POSTGRES)}
 
 
 # -- SQL stores: the same checks for MySQL and Postgres -------------------------------
@@ -673,9 +861,6 @@ def check_ended_jobs_leave_the_store(server, function, stored, drop_function=Tru
 
 
 # --- the databases the backend tests use (MariaDB and PostgreSQL on 127.0.0.1) --------
-
-POSTGRES_CONNINFO = "host=127.0.0.1 port=5432 dbname=test user=root"
-
 
 def mysql_connect():
     import mysql.connector
