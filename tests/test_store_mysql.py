@@ -3,104 +3,30 @@ local socket and 127.0.0.1:3306), and cross-replay with C gearmand 1.1.20."""
 import contextlib
 import os
 import secrets
-import signal
-import subprocess
 import time
 
 import pytest
 
 pytest.register_assert_rewrite("storetools")
 
-from conftest import IMPL, free_port, unavailable  # noqa: E402
-from storetools import (mysql_connect, mysql_query, require_mysql,
-                        HIGH, QUEUE_ERROR, Job, check_bad_settings_exit_1,  # noqa: E402
+from conftest import IMPL, free_port  # noqa: E402
+from storetools import (HIGH, MYSQL, QUEUE_ERROR, Job, check_bad_settings_exit_1,  # noqa: E402
                         check_c_writes_we_replay, check_ended_jobs_leave_the_store,
                         check_job_created_waits_for_the_commit, check_kill_9_at_a_random_instant,
                         check_outage, check_refused_writes, check_replay, check_replay_any_order,
                         check_submissions_share_commits, drain, sample_jobs, submit_ok,
-                        submit_one, wait_until, we_write_and_c_starts)
+                        submit_one, unique_prefix as prefix, wait_until, we_write_and_c_starts)
 
-try:
-    import mysql.connector as mysql_connector
-except ImportError:               # pragma: no cover
-    mysql_connector = None
-
-MARIADBD = "/usr/sbin/mariadbd"
-PID_FILE = "/run/mysqld/mysqld.pid"
 # C refuses a second empty-unique job of a function (duplicate key); we keep both.
 EMPTY_UNIQUES = 1 if IMPL == "c" else 2
+
+query, options, rows, keys = MYSQL.query, MYSQL.options, MYSQL.queue_rows, MYSQL.queue_keys
 
 
 @pytest.fixture
 def table():
-    require_mysql()
-    name = "gq_" + secrets.token_hex(4)
-    yield name
-    ensure_mariadb_running()
-    mysql_query(f"DROP TABLE IF EXISTS {name}")
-
-
-def options(table, host="127.0.0.1"):
-    return ("-q", "MySQL", "--mysql-host", host, "--mysql-user", "root",
-            "--mysql-db", "test", "--mysql-table", table)
-
-
-def rows(table):
-    """The table's rows as {(unique, function): (priority, data, when_to_run)}."""
-    return {(bytes(u), bytes(f)): (p, None if d is None else bytes(d), w)
-            for u, f, p, d, w in mysql_query(f"SELECT unique_key, function_name, priority, data,"
-                                       f" when_to_run FROM {table}")}
-
-
-def keys(table):
-    """{(function, unique)} of the table's rows."""
-    return {(function, unique) for unique, function in rows(table)}
-
-
-def prefix():
-    return "gq" + secrets.token_hex(3)
-
-
-# -- MariaDB outages ------------------------------------------------------------
-
-def mariadb_pid():
-    try:
-        with open(PID_FILE) as pid_file:
-            pid = int(pid_file.read().split()[0])
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def mariadb_up():
-    try:
-        mysql_connect().close()
-        return True
-    except mysql_connector.Error:
-        return False
-
-
-def ensure_mariadb_running():
-    if mariadb_up():
-        return
-    subprocess.run(["start-stop-daemon", "--start", "--oknodo", "--background",
-                    "--exec", MARIADBD], check=True, capture_output=True)
-    wait_until(mariadb_up, 60, what="MariaDB to accept connections", interval=0.1)
-
-
-@contextlib.contextmanager
-def mariadb_stopped():
-    pid = mariadb_pid()
-    if pid is None or os.geteuid() != 0 or not os.path.exists(MARIADBD):
-        unavailable("cannot stop and restart MariaDB here (needs root and its pid file)")
-    try:
-        os.kill(pid, signal.SIGTERM)
-        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 60, what="MariaDB to stop",
-                   interval=0.05)
-        yield
-    finally:
-        ensure_mariadb_running()
+    with MYSQL.tables("gq_") as new_table:
+        yield new_table()
 
 
 # -- tests ------------------------------------------------------------------------
@@ -119,7 +45,7 @@ def test_background_jobs_survive_kill_and_replay_exactly_once(make_server, table
             continue                     # we store them under generated uniques
         data = None if IMPL == "c" and not job.data else job.data    # C stores b"" as NULL
         assert stored[job.unique, job.function] == (job.priority, data, job.when)
-    assert mysql_query(f"SHOW CREATE TABLE {table}")[0][1].count(b"UNIQUE KEY") == 1
+    assert query(f"SHOW CREATE TABLE {table}")[0][1].count(b"UNIQUE KEY") == 1
 
     server.kill()
     server.start()
@@ -142,13 +68,13 @@ def test_job_created_waits_for_the_commit_and_the_loop_does_not(make_server, tab
     refuses then gets ERROR."""
     server = make_server(*options(table))
     function = prefix().encode()
-    mysql_query(f"CREATE TRIGGER {table}_refuse BEFORE INSERT ON {table} FOR EACH ROW"
+    query(f"CREATE TRIGGER {table}_refuse BEFORE INSERT ON {table} FOR EACH ROW"
           f" IF NEW.function_name = '{function.decode()}.bad' THEN"
           f" SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'refused'; END IF")
 
     @contextlib.contextmanager
     def locked():
-        connection = mysql_connect()
+        connection = MYSQL.connect()
         try:
             connection.cursor().execute(f"LOCK TABLES {table} WRITE")
             yield
@@ -187,7 +113,7 @@ def test_leftover_row_is_a_queued_job_that_new_jobs_join(make_server, table):
     server.stop()
     function = prefix().encode()
     # By hand, without a column list: the seq column of ours is invisible to it.
-    mysql_query(f"INSERT INTO {table} VALUES ('left', %s, 2, 'old', 0)", (function,))
+    query(f"INSERT INTO {table} VALUES ('left', %s, 2, 'old', 0)", (function,))
     server.start()
     assert server.status()[function.decode()][0] == 1
     submit_ok(server, [Job(function, b"left", b"new", HIGH)])
@@ -201,7 +127,7 @@ def test_leftover_row_is_a_queued_job_that_new_jobs_join(make_server, table):
 def test_refused_writes_answer_queue_error(make_server, table):
     # Strict mode refuses a function name longer than VARCHAR(255).
     check_refused_writes(make_server(*options(table)), prefix().encode(), lambda: rows(table),
-                         lambda: mysql_query(f"DROP TABLE {table}"))
+                         lambda: query(f"DROP TABLE {table}"))
 
 
 def test_c_writes_and_we_replay(make_server, table):
@@ -218,7 +144,7 @@ def test_we_write_and_c_replays(make_server, table):
 def test_backend_outage(make_server, table):
     if IMPL == "c":
         pytest.skip("C closes a worker whose WORK_COMPLETE cannot delete the row")
-    check_outage(make_server(*options(table)), mariadb_stopped, lambda: rows(table),
+    check_outage(make_server(*options(table)), MYSQL.stopped, lambda: rows(table),
                  prefix().encode(), "MariaDB")
 
 
@@ -227,11 +153,11 @@ def test_lost_connection_is_replaced_at_once(make_server, table):
     server = make_server(*options(table))
     function = prefix().encode()
     submit_ok(server, [Job(function, b"one", b"1")])
-    ids = mysql_query("SELECT ID FROM information_schema.PROCESSLIST"
+    ids = query("SELECT ID FROM information_schema.PROCESSLIST"
                 " WHERE DB = 'test' AND ID != CONNECTION_ID()")
     assert ids
     for (connection_id,) in ids:
-        mysql_query(f"KILL {connection_id}")
+        query(f"KILL {connection_id}")
     submit_ok(server, [Job(function, b"two", b"2")])
     assert set(rows(table)) == {(b"one", function), (b"two", function)}
 
@@ -241,17 +167,17 @@ def option_file_home(table, tmp_path):
     """A MariaDB user with a password, and a HOME for ~/.my.cnf: (user, password, home, env)."""
     user, password = "gq_" + secrets.token_hex(4), secrets.token_hex(8)
     for host in ("%", "localhost"):
-        mysql_query(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY '{password}'")
-        mysql_query(f"GRANT ALL ON test.* TO '{user}'@'{host}'")
+        query(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY '{password}'")
+        query(f"GRANT ALL ON test.* TO '{user}'@'{host}'")
     home = tmp_path / "home"
     home.mkdir()
     yield user, password, home, dict(os.environ, HOME=str(home))
     for host in ("%", "localhost"):
-        mysql_query(f"DROP USER IF EXISTS '{user}'@'{host}'")
+        query(f"DROP USER IF EXISTS '{user}'@'{host}'")
 
 
 def connected_as(user):
-    return mysql_query("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s",
+    return query("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s",
                  (user,))[0][0]
 
 
@@ -305,7 +231,7 @@ def test_option_file_escapes_as_in_libmariadb(make_server, table, option_file_ho
     user, _, home, env = option_file_home
     password = 'a b"c\\d\\e'
     for host in ("%", "localhost"):
-        mysql_query(f"ALTER USER '{user}'@'{host}' IDENTIFIED BY %s", (password,))
+        query(f"ALTER USER '{user}'@'{host}' IDENTIFIED BY %s", (password,))
     (home / ".my.cnf").write_text(f"[gearmand]\nuser={user}\ndatabase=test\n"
                                   f'password="a\\sb\\"c\\\\d\\e"\n')
     server = make_server("-q", "MySQL", "--mysql-host", "127.0.0.1", "--mysql-table", table,

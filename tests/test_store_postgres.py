@@ -1,98 +1,30 @@
 """-q Postgres against a real PostgreSQL (127.0.0.1:5432, trust, database `test`,
 user root), and cross-replay with C gearmand 1.1.20."""
 import contextlib
-import importlib.util
-import os
-import secrets
-import shutil
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
 pytest.register_assert_rewrite("storetools")
 
-from conftest import IMPL, ROOT, free_port, unavailable  # noqa: E402
-from storetools import (POSTGRES_CONNINFO, postgres_query, require_postgres,
-                        HIGH, QUEUE_ERROR, Job, check_bad_settings_exit_1,  # noqa: E402
-                        check_c_writes_we_replay, check_ended_jobs_leave_the_store,
-                        check_job_created_waits_for_the_commit, check_kill_9_at_a_random_instant,
-                        check_outage, check_refused_writes, check_replay,
-                        check_submissions_share_commits, drain, foreground, priority_status,
-                        sample_jobs, submit_ok, submit_one, wait_until, we_write_and_c_starts)
+from conftest import IMPL, ROOT, free_port, import_gearmand  # noqa: E402
+from storetools import (HIGH, POSTGRES, POSTGRES_CONNINFO as CONNINFO,  # noqa: E402
+                        QUEUE_ERROR, Job, check_bad_settings_exit_1, check_c_writes_we_replay,
+                        check_ended_jobs_leave_the_store, check_job_created_waits_for_the_commit,
+                        check_kill_9_at_a_random_instant, check_outage, check_refused_writes,
+                        check_replay, check_submissions_share_commits, drain, foreground,
+                        priority_status, sample_jobs, submit_ok, submit_one,
+                        unique_prefix as prefix, wait_until, we_write_and_c_starts)
 
-try:
-    import psycopg2
-except ImportError:               # pragma: no cover
-    psycopg2 = None
-
-CONNINFO = POSTGRES_CONNINFO
+query, options, rows, keys = POSTGRES.query, POSTGRES.options, POSTGRES.queue_rows, \
+    POSTGRES.queue_keys
 
 
 @pytest.fixture
 def table():
-    require_postgres()
-    name = "gq_" + secrets.token_hex(4)
-    yield name
-    ensure_postgres_running()
-    postgres_query(f"DROP TABLE IF EXISTS {name}")
-
-
-def options(table, conninfo=CONNINFO):
-    return ("-q", "Postgres", "--libpq-conninfo", conninfo, "--libpq-table", table)
-
-
-def rows(table):
-    """The table's rows as {(unique, function): (priority, data, when_to_run)}."""
-    return {(u.encode(), f.encode()): (p, None if d is None else bytes(d), w)
-            for u, f, p, d, w in postgres_query(f"SELECT unique_key, function_name, priority, data,"
-                                       f" when_to_run FROM {table}")}
-
-
-def keys(table):
-    """{(function, unique)} of the table's rows."""
-    return {(function, unique) for unique, function in rows(table)}
-
-
-def prefix():
-    return "gq" + secrets.token_hex(3)
-
-
-# -- PostgreSQL outages -----------------------------------------------------------
-
-def pg_ctlcluster(action):
-    versions = os.listdir("/etc/postgresql")
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", versions[0], "main", action],
-                   check=True, capture_output=True, timeout=60)
-
-
-def postgres_up():
-    try:
-        postgres_query("SELECT 1")
-        return True
-    except psycopg2.Error:
-        return False
-
-
-def ensure_postgres_running():
-    if not postgres_up():
-        pg_ctlcluster("start")
-        wait_until(postgres_up, 60, what="PostgreSQL to accept connections", interval=0.1)
-
-
-@contextlib.contextmanager
-def postgres_stopped():
-    if (not shutil.which("pg_ctlcluster") or not os.path.isdir("/etc/postgresql")
-            or os.geteuid() != 0):
-        unavailable("cannot stop and restart PostgreSQL here (needs root and pg_ctlcluster)")
-    try:
-        pg_ctlcluster("stop")
-        assert not postgres_up()
-        yield
-    finally:
-        ensure_postgres_running()
+    with POSTGRES.tables("gq_") as new_table:
+        yield new_table()
 
 
 # -- tests ------------------------------------------------------------------------
@@ -112,7 +44,7 @@ def test_background_jobs_survive_kill_and_replay_exactly_once(make_server, table
         if job.unique in (b"", b"-"):
             continue                     # stored under generated uniques
         assert stored[job.unique, job.function] == (job.priority, job.data, job.when)
-    assert postgres_query("SELECT count(*) FROM pg_constraint WHERE conrelid = %s::regclass"
+    assert query("SELECT count(*) FROM pg_constraint WHERE conrelid = %s::regclass"
                  " AND contype = 'u'", (table,)) == [(1,)]
 
     server.kill()
@@ -136,16 +68,16 @@ def test_job_created_waits_for_the_commit_and_the_loop_does_not(make_server, tab
     A row a trigger refuses then gets ERROR."""
     server = make_server(*options(table))
     function = prefix().encode()
-    postgres_query(f"CREATE FUNCTION {table}_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+    query(f"CREATE FUNCTION {table}_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
           f" IF NEW.function_name = '{function.decode()}.bad' THEN RAISE EXCEPTION 'refused';"
           f" END IF; RETURN NEW; END $$")
     try:
-        postgres_query(f"CREATE TRIGGER refuse BEFORE INSERT ON {table} FOR EACH ROW"
+        query(f"CREATE TRIGGER refuse BEFORE INSERT ON {table} FOR EACH ROW"
               f" EXECUTE FUNCTION {table}_refuse()")
 
         @contextlib.contextmanager
         def locked():
-            connection = psycopg2.connect(CONNINFO, connect_timeout=2)
+            connection = POSTGRES.connect(autocommit=False)
             try:
                 connection.cursor().execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
                 yield
@@ -155,7 +87,7 @@ def test_job_created_waits_for_the_commit_and_the_loop_does_not(make_server, tab
 
         check_job_created_waits_for_the_commit(server, function, locked, lambda: keys(table))
     finally:
-        postgres_query(f"DROP FUNCTION {table}_refuse() CASCADE")
+        query(f"DROP FUNCTION {table}_refuse() CASCADE")
 
 
 @pytest.mark.skipif(IMPL == "c", reason="/metrics is ours; C commits every job on its own")
@@ -187,7 +119,7 @@ def test_leftover_row_is_a_queued_job_that_new_jobs_join(make_server, table):
     server.stop()
     function = prefix().encode()
     # By hand, without a column list: the seq column of ours comes last and is filled in.
-    postgres_query(f"INSERT INTO {table} VALUES ('left', %s, 1, 'old', 0)", (function.decode(),))
+    query(f"INSERT INTO {table} VALUES ('left', %s, 1, 'old', 0)", (function.decode(),))
     server.start()
     assert server.status()[function.decode()][0] == 1
     submit_ok(server, [Job(function, b"left", b"new", HIGH), Job(function, b"LEFT", b"other")])
@@ -200,7 +132,7 @@ def test_leftover_row_is_a_queued_job_that_new_jobs_join(make_server, table):
 
 def test_refused_writes_answer_queue_error(make_server, table):
     check_refused_writes(make_server(*options(table)), prefix().encode(), lambda: rows(table),
-                         lambda: postgres_query(f"DROP TABLE {table}"))
+                         lambda: query(f"DROP TABLE {table}"))
 
 
 def test_c_writes_and_we_replay(make_server, table):
@@ -220,7 +152,7 @@ def test_we_write_and_c_replays(make_server, table):
 def test_backend_outage(make_server, table):
     if IMPL == "c":
         pytest.skip("C closes a worker whose WORK_COMPLETE cannot delete the row")
-    check_outage(make_server(*options(table)), postgres_stopped, lambda: rows(table),
+    check_outage(make_server(*options(table)), POSTGRES.stopped, lambda: rows(table),
                  prefix().encode(), "PostgreSQL")
 
 
@@ -232,7 +164,7 @@ def test_lost_connection_is_replaced_at_once(make_server, table):
     server = make_server(*options(table))
     function = prefix().encode()
     submit_ok(server, [Job(function, b"one", b"1")])
-    assert postgres_query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'test'"
+    assert query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'test'"
                  " AND backend_type = 'client backend' AND pid != pg_backend_pid()")
     submit_ok(server, [Job(function, b"two", b"2")])
     assert set(rows(table)) == {(b"one", function), (b"two", function)}
@@ -247,16 +179,6 @@ def test_bad_settings_exit_1(make_server, table):
             "host=127.0.0.1 nonsense")], "Postgres")
 
 
-def load(monkeypatch, name, path):
-    """The module at `path` (of this checkout, not an installed copy) as `name`, for
-    this test only."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_write_blocked_by_a_lock_answers_queue_error(make_server, table, monkeypatch):
     """A write waiting for a lock (LOCK TABLE, a long transaction) or a server that
     went silent ends in QUEUE_ERROR, never in a client waiting for ever."""
@@ -267,8 +189,9 @@ def test_a_write_blocked_by_a_lock_answers_queue_error(make_server, table, monke
 
     # Our store's connection: statements (lock waits included) are cut off after
     # 10 s, as MySQL's reads are, and TCP keepalives find a silent server dead.
-    gearmand = load(monkeypatch, "gearmand", ROOT / "gearmand.py")
-    postgres = load(monkeypatch, "gearmand_extras.postgres", ROOT / "extras" / "postgres.py")
+    gearmand = import_gearmand(monkeypatch)
+    postgres = import_gearmand(monkeypatch, "gearmand_extras.postgres",
+                               ROOT / "extras" / "postgres.py")
     store = postgres.PostgresStore.open(gearmand.parse_options(options(table, conninfo)))
     try:
         with store.connection.cursor() as cursor:
@@ -284,7 +207,7 @@ def test_a_write_blocked_by_a_lock_answers_queue_error(make_server, table, monke
     # A real lock: the write gives up, the client hears so, the server goes on.
     server = make_server(*options(table, conninfo))
     function = prefix().encode()
-    locker = psycopg2.connect(CONNINFO, connect_timeout=2)
+    locker = POSTGRES.connect(autocommit=False)
     try:
         locker.cursor().execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
         started = time.monotonic()
