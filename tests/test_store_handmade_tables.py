@@ -12,7 +12,6 @@ once at start (WARNING), refuses the second job with QUEUE_ERROR and a message t
 names both jobs and the key, and keeps everything else it acknowledged across kill -9.
 """
 import re
-import secrets
 import sqlite3
 import time
 
@@ -23,19 +22,9 @@ import gearproto as gp
 pytest.register_assert_rewrite("storetools")
 
 from conftest import IMPL  # noqa: E402
-from storetools import (POSTGRES_CONNINFO, mysql_query, postgres_query, require_mysql,
-                        require_postgres, QUEUE_ERROR, Job, check_replay, check_replay_any_order,  # noqa: E402
-                        drain, need_c, sample_jobs, submit_all, submit_ok, submit_one, wait_until,
-                        we_write_and_c_starts)
-
-try:
-    import mysql.connector as mysql_connector
-except ImportError:               # pragma: no cover
-    mysql_connector = None
-try:
-    import psycopg2
-except ImportError:               # pragma: no cover
-    psycopg2 = None
+from storetools import (MYSQL, POSTGRES, QUEUE_ERROR, Job, check_replay,  # noqa: E402
+                        check_replay_any_order, drain, need_c, sample_jobs, submit_all,
+                        submit_ok, submit_one, unique_prefix, wait_until, we_write_and_c_starts)
 
 ours_only = pytest.mark.skipif(IMPL == "c", reason="what gearmand.py says and keeps; "
                                "C's behaviour is checked by the test_c_* tests")
@@ -58,7 +47,7 @@ NARROW = "a unique can be used by one function at a time"
 
 
 def prefix():
-    return "hm" + secrets.token_hex(3)
+    return unique_prefix("hm")
 
 
 def log_lines(server, level, since=0):
@@ -76,23 +65,15 @@ def advice(line):
 
 # -- MySQL --------------------------------------------------------------------------
 
+mysql_query, mysql_rows = MYSQL.query, MYSQL.queue_rows
+
+
 @pytest.fixture
 def mysql_tables():
     """make(create=True) names a table (made by the guide's statement unless
     create=False); every one is dropped after the test."""
-    require_mysql()
-    names = []
-
-    def make(create=True):
-        name = "gq18_" + secrets.token_hex(4)
-        names.append(name)
-        if create:
-            mysql_query(MYSQL_GUIDE_TABLE.format(table=name))
-        return name
-
-    yield make
-    for name in names:
-        mysql_query(f"DROP TABLE IF EXISTS {name}")
+    with MYSQL.tables("gq18_") as new_table:
+        yield lambda create=True: new_table(MYSQL_GUIDE_TABLE if create else None)
 
 
 @pytest.fixture
@@ -104,13 +85,6 @@ def guide_command(table):
     """The guide's command line; database and table name are ours."""
     return ("--queue-type=MySQL", "--mysql-host=localhost", "--mysql-port=3306",
             "--mysql-user=root", "--mysql-db=test", f"--mysql-table={table}", "-w", "2")
-
-
-def mysql_rows(table):
-    """{(unique, function): (priority, data, when_to_run)}"""
-    return {(bytes(u), bytes(f)): (p, None if d is None else bytes(d), w)
-            for u, f, p, d, w in mysql_query(f"SELECT unique_key, function_name, priority,"
-                                             f" data, when_to_run FROM {table}")}
 
 
 @ours_only
@@ -253,23 +227,17 @@ def test_we_write_and_c_replays_guide_table(make_server, guide_table):
 
 # -- PostgreSQL ------------------------------------------------------------------------
 
+pg_query, pg_rows = POSTGRES.query, POSTGRES.queue_rows
+
+
 @pytest.fixture
 def pg_table():
-    require_postgres()
-    name = "gq18_" + secrets.token_hex(4)
-    postgres_query(POSTGRES_GUIDE_TABLE.format(table=name))
-    yield name
-    postgres_query(f"DROP TABLE IF EXISTS {name}")
+    with POSTGRES.tables("gq18_") as new_table:
+        yield new_table(POSTGRES_GUIDE_TABLE)
 
 
 def pg_options(table, *more):
-    return ("-q", "Postgres", "--libpq-conninfo", POSTGRES_CONNINFO, "--libpq-table", table) + more
-
-
-def pg_rows(table):
-    return {(bytes(u, "utf-8"), bytes(f, "utf-8")): (p, bytes(d), w)
-            for u, f, p, d, w in postgres_query(f"SELECT unique_key, function_name, priority, data,"
-                                          f" when_to_run FROM {table}")}
+    return POSTGRES.options(table) + more
 
 
 @ours_only
@@ -293,7 +261,7 @@ def test_postgres_narrow_table_one_function_per_unique(make_server, pg_table):
     function = prefix().encode()
     first, other = function + b".first", function + b".other"
     # A row left over from an earlier run: a queued job, which a new job with its key joins.
-    postgres_query(f"INSERT INTO {pg_table} VALUES ('left', %s, 2, 'old', 0)", (first.decode(),))
+    pg_query(f"INSERT INTO {pg_table} VALUES ('left', %s, 2, 'old', 0)", (first.decode(),))
     server = make_server(*pg_options(pg_table, "--verbose=WARNING"))
     warnings = log_lines(server, "WARNING")
     assert len(warnings) == 1, server.log()
@@ -328,7 +296,7 @@ def test_postgres_narrow_table_one_function_per_unique(make_server, pg_table):
     # The advice is right: after it, no warning, and one unique serves two functions.
     server.stop()
     wait_until(lambda: not pg_rows(pg_table), 5, what="done jobs deleted")
-    postgres_query(alter)
+    pg_query(alter)
     since = len(server.log())
     server.start()
     submit_ok(server, [Job(first, b"same", b"1"), Job(other, b"same", b"2")])
