@@ -9,7 +9,6 @@ The budget here is tiny (a few hundred jobs), so the same code paths run with
 thousands of jobs that run with millions; bench/run.py --suite huge measures those.
 """
 import random
-import secrets
 import sqlite3
 import time
 
@@ -17,18 +16,8 @@ import pytest
 
 import gearproto as gp
 from conftest import IMPL, wait_until
-from storetools import (HIGH, LOW, NORMAL, POSTGRES_CONNINFO, SUBMIT_TYPES, mysql_query,
-                        need_c, postgres_query, priority_status, require_mysql,
-                        require_postgres, status)
-
-try:
-    import mysql.connector as mysql_connector
-except ImportError:               # pragma: no cover
-    mysql_connector = None
-try:
-    import psycopg2
-except ImportError:               # pragma: no cover
-    psycopg2 = None
+from storetools import (DATABASES, HIGH, LOW, NORMAL, SUBMIT_TYPES, need_c, priority_status,
+                        status)
 
 pytestmark = pytest.mark.skipif(IMPL == "c", reason="paging is ours: C loads every job")
 
@@ -37,6 +26,7 @@ BUDGET = ("--queue-memory", "64K")        # about a hundred jobs in memory
 
 class SqliteStore:
     """A store for one test: `options` for ours and for C, rows() counts the table's rows."""
+    name = "sqlite"
 
     def __init__(self, tmp_path):
         self.path = tmp_path / "q.db"
@@ -46,53 +36,28 @@ class SqliteStore:
         with sqlite3.connect(self.path) as connection:
             return connection.execute("SELECT COUNT(*) FROM gearman_queue").fetchone()[0]
 
-    def drop(self):
-        pass
 
+class SqlStore:
+    """The same on a table of its own in one of storetools' DATABASES."""
 
-class MySQLStore:
-    def __init__(self, tmp_path):
-        require_mysql()
-        self.table = "gqp_" + secrets.token_hex(4)
-        self.options = ("-q", "MySQL", "--mysql-host", "127.0.0.1", "--mysql-user", "root",
-                        "--mysql-db", "test", "--mysql-table", self.table)
-
-    query = staticmethod(mysql_query)
+    def __init__(self, database, table):
+        self.name, self.database, self.table = database.name, database, table
+        self.options = database.options(table)
 
     def rows(self):
-        return self.query(f"SELECT COUNT(*) FROM {self.table}")[0][0]
-
-    def drop(self):
-        self.query(f"DROP TABLE IF EXISTS {self.table}")
+        return self.database.count(self.table)
 
 
-class PostgresStore:
-    def __init__(self, tmp_path):
-        require_postgres()
-        self.table = "gqp_" + secrets.token_hex(4)
-        self.options = ("-q", "Postgres", "--libpq-conninfo", POSTGRES_CONNINFO,
-                        "--libpq-table", self.table)
-
-    query = staticmethod(postgres_query)
-
-    def rows(self):
-        return self.query(f"SELECT COUNT(*) FROM {self.table}")[0][0]
-
-    def drop(self):
-        self.query(f"DROP TABLE IF EXISTS {self.table}")
-
-
-STORES = {"sqlite": SqliteStore, "mysql": MySQLStore, "postgres": PostgresStore}
-
-
-@pytest.fixture(params=list(STORES))
+@pytest.fixture(params=["sqlite", *DATABASES])
 def store(request, tmp_path):
     """A fresh table of each store. Tests name it before make_server, so that their
     servers are killed before the table is dropped."""
-    store = STORES[request.param](tmp_path)
-    store.name = request.param
-    yield store
-    store.drop()
+    if request.param == "sqlite":
+        yield SqliteStore(tmp_path)
+        return
+    database = DATABASES[request.param]
+    with database.tables("gqp_") as new_table:
+        yield SqlStore(database, new_table())
 
 
 def start(make_server, store, *args):
