@@ -20,89 +20,49 @@ import urllib.request
 import pytest
 
 import gearproto as gp
-from conftest import IMPL, free_port, unavailable, wait_until
+from conftest import IMPL, free_port, wait_until
+from storetools import DATABASES
 
 pytestmark = pytest.mark.skipif(IMPL == "c", reason="--cluster is ours")
 
 LEASE = "1.5"
 
 
-class Backend:
-    """One database engine the members share, with its driver."""
-
-    def __init__(self, name):
-        self.name = name
-        if name == "postgres":
-            try:
-                import psycopg2
-            except ImportError:
-                unavailable("psycopg2 is not installed")
-            self.driver = psycopg2
-            self.port = 5432
-        else:
-            try:
-                import mysql.connector
-            except ImportError:
-                unavailable("mysql-connector-python is not installed")
-            self.driver = mysql.connector
-            self.port = 3306
-        try:
-            self.query("SELECT 1")
-        except Exception as error:
-            unavailable(f"{name} is not reachable on 127.0.0.1:{self.port}: {error}")
-
-    def connect(self):
-        if self.name == "postgres":
-            connection = self.driver.connect("host=127.0.0.1 port=5432 dbname=test user=root",
-                                             connect_timeout=2)
-            connection.autocommit = True
-            return connection
-        return self.driver.connect(host="127.0.0.1", port=3306, user="root", database="test",
-                                   autocommit=True, connection_timeout=5)
-
-    def query(self, sql, params=()):
-        connection = self.connect()
-        try:
-            cursor = connection.cursor()
-            cursor.execute(sql, params)
-            return cursor.fetchall() if cursor.description else None
-        finally:
-            connection.close()
-
-    def options(self, table, cluster, port=None):
-        port = port or self.port
-        if self.name == "postgres":
-            store = ("-q", "Postgres", "--libpq-conninfo",
-                     f"host=127.0.0.1 port={port} dbname=test user=root connect_timeout=2",
-                     "--libpq-table", table)
-        else:
-            store = ("-q", "MySQL", "--mysql-host", "127.0.0.1", "--mysql-port", str(port),
-                     "--mysql-user", "root", "--mysql-db", "test", "--mysql-table", table)
-        return store + ("--cluster", cluster, "--cluster-lease", LEASE, "--verbose", "NOTICE")
+def member_options(backend, table, cluster, port=None):
+    """A member's options: its table on `backend` (through `port`, a proxy's, if given)."""
+    port = port or backend.port
+    if backend.name == "postgres":
+        store = backend.options(table, f"host=127.0.0.1 port={port} dbname=test user=root"
+                                       f" connect_timeout=2")
+    else:
+        store = backend.options(table, port=port)
+    return store + ("--cluster", cluster, "--cluster-lease", LEASE, "--verbose", "NOTICE")
 
 
 @pytest.fixture(params=["postgres", "mysql"])
 def backend(request):
-    backend = Backend(request.param)
-    backend.tables = []
-    yield backend
-    for table in backend.tables:
-        with contextlib.suppress(Exception):
-            backend.query(f"DROP TABLE IF EXISTS {table}")
+    """The database engine the members share (storetools.DATABASES)."""
+    return DATABASES[request.param]
 
 
 @pytest.fixture
-def cluster(backend, make_server):
+def tables(backend):
+    """new() names a member's table; every one is dropped once the members are gone."""
+    with backend.tables("cl_") as new:
+        yield new
+
+
+@pytest.fixture
+def cluster(backend, tables, make_server):
     """cluster(n) starts n members; each is given (server, table)."""
     name = "t" + secrets.token_hex(4)
     members = []
 
     def start(count, proxy_first=None):
         for number in range(count):
-            table = f"cl_{name}_{number}"
-            backend.tables.append(table)
+            table = tables()
             port = proxy_first.port if (proxy_first and number == 0) else None
-            server = make_server(*backend.options(table, name, port),
+            server = make_server(*member_options(backend, table, name, port),
                                  "--http-port", str(free_port()))
             server.table = table
             members.append(server)
@@ -313,10 +273,6 @@ def test_a_database_restart_in_a_submit_storm_loses_nothing_and_adopts_nothing_o
         cluster, backend):
     """Every member loses its database at once: none may take that for a dead peer.
     Clients get ERROR while it is down; every JOB_CREATED'd job runs once after."""
-    if backend.name == "postgres":
-        from test_store_postgres import postgres_stopped as stopped
-    else:
-        from test_store_mysql import mariadb_stopped as stopped
     members = cluster(2)
     acknowledged = {server.table: [] for server in members}
     refused = set()       # ERROR: perhaps stored all the same (a commit whose answer was lost)
@@ -343,7 +299,7 @@ def test_a_database_restart_in_a_submit_storm_loses_nothing_and_adopts_nothing_o
         thread.start()
     try:
         time.sleep(0.5)
-        with stopped():
+        with backend.stopped():
             time.sleep(2 * float(LEASE))
         for server in members:
             wait_until(lambda: holds_its_table(server), 60, what="members back on their tables")
