@@ -23,6 +23,7 @@ import pytest
 
 import gearproto as gp
 from conftest import IMPL, ROOT, Server, unavailable, wait_for_port
+from storetools import MYSQL, POSTGRES
 
 pytestmark = pytest.mark.skipif(IMPL == "c", reason="how gearmand.py itself is installed")
 
@@ -91,43 +92,13 @@ def redis_backend(tmp_path, tag):
 
 
 def mysql_backend(tmp_path, tag):
-    need_driver("mysql.connector")
-    import mysql.connector
-
-    def sql(statement):
-        connection = mysql.connector.connect(host="127.0.0.1", user="root", database="test",
-                                             connection_timeout=2)
-        try:
-            connection.cursor().execute(statement)
-        finally:
-            connection.close()
-    try:
-        sql("SELECT 1")
-    except mysql.connector.Error as error:
-        unavailable(f"MariaDB is not reachable on 127.0.0.1:3306: {error}")
-    return (("-q", "MySQL", "--mysql-host", "127.0.0.1", "--mysql-user", "root",
-             "--mysql-db", "test", "--mysql-table", tag),
-            lambda: sql(f"DROP TABLE IF EXISTS {tag}"))
+    MYSQL.require()
+    return MYSQL.options(tag), lambda: MYSQL.drop_table(tag)
 
 
 def postgres_backend(tmp_path, tag):
-    need_driver("psycopg2")
-    import psycopg2
-    conninfo = "host=127.0.0.1 port=5432 dbname=test user=root"
-
-    def sql(statement):
-        connection = psycopg2.connect(conninfo, connect_timeout=2)
-        connection.autocommit = True
-        try:
-            connection.cursor().execute(statement)
-        finally:
-            connection.close()
-    try:
-        sql("SELECT 1")
-    except psycopg2.Error as error:
-        unavailable(f"PostgreSQL is not reachable ({conninfo}): {error}")
-    return (("-q", "Postgres", "--libpq-conninfo", conninfo, "--libpq-table", tag),
-            lambda: sql(f"DROP TABLE IF EXISTS {tag}"))
+    POSTGRES.require()
+    return POSTGRES.options(tag), lambda: POSTGRES.drop_table(tag)
 
 
 def memcached_backend(tmp_path, tag):
