@@ -83,6 +83,15 @@ def wait_queued(server, function, total):
                what=f"{total} jobs of {function} in status")
 
 
+def requested(server, sock, method, path, body=None):
+    """`method` /function on a new HTTP connection; once the job is queued, `sock` (a
+    worker for it) takes it. Returns (the connection, (handle, function, data))."""
+    http_conn = connection(server)
+    http_conn.request(method, path, body=body)
+    wait_queued(server, path[1:], 1)
+    return http_conn, grab(sock)
+
+
 class Raw:
     """A raw HTTP connection: send exact bytes, read responses one by one."""
 
@@ -173,10 +182,7 @@ def test_background_post_answers_job_created_and_queues_the_job(make_server):
 def test_foreground_post_answers_the_workers_result(make_server):
     server = start(make_server)
     with worker(server, "reverse") as sock:
-        http_conn = connection(server)
-        http_conn.request("POST", "/reverse", body=b"hello")
-        wait_queued(server, "reverse", 1)
-        handle, function, data = grab(sock)
+        http_conn, (handle, function, data) = requested(server, sock, "POST", "/reverse", b"hello")
         assert (function, data) == (b"reverse", b"hello")
         gp.complete(sock, handle, b"RESULT:olleh")
         status, headers, body = read(http_conn.getresponse())
@@ -200,10 +206,7 @@ def test_empty_function_name_is_404(make_server):
 def test_get_submits_an_empty_payload(make_server):
     server = start(make_server)
     with worker(server, "f") as sock:
-        http_conn = connection(server)
-        http_conn.request("GET", "/f")
-        wait_queued(server, "f", 1)
-        handle, _, data = grab(sock)
+        http_conn, (handle, _, data) = requested(server, sock, "GET", "/f")
         assert data == b""
         gp.complete(sock, handle, b"done")
         status, headers, body = read(http_conn.getresponse())
@@ -312,10 +315,7 @@ def run_scenario(server):
         assert headers["x-gearman-job-handle"] == handle.decode()
         results.append(data)
         gp.complete(sock, handle, b"")
-        http_conn = connection(server)
-        http_conn.request("POST", "/fg", body=b"in\0put")
-        wait_queued(server, "fg", 1)
-        handle, function, data = grab(sock)
+        http_conn, (handle, function, data) = requested(server, sock, "POST", "/fg", b"in\0put")
         results.append((function, data))
         gp.complete(sock, handle, b"out\0put")
         status, headers, body = read(http_conn.getresponse())
@@ -515,10 +515,7 @@ def test_foreground_binary_payload_and_result(make_server):
     data = bytes(range(256)) * 3
     result = b"\0\0result\0\xff\0"
     with worker(server, "f") as sock:
-        http_conn = connection(server)
-        http_conn.request("POST", "/f", body=data)
-        wait_queued(server, "f", 1)
-        handle, _, got = grab(sock)
+        http_conn, (handle, _, got) = requested(server, sock, "POST", "/f", data)
         assert got == data
         gp.complete(sock, handle, result)
         status, headers, body = read(http_conn.getresponse())
@@ -530,10 +527,7 @@ def test_foreground_binary_payload_and_result(make_server):
 def test_work_data_is_prepended_and_status_warning_ignored(make_server):
     server = start(make_server)
     with worker(server, "f") as sock:
-        http_conn = connection(server)
-        http_conn.request("POST", "/f", body=b"x")
-        wait_queued(server, "f", 1)
-        handle = grab(sock)[0]
+        http_conn, (handle, _, _) = requested(server, sock, "POST", "/f", b"x")
         gp.send(sock, gp.WORK_DATA, handle, b"chunk1\0")
         gp.send(sock, gp.WORK_STATUS, handle, b"1", b"3")
         gp.send(sock, gp.WORK_WARNING, handle, b"careful")
@@ -548,10 +542,7 @@ def test_work_data_is_prepended_and_status_warning_ignored(make_server):
 def test_work_fail_is_500(make_server):
     server = start(make_server)
     with worker(server, "f") as sock:
-        http_conn = connection(server)
-        http_conn.request("POST", "/f", body=b"x")
-        wait_queued(server, "f", 1)
-        handle = grab(sock)[0]
+        http_conn, (handle, _, _) = requested(server, sock, "POST", "/f", b"x")
         gp.send(sock, gp.WORK_FAIL, handle)
         status, headers, body = read(http_conn.getresponse())
         # The connection is kept: a second request on it works.
@@ -566,10 +557,7 @@ def test_work_fail_is_500(make_server):
 def test_work_exception_is_500_with_the_exception(make_server):
     server = start(make_server)     # without --exceptions: HTTP clients get them anyway
     with worker(server, "f") as sock:
-        http_conn = connection(server)
-        http_conn.request("POST", "/f", body=b"x")
-        wait_queued(server, "f", 1)
-        handle = grab(sock)[0]
+        http_conn, (handle, _, _) = requested(server, sock, "POST", "/f", b"x")
         gp.send(sock, gp.WORK_EXCEPTION, handle, b"it\0broke")
         status, headers, body = read(http_conn.getresponse())
     assert status == 500
