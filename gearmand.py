@@ -2138,7 +2138,9 @@ class Journal:
                 job.queued = False
                 if new and job.ignore:
                     queues.discard(job)
-            elif job.number in joins:
+            elif joins.get(job.number, job.number) != job.number:
+                # (A job "joined" to its own seq is a write retried after its commit
+                # went through unseen: the row is its own.)
                 self.pager.joined(job, joins[job.number], new)
             else:
                 job.row = STORED

@@ -2257,6 +2257,22 @@ def test_pager_a_background_job_whose_key_a_stored_job_holds_joins_it(clock):
     check_counts(journal)
 
 
+def test_journal_a_write_retried_after_its_unseen_commit_keeps_the_job():
+    # The connection died after COMMIT went through: the retried INSERT finds the
+    # job's own row (its own seq) holding the key. That is no join: the job is stored
+    # and queued, and its client hears its own handle.
+    journal, queues, loop, store = make_pager()
+    client, worker = Client("c"), Client("w")
+    queues.register(worker, b"f", 0)
+    job = submit(queues, client, unique=b"u", data=b"d", background=True)
+    journal.end_turn()
+    batch = journal.writer.batches.get_nowait()
+    journal.batch_written(batch, set(), {job.number: job.number})
+    assert loop.to(client) == [(JOB_CREATED, job.handle)]
+    assert job.row == STORED and queues.jobs[job.handle] is job
+    assert queues.grab(worker) is job
+
+
 def test_pager_pages_epoch_jobs_in_by_when_then_seq(clock, monkeypatch):
     monkeypatch.setattr(gearmand.Pager, "scheduled_window", lambda self: 4)   # pages of 2
     t = int(clock.time())
