@@ -819,7 +819,11 @@ class Queues:
         self.discard(job)
 
     def discard(self, job):
-        if self.jobs.pop(job.handle, None) is None:
+        live = self.jobs.pop(job.handle, None)
+        if live is not job:
+            if live is not None:
+                # A job withdrawn from memory, and its row paged in again since.
+                self.jobs[job.handle] = live
             return
         function = job.function
         function.total -= 1
@@ -833,6 +837,15 @@ class Queues:
                 client.client_jobs.remove(job)
             job.clients = None
         self.journal.forget(job)
+
+    def withdraw(self, job):
+        """A queued stored job leaves memory while its row stays for whoever serves the
+        table next: workers pass over it in its queue, and a client waiting for it
+        hears that it failed here (the job itself runs once, from its row)."""
+        self.notify(job, WORK_FAIL, job.handle)
+        job.ignore = True
+        job.row = NO_ROW                  # no delete: the row is not this memory's now
+        self.discard(job)
 
     def shrink(self, function):
         """Dicts never shrink and deques keep spare blocks: a function that empties
@@ -1812,8 +1825,10 @@ class StoreWriter(threading.Thread):
             for group in in_order(batches):
                 dones = retry + [key for batch in group for key in batch.dones]
                 adds = [row_record(job) for batch in group for job in batch.jobs]
+                # A read must not find the rows of jobs that ended before it was asked.
+                reads = any(batch.requests for batch in group)
                 failed, joins, retry = None, {}, []
-                if adds or (dones and not (retrying and not stop)):
+                if adds or (dones and (reads or stop or not retrying)):
                     failed, joins = self.write(adds, dones, group)
                     if failed is None:
                         due, retry_delay = None, DELETE_DELAY
@@ -2250,6 +2265,7 @@ class Pager:
         self.scheduled_stored = 0         # epoch jobs in the store only
         self.scheduled_paging = False
         self.waiting_for_rows = {}        # job -> submissions to make again once it is written
+        self.ran_here = set()             # seqs not to page in again (see forget_stored)
 
     # -- start
 
@@ -2296,6 +2312,23 @@ class Pager:
         if not serving and self.journal.requests:
             self.loop.hold_accepting()
             self.journal.ask("probe", (), self.loop.resume_accepting)
+
+    def forget_stored(self, running):
+        """Memory lets go of what it knew of the store (a cluster member that held
+        its table again: others may have run its jobs meanwhile), to count and page
+        it in afresh. The rows of the jobs `running` here (seqs) are not taken in
+        again, even once they end: their deletes may come after the pages."""
+        for function in self.queues.functions.values():
+            spill = function.spill
+            if spill is not None:
+                function.total -= sum(spill.stored) + spill.scheduled
+                for priority, behind in enumerate(spill.behind):
+                    function.queues[priority].extend(job for _, job in behind)
+                function.spill = None
+        self.spilled = 0
+        self.scheduled_cursor = None
+        self.scheduled_stored = 0
+        self.ran_here = running
 
     def spill_of(self, function):
         if function.spill is None:
@@ -2469,6 +2502,11 @@ class Pager:
             if seq in spill.cancelled:
                 spill.cancelled.discard(seq)
                 continue
+            if seq in self.ran_here:      # counted, but it ran here
+                self.ran_here.discard(seq)
+                spill.stored[priority] -= 1
+                function.total -= 1
+                continue
             job = known.get(b"%s%d" % (prefix, seq))
             if job is None:
                 unique, row_unique = read_row_unique(unique)
@@ -2546,6 +2584,12 @@ class Pager:
             spill = function.spill
             if seq in spill.cancelled:
                 spill.cancelled.discard(seq)
+                continue
+            if seq in self.ran_here:
+                self.ran_here.discard(seq)
+                spill.scheduled -= 1
+                self.scheduled_stored -= 1
+                function.total -= 1
                 continue
             job = queues.jobs.get(b"%s%d" % (queues.handle_prefix, seq))
             if job is None:
@@ -2963,8 +3007,7 @@ class Adoption:
         for job in list(self.seqs):
             if job.worker is None:
                 del self.seqs[job]
-                job.row = NO_ROW          # no delete: the row is its member's again
-                queues.discard(job)
+                queues.withdraw(job)      # its row is its member's again
 
     def close(self):
         self.flush()
@@ -3094,14 +3137,14 @@ class Cluster:
     def reload(self):
         """Take in the table afresh: what is in memory of it may have run elsewhere."""
         queues = self.queues
+        running = set()
         for job in list(queues.jobs.values()):
-            if job.row == STORED and job.worker is None:
-                job.row = NO_ROW          # its row stays: it comes back from the table
-                queues.discard(job)
-        for function in queues.functions.values():
-            if function.spill is not None:
-                function.total -= sum(function.spill.stored) + function.spill.scheduled
-                function.spill = None
+            if job.row == STORED:
+                if job.worker is None:
+                    queues.withdraw(job)  # it comes back from the table, if still there
+                else:
+                    running.add(job.number)
+        self.journal.pager.forget_stored(running)
         self.journal.ask("counts", (), self.counted)
 
     def counted(self, counts):
@@ -3115,9 +3158,6 @@ class Cluster:
         if not self.owning:
             return
         pager = self.journal.pager
-        pager.spilled = sum(1 for f in self.queues.functions.values() if f.spill is not None)
-        pager.scheduled_cursor = None
-        pager.scheduled_stored = 0
         pager.take_counts(counts)
         pager.start()
 

@@ -269,6 +269,40 @@ def test_a_member_cut_off_from_its_database_is_fenced_and_adopted(cluster, backe
         proxy.close()
 
 
+def test_a_member_that_holds_its_table_again_takes_in_each_job_once(cluster, backend):
+    """Fenced and back, a member reads its table afresh: the jobs it had queued come
+    back once each, a foreground job waits on, and the jobs its worker held through
+    the fence (one finished while fenced, one after) do not come back at all."""
+    proxy = Proxy(backend.port)
+    try:
+        a, = cluster(1, proxy_first=proxy)
+        submit(a, b"f", 300)
+        with a.connect() as client, a.connect() as worker:
+            # Without a row, it stays in memory, and so does its queue.
+            kind, foreground = gp.call(client, gp.SUBMIT_JOB, b"f", b"fg", b"")
+            assert kind == gp.JOB_CREATED
+            gp.can_do(worker, b"f")
+            held = []
+            for _ in range(2):
+                kind, body = gp.call(worker, gp.GRAB_JOB_UNIQ)
+                assert kind == gp.JOB_ASSIGN_UNIQ
+                held.append(body.split(b"\0", 3))
+            assert [unique for _, _, unique, _ in held] == [b"u0", b"u1"]
+            proxy.mode = "cut"
+            wait_until(lambda: not holds_its_table(a), 30, what="a fenced")
+            gp.send(worker, gp.WORK_COMPLETE, held[0][0], b"")
+            proxy.mode = "pass"
+            wait_until(lambda: holds_its_table(a), 30, what="a back on its table")
+            gp.send(worker, gp.WORK_COMPLETE, held[1][0], b"")
+            ran = work(a, b"f", 299, timeout=30)
+            assert len(ran) == len(set(ran)), "a job ran twice"
+            assert sorted(ran) == sorted([b"fg"] + [b"u%d" % n for n in range(2, 300)])
+            assert gp.recv(client, 10) == (gp.WORK_COMPLETE, foreground + b"\0")
+            assert grabs_nothing(a, b"f", 0.5)
+    finally:
+        proxy.close()
+
+
 def test_a_database_restart_in_a_submit_storm_loses_nothing_and_adopts_nothing_outage(
         cluster, backend):
     """Every member loses its database at once: none may take that for a dead peer.
