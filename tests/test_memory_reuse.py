@@ -6,6 +6,12 @@ was deep must be freed: round after round on fresh names, the server's RSS stays
 The driver is one selectors loop in the test: a client pipelines background
 submissions of every priority (half with a unique key, half with the unique "-"
 and a distinct payload) while workers pipeline grabs and completions.
+
+The server runs with PYTHONMALLOC=malloc. With CPython's default small-object
+allocator, each round leaves an arena or two of 1 MiB pinned by a few long-lived
+objects (the new function's own), about 1.5 MB a round that no code can give back;
+that noise swamped the limit. With malloc the growth over eight rounds is about
+1 MB, and a function that keeps what it grew adds some 11 MB a round.
 """
 import os
 import selectors
@@ -24,7 +30,7 @@ JOBS = 200_000
 WORKERS = 4
 GRAB_WINDOW = 64              # grabs in flight per worker connection
 SEND_CHUNK = 256 << 10        # bytes of submissions per send
-GROWTH_LIMIT_KB = 15 << 10
+GROWTH_LIMIT_KB = 6 << 10    # over all the rounds
 
 HEADER = struct.Struct(">4sII")
 SUBMITS = (SUBMIT_JOB_HIGH_BG, SUBMIT_JOB_BG, SUBMIT_JOB_LOW_BG)
@@ -129,7 +135,8 @@ def run_round(server, function, jobs):
 
 @pytest.mark.skipif(IMPL == "c", reason="measures gearmand.py's own memory")
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
-def test_rss_stays_flat_over_rounds_of_deep_queues_on_fresh_function_names(server):
+def test_rss_stays_flat_over_rounds_of_deep_queues_on_fresh_function_names(make_server):
+    server = make_server(env=dict(os.environ, PYTHONMALLOC="malloc"))
     tag = os.urandom(4).hex().encode()
     rss = []
     for number in range(ROUNDS):
