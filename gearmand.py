@@ -498,8 +498,9 @@ class Queues:
             self.set_wakeable(peer, True)
 
     def peer_left(self, peer):
-        """A connection closed: its jobs go back to the queue, its waits are abandoned."""
-        self.set_wakeable(peer, False)
+        """A connection closed: its jobs go back to the queue, its waits are abandoned.
+        As in C, a sleeping worker is still in the ring while its jobs go back, so the
+        NOOP they make may be its own (lost with it; with -w it is one of the N)."""
         self.unregister(peer, list(peer.registrations))
         for job in peer.client_jobs:
             self.detach_client(job, peer)

@@ -349,6 +349,28 @@ def test_requeue_wakes_sleeping_workers(srv):
     assert grab_handle(w2) == b"T:1"
 
 
+
+@pytest.mark.parametrize("wakeup", [None, "1"])
+def test_a_sleeping_worker_that_dies_holding_a_job_may_take_its_noop_along(make_server,
+                                                                            wakeup):
+    """C puts a dead worker's job back while the worker is still in the function's
+    ring, and it is asleep: with -w 1 the one NOOP is its own, lost with it."""
+    server = make_server(*PREFIX, *(("-w", wakeup) if wakeup else ()))
+    c, w1 = server.connect(), server.connect()
+    can_do(w1, "f")
+    submit(c, "f", "", "x")
+    assert grab_handle(w1) == b"T:1"
+    send(w1, PRE_SLEEP)
+    sync(w1)
+    w2 = sleeping_worker(server, "f")
+    w1.close()
+    wait_until(lambda: server.status().get("f") == (1, 0, 1), 5, what="T:1 back in the queue")
+    if wakeup:
+        sync(w2)                          # nothing came before the echo: no NOOP
+    else:
+        expect(w2, NOOP)
+    assert grab_handle(w2) == b"T:1"
+
 # --- results forwarded to clients ------------------------------------------
 
 def test_work_packets_forwarded_verbatim_to_every_attached_client(srv):
