@@ -16,7 +16,7 @@ The file reads top to bottom in the order data flows:
   persistence       Store and the shared base of the backends, SqliteStore, the
                     writer thread, and Journal: the loop's side of the store
   logging, stats    Log, Stats
-  event loop        Connection, Timers, EventLoop (one selectors loop, one thread)
+  event loop        Connection, Timers, EventLoop (one epoll loop, one thread)
   binary protocol   BinaryProtocol: framing, dispatch and the packet handlers
   admin, HTTP       Admin (the text protocol), HttpProtocol (jobs, /metrics, /status)
   command line      options, Server (the rooms wired together), run() and main()
@@ -34,7 +34,7 @@ import importlib.util
 import os
 import queue
 import re
-import selectors
+import select
 import signal
 import socket
 import sqlite3
@@ -140,7 +140,9 @@ OPTION_NAME_MAX = 63
 TIMEOUT_DIGITS_MAX = 20
 SEND_SLICE = 256 * 1024   # bytes joined for one send() when replies pile up
 FLUSH_PATIENCE = 10.0     # seconds a graceful stop waits for peers to read their results
-TIMER_WAIT_MAX = 3600.0   # select() overflows past ~24 days; far timers are re-checked hourly
+TIMER_WAIT_MAX = 3600.0   # poll() overflows past ~24 days; far timers are re-checked hourly
+READABLE = select.EPOLLIN
+WRITABLE = select.EPOLLIN | select.EPOLLOUT
 
 HIGH, NORMAL, LOW = 0, 1, 2
 PRIORITY_NAMES = ("high", "normal", "low")
@@ -3354,7 +3356,7 @@ class Connection(Peer):
         self.out = []                     # output waiting for the end of the loop turn
         self.out_size = 0
         self.held = None                  # output queued behind a JOB_CREATED that waits for the store
-        self.writing = False              # registered for EVENT_WRITE
+        self.writing = False              # polled for EPOLLOUT too
         self.closing = False              # close once the output is sent
         self.closed = False
         self.exceptions = False           # the `exceptions` option: WORK_EXCEPTION is passed on
@@ -3437,7 +3439,7 @@ class Timers:
 
 
 class EventLoop:
-    """One thread, one selector: accepts connections, reads what they send to their
+    """One thread, one epoll: accepts connections, reads what they send to their
     protocol, sends what is queued for them once per turn, runs the timers, and
     stops when asked. Its owner (the Server) is told when a turn ends, when the
     writer thread woke it, and when a connection closes."""
@@ -3449,9 +3451,10 @@ class EventLoop:
         self.max_output = options.max_output
         self.max_input_buffer = options.max_input_buffer
         self.gathering = 0                # bytes of large packets still arriving, all peers
+        # epoll reports file descriptors: each is looked up in one of these.
         self.connections = {}             # fd -> Connection, oldest first
-        self.listeners = []
-        self.selector = selectors.DefaultSelector()
+        self.listeners = {}               # fd -> Listener
+        self.poller = select.epoll()
         self.timers = Timers(self.internal_error)
         self.dirty = []                   # connections with output to send this turn
         self.resuming = []                # paused connections whose input may go on
@@ -3463,7 +3466,8 @@ class EventLoop:
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.wake_reader.setblocking(False)
         self.wake_writer.setblocking(False)
-        self.selector.register(self.wake_reader, selectors.EVENT_READ, None)
+        self.wake_fd = self.wake_reader.fileno()
+        self.poller.register(self.wake_fd, READABLE)
 
     # -- listening and accepting
 
@@ -3471,9 +3475,8 @@ class EventLoop:
         """Serve a protocol on sockets bound by bind_listeners()."""
         for sock in sockets:
             sock.setblocking(False)
-            listener = Listener(sock, protocol, tls_context)
-            self.listeners.append(listener)
-            self.selector.register(sock, selectors.EVENT_READ, listener)
+            self.listeners[sock.fileno()] = Listener(sock, protocol, tls_context)
+            self.poller.register(sock.fileno(), READABLE)
             address = sock.getsockname()
             self.log.info(f"Listening on {address[0]}:{address[1]} ({sock.fileno()}), "
                           f"{protocol.name}{' over TLS' if tls_context else ''}")
@@ -3510,7 +3513,7 @@ class EventLoop:
             listener.protocol.opened(conn)
             self.stats.accepted += 1
             self.connections[conn.fd] = conn
-            self.selector.register(sock, selectors.EVENT_READ, conn)
+            self.poller.register(conn.fd, READABLE)
 
     def pause_accepting(self, seconds):
         if not self.accept_paused:
@@ -3521,26 +3524,27 @@ class EventLoop:
         """Accept nobody until resume_accepting(); meanwhile the kernel keeps new
         connections in the listen backlog."""
         self.accept_paused = True
-        for listener in self.listeners:
-            self.selector.unregister(listener.sock)
+        for fd in self.listeners:
+            self.poller.unregister(fd)
 
     def resume_accepting(self, _=None):
         self.accept_paused = False
         if self.stopping is None:
-            for listener in self.listeners:
-                self.selector.register(listener.sock, selectors.EVENT_READ, listener)
+            for fd in self.listeners:
+                self.poller.register(fd, READABLE)
 
     def stop_listening(self):
-        for listener in self.listeners:
+        for fd, listener in self.listeners.items():
             if not self.accept_paused:
-                self.selector.unregister(listener.sock)
+                self.poller.unregister(fd)
             listener.sock.close()
-        self.listeners = []
+        self.listeners = {}
 
     # -- the loop
 
     def serve_forever(self):
-        select = self.selector.select
+        poll = self.poller.poll
+        connections = self.connections
         timers = self.timers
         while True:
             if self.stop_requested:
@@ -3550,19 +3554,21 @@ class EventLoop:
             if self.stopping and self.ready_to_stop():
                 return
             # Measured after end_turn, which may have added a timer.
-            for key, mask in select(timers.next_timeout()):
-                target = key.data
-                if target.__class__ is Connection:
-                    if target.handshaking:
-                        self.handshake(target)
-                    elif mask & selectors.EVENT_READ:
-                        self.read(target)
-                    if mask & selectors.EVENT_WRITE and not target.closed:
-                        self.send_output(target)
-                elif target is None:
+            for fd, mask in poll(timers.next_timeout()):
+                conn = connections.get(fd)
+                if conn is not None:
+                    # A hang-up or an error comes without EPOLLIN: a read or a
+                    # send finds out which.
+                    if conn.handshaking:
+                        self.handshake(conn)
+                    elif mask != select.EPOLLOUT:
+                        self.read(conn)
+                    if mask != select.EPOLLIN and conn.writing and not conn.closed:
+                        self.send_output(conn)
+                elif fd == self.wake_fd:
                     self.on_wakeup()
-                else:
-                    self.accept(target)
+                elif fd in self.listeners:
+                    self.accept(self.listeners[fd])
 
     def end_turn(self):
         """Let the owner finish the turn (store work, requests to resume), then send
@@ -3662,10 +3668,10 @@ class EventLoop:
         try:
             conn.sock.do_handshake()
         except ssl.SSLWantReadError:
-            self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+            self.poller.modify(conn.fd, READABLE)
             return
         except ssl.SSLWantWriteError:
-            self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+            self.poller.modify(conn.fd, WRITABLE)
             return
         except (OSError, ValueError) as error:
             # A scan or a client without a certificate: worth a line, not a flood of them.
@@ -3674,7 +3680,7 @@ class EventLoop:
             self.close(conn)
             return
         conn.handshaking = False
-        self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+        self.poller.modify(conn.fd, READABLE)
 
     def read(self, conn):
         try:
@@ -3782,11 +3788,11 @@ class EventLoop:
             out[0] = memoryview(data)[sent:]
         if out and not conn.writing:
             conn.writing = True
-            self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+            self.poller.modify(conn.fd, WRITABLE)
         elif not out:
             if conn.writing:
                 conn.writing = False
-                self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+                self.poller.modify(conn.fd, READABLE)
             if conn.closing:
                 self.close(conn)
 
@@ -3798,7 +3804,7 @@ class EventLoop:
         if self.log.debug:
             self.log.limited("connections", "DEBUG", f"Disconnected {conn.address}:{conn.port} "
                              f"({conn.fd})", burst=500, every=1.0)
-        self.selector.unregister(conn.sock)
+        self.poller.unregister(conn.fd)
         del self.connections[conn.fd]
         if conn.chunks is not None:
             self.stop_gathering(conn)
@@ -3808,8 +3814,9 @@ class EventLoop:
     def close_all(self):
         for conn in list(self.connections.values()):
             conn.sock.close()
-        for listener in self.listeners:
+        for listener in self.listeners.values():
             listener.sock.close()
+        self.poller.close()
 
 
 # --- Gearman binary protocol: framing, dispatch, packet handlers ---------------
