@@ -56,7 +56,6 @@ GEARMAND_VERSION = "1.1.20"
 REQ = b"\0REQ"
 RES = b"\0RES"
 HEADER = struct.Struct(">4sII")
-TYPE_SIZE = struct.Struct(">II")
 
 CAN_DO = 1
 CANT_DO = 2
@@ -151,7 +150,7 @@ KINDS = ("foreground", "background")   # indexed by a job's `background`
 
 def packet(ptype, payload=b""):
     """One server-to-client packet."""
-    return RES + TYPE_SIZE.pack(ptype, len(payload)) + payload
+    return HEADER.pack(RES, ptype, len(payload)) + payload
 
 
 def error_packet(code, text):
@@ -687,20 +686,13 @@ class Queues:
                                      or time.monotonic() < self.lease_until)
 
     def grab(self, peer):
-        """GRAB_JOB*: the job the worker runs next, now assigned to it; None if none."""
+        """GRAB_JOB*: the job the worker runs next, now assigned to it; None if none.
+        Its newest registration first, then high, normal, low priority, FIFO within each."""
         if peer.sleeping:
             self.set_wakeable(peer, False)
             peer.sleeping = peer.noop_sent = False
         if not self.may_dispatch():
             return None
-        job, registration = self.take_job(peer)
-        if job is not None:
-            self.assign(job, registration)
-        return job
-
-    def take_job(self, peer):
-        """The next job for a grabbing worker: its newest registration first, then
-        high, normal, low priority, FIFO within each."""
         for registration in peer.registrations:
             function = registration.function
             if function.spill is None:
@@ -708,13 +700,14 @@ class Queues:
             else:
                 job = self.pager.take(function)
                 if job is PAGING:
-                    return None, None     # its next job is on its way from the store
+                    return None           # its next job is on its way from the store
             if job is not None:
                 if self.round_robin:
                     peer.registrations.remove(registration)
                     peer.registrations.append(registration)
-                return job, registration
-        return None, None
+                self.assign(job, registration)
+                return job
+        return None
 
     def first_job(self, function):
         for jobs in function.queues:
@@ -3821,6 +3814,32 @@ class EventLoop:
 
 # --- Gearman binary protocol: framing, dispatch, packet handlers ---------------
 
+# A job for a grabbing worker, framed in one piece: header, handle, function name,
+# unique (with _UNIQ and _ALL), reducer (with _ALL), data.
+
+def job_assign(job):
+    handle, name, data = job.handle, job.function.name, job.data
+    return b"%s%s\0%s\0%s" % (
+        HEADER.pack(RES, JOB_ASSIGN, len(handle) + len(name) + len(data) + 2),
+        handle, name, data)
+
+
+def job_assign_uniq(job):
+    handle, name, unique, data = job.handle, job.function.name, job.unique, job.data
+    return b"%s%s\0%s\0%s\0%s" % (
+        HEADER.pack(RES, JOB_ASSIGN_UNIQ, len(handle) + len(name) + len(unique) + len(data) + 3),
+        handle, name, unique, data)
+
+
+def job_assign_all(job):
+    handle, name, unique, reducer, data = (job.handle, job.function.name, job.unique,
+                                           job.reducer, job.data)
+    return b"%s%s\0%s\0%s\0%s\0%s" % (
+        HEADER.pack(RES, JOB_ASSIGN_ALL,
+                    len(handle) + len(name) + len(unique) + len(reducer) + len(data) + 4),
+        handle, name, unique, reducer, data)
+
+
 class BinaryProtocol:
     """The Gearman port: binary packets, with admin text lines between them
     (C's server.cc). Handlers check a packet's arguments and ask the queues."""
@@ -3847,7 +3866,7 @@ class BinaryProtocol:
             ptype, payload = WORK_FAIL, payload.split(b"\0", 1)[0]
         if self.debug:
             self.debug_packet(conn, ptype, payload.split(b"\0", ARGUMENT_NULS[ptype]), "->")
-        self.loop.send(conn, RES + TYPE_SIZE.pack(ptype, len(payload)) + payload)
+        self.loop.send(conn, HEADER.pack(RES, ptype, len(payload)) + payload)
 
     def receive(self, conn, data):
         """Run every complete packet and text line in `data`; keep the rest."""
@@ -3941,18 +3960,18 @@ class BinaryProtocol:
         handlers[CANT_DO] = self.cant_do
         handlers[RESET_ABILITIES] = self.reset_abilities
         handlers[PRE_SLEEP] = self.pre_sleep
-        handlers[SUBMIT_JOB] = functools.partial(self.submit, NORMAL, False)
-        handlers[SUBMIT_JOB_HIGH] = functools.partial(self.submit, HIGH, False)
-        handlers[SUBMIT_JOB_LOW] = functools.partial(self.submit, LOW, False)
-        handlers[SUBMIT_JOB_BG] = functools.partial(self.submit, NORMAL, True)
-        handlers[SUBMIT_JOB_HIGH_BG] = functools.partial(self.submit, HIGH, True)
-        handlers[SUBMIT_JOB_LOW_BG] = functools.partial(self.submit, LOW, True)
-        handlers[SUBMIT_JOB_EPOCH] = self.submit_epoch
-        handlers[SUBMIT_REDUCE_JOB] = functools.partial(self.submit_reduce, False)
-        handlers[SUBMIT_REDUCE_JOB_BACKGROUND] = functools.partial(self.submit_reduce, True)
-        handlers[GRAB_JOB] = functools.partial(self.grab, JOB_ASSIGN)
-        handlers[GRAB_JOB_UNIQ] = functools.partial(self.grab, JOB_ASSIGN_UNIQ)
-        handlers[GRAB_JOB_ALL] = functools.partial(self.grab, JOB_ASSIGN_ALL)
+        handlers[SUBMIT_JOB] = self.submit_job
+        handlers[SUBMIT_JOB_HIGH] = self.submit_job_high
+        handlers[SUBMIT_JOB_LOW] = self.submit_job_low
+        handlers[SUBMIT_JOB_BG] = self.submit_job_bg
+        handlers[SUBMIT_JOB_HIGH_BG] = self.submit_job_high_bg
+        handlers[SUBMIT_JOB_LOW_BG] = self.submit_job_low_bg
+        handlers[SUBMIT_JOB_EPOCH] = self.submit_job_epoch
+        handlers[SUBMIT_REDUCE_JOB] = self.submit_reduce_job
+        handlers[SUBMIT_REDUCE_JOB_BACKGROUND] = self.submit_reduce_job_background
+        handlers[GRAB_JOB] = self.grab_job
+        handlers[GRAB_JOB_UNIQ] = self.grab_job_uniq
+        handlers[GRAB_JOB_ALL] = self.grab_job_all
         handlers[WORK_STATUS] = self.work_status
         handlers[WORK_DATA] = functools.partial(self.work_update, WORK_DATA)
         handlers[WORK_WARNING] = functools.partial(self.work_update, WORK_WARNING)
@@ -4008,22 +4027,22 @@ class BinaryProtocol:
     def pre_sleep(self, conn, args):
         self.queues.sleep(conn)
 
-    def grab(self, reply, conn, args):
+    def grab_job(self, conn, args):
+        job = self.queues.grab(conn)
+        self.loop.send(conn, NO_JOB_PACKET if job is None else job_assign(job))
+
+    def grab_job_uniq(self, conn, args):
+        job = self.queues.grab(conn)
+        self.loop.send(conn, NO_JOB_PACKET if job is None else job_assign_uniq(job))
+
+    def grab_job_all(self, conn, args):
         job = self.queues.grab(conn)
         if job is None:
             self.loop.send(conn, NO_JOB_PACKET)
-            return
-        function = job.function.name
-        if reply == JOB_ASSIGN_ALL and not job.reducer:
-            reply = JOB_ASSIGN_UNIQ
-        if reply == JOB_ASSIGN:
-            payload = b"%s\0%s\0%s" % (job.handle, function, job.data)
-        elif reply == JOB_ASSIGN_UNIQ:
-            payload = b"%s\0%s\0%s\0%s" % (job.handle, function, job.unique, job.data)
+        elif job.reducer:
+            self.loop.send(conn, job_assign_all(job))
         else:
-            payload = b"%s\0%s\0%s\0%s\0%s" % (job.handle, function, job.unique,
-                                               job.reducer, job.data)
-        self.loop.send(conn, packet(reply, payload))
+            self.loop.send(conn, job_assign_uniq(job))   # as C: ALL only for a reduce job
 
     def work_status(self, conn, args):
         job = self.queues.running_job(conn, args[0])
@@ -4067,22 +4086,48 @@ class BinaryProtocol:
 
     # -- clients
 
-    def submit(self, priority, background, conn, args, when=0, reducer=None):
-        self.queues.submit(conn, args[0], args[1], args[-1], priority, background, when, reducer)
+    # The arguments of SUBMIT_JOB*: function, unique, data.
 
-    def submit_epoch(self, conn, args):
+    def submit_job(self, conn, args):
+        self.queues.submit(conn, args[0], args[1], args[2], NORMAL, False)
+
+    def submit_job_high(self, conn, args):
+        self.queues.submit(conn, args[0], args[1], args[2], HIGH, False)
+
+    def submit_job_low(self, conn, args):
+        self.queues.submit(conn, args[0], args[1], args[2], LOW, False)
+
+    def submit_job_bg(self, conn, args):
+        self.queues.submit(conn, args[0], args[1], args[2], NORMAL, True)
+
+    def submit_job_high_bg(self, conn, args):
+        self.queues.submit(conn, args[0], args[1], args[2], HIGH, True)
+
+    def submit_job_low_bg(self, conn, args):
+        self.queues.submit(conn, args[0], args[1], args[2], LOW, True)
+
+    def submit_job_epoch(self, conn, args):
+        """Function, unique, epoch time, data."""
         when = c_integer(args[2], 64)
         if when is None:
             self.loop.close(conn)
             return
-        self.submit(NORMAL, True, conn, args, when=when)
+        self.queues.submit(conn, args[0], args[1], args[3], NORMAL, True, when=when)
 
-    def submit_reduce(self, background, conn, args):
+    def submit_reduce_job(self, conn, args):
+        self.submit_reduce(conn, args, False)
+
+    def submit_reduce_job_background(self, conn, args):
+        self.submit_reduce(conn, args, True)
+
+    def submit_reduce(self, conn, args, background):
+        """Function, unique, reducer, aggregator (ignored, as by C), data."""
         # C checks the reducer's length where it means the unique's; we keep that.
         if len(args[2]) > UNIQUE_MAX:
             self.loop.emit(conn, ERROR, UNIQUE_TOO_LARGE)
             return
-        self.submit(NORMAL, background, conn, args, reducer=args[2])
+        self.queues.submit(conn, args[0], args[1], args[4], NORMAL, background,
+                           reducer=args[2])
 
     def get_status(self, conn, args):
         handle = args[0]
