@@ -514,7 +514,7 @@ class Queues:
         if len(unique) > UNIQUE_MAX and reducer is None:
             self.emit(peer, ERROR, UNIQUE_TOO_LARGE)
             return
-        function = self.find_or_add_function(name)
+        function = self.functions.get(name) or self.find_or_add_function(name)
         job = self.coalesce(function, unique, data)
         if function.spill is not None and not (background or looked_up):
             # A stored job may hold the unique: ask the store first. (A background
@@ -537,7 +537,10 @@ class Queues:
         if limit and function.total >= limit:
             self.emit(peer, ERROR, QUEUE_FULL)
             return
-        job = self.new_job(function, unique, data, priority, when, reducer, background)
+        self.job_count += 1
+        function.total += 1
+        job = self.index(Job(b"%s%d" % (self.handle_prefix, self.job_count), self.job_count,
+                             function, unique, data, priority, when, reducer, background))
         self.stats.submitted[job.kind] += 1
         if background:
             if self.journal.add(job):
@@ -547,12 +550,6 @@ class Queues:
             self.attach_client(job, peer)
         self.enqueue(job)
         self.emit(peer, JOB_CREATED, job.handle)
-
-    def new_job(self, function, unique, data, priority, when, reducer, background):
-        self.job_count += 1
-        function.total += 1
-        return self.index(Job(b"%s%d" % (self.handle_prefix, self.job_count), self.job_count,
-                              function, unique, data, priority, when, reducer, background))
 
     def stored_job(self, function, number, unique, data, priority, when):
         """A background job read from the store (counted in its function already);
@@ -639,14 +636,16 @@ class Queues:
     # -- queueing and handing out
 
     def enqueue(self, job):
-        """Make a job available to workers: now, or at its epoch time."""
+        """Make a job available to workers: now, or at its epoch time. (C wakes
+        workers for an epoch job at submission too; they find nothing and sleep again.)"""
         function = job.function
-        if job.when > 0 and self.schedule(job):
-            # C wakes workers at submission too; they find nothing yet and sleep again.
+        if not (job.when > 0 and self.schedule(job)):
+            if function.spill is None:
+                function.queues[job.priority].append(job)
+            else:
+                self.queue_up(job)
+        if function.wakeable:
             self.wake_workers(function)
-            return
-        self.queue_up(job)
-        self.wake_workers(function)
 
     def schedule(self, job):
         """An epoch job waits for its time on a timer: False if it is due already."""
@@ -810,7 +809,10 @@ class Queues:
         """The job is over (done, failed, dropped): forget it and delete its row."""
         if job.worker is not None:
             job.worker.jobs.remove(job)
-        self.unassign(job)
+            job.worker = None
+            job.function.running -= 1
+        if self.timeouts:
+            self.cancel_timeout(job)
         self.discard(job)
 
     def discard(self, job):
