@@ -3876,38 +3876,36 @@ class BinaryProtocol:
         end = len(data)
         unpack = HEADER.unpack_from
         handlers = self.handlers
+        max_packet = self.max_packet
         debug = self.debug
         while start < end:
             if data[start] == 0:
                 if end - start < 12:
                     break
                 magic, ptype, size = unpack(data, start)
-                if ptype >= PACKET_TYPES or ptype == 0 or (magic != REQ and magic != RES):
+                if not 0 < ptype < PACKET_TYPES or magic != REQ and magic != RES:
                     self.loop.close(conn)
                     return
-                if size > self.max_packet:
+                if size > max_packet:
                     self.loop.log.limited("limits", "WARNING", f"{conn.address}:{conn.port}: "
                                           f"packet of {size} bytes is over --max-packet-size, "
                                           f"closing")
                     self.loop.close(conn)
                     return
-                if end - start - 12 < size:
+                packet_end = start + 12 + size
+                if packet_end > end:
                     if size > 65536:
                         self.loop.gather(conn, data[start:], 12 + size)
                         conn.inbuf = b""
                         return
                     break
-                payload = data[start + 12:start + 12 + size]
-                start += 12 + size
                 nuls = ARGUMENT_NULS[ptype]
-                if nuls:
-                    args = payload.split(b"\0", nuls)
-                    if len(args) <= nuls:
-                        # C would read past this packet looking for the missing NULs.
-                        self.loop.close(conn)
-                        return
-                else:
-                    args = [payload]
+                args = data[start + 12:packet_end].split(b"\0", nuls)   # nuls 0: [payload]
+                start = packet_end
+                if len(args) <= nuls:
+                    # C would read past this packet looking for the missing NULs.
+                    self.loop.close(conn)
+                    return
                 if size > ARGUMENT_MAX and not argument_sizes_fit(ptype, args):
                     self.loop.close(conn)
                     return
