@@ -638,14 +638,10 @@ class Queues:
     def enqueue(self, job):
         """Make a job available to workers: now, or at its epoch time. (C wakes
         workers for an epoch job at submission too; they find nothing and sleep again.)"""
-        function = job.function
-        if not (job.when > 0 and self.schedule(job)):
-            if function.spill is None:
-                function.queues[job.priority].append(job)
-            else:
-                self.queue_up(job)
-        if function.wakeable:
-            self.wake_workers(function)
+        if job.when <= 0 or not self.schedule(job):
+            self.queue_up(job)            # due now
+        if job.function.wakeable:
+            self.wake_workers(job.function)
 
     def schedule(self, job):
         """An epoch job waits for its time on a timer: False if it is due already."""
@@ -809,10 +805,7 @@ class Queues:
         """The job is over (done, failed, dropped): forget it and delete its row."""
         if job.worker is not None:
             job.worker.jobs.remove(job)
-            job.worker = None
-            job.function.running -= 1
-        if self.timeouts:
-            self.cancel_timeout(job)
+        self.unassign(job)
         self.discard(job)
 
     def discard(self, job):
