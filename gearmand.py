@@ -16,7 +16,7 @@ The file reads top to bottom in the order data flows:
   persistence       Store and the shared base of the backends, SqliteStore, the
                     writer thread, and Journal: the loop's side of the store
   logging, stats    Log, Stats
-  event loop        Connection, Timers, EventLoop (one selectors loop, one thread)
+  event loop        Connection, Timers, EventLoop (one epoll loop, one thread)
   binary protocol   BinaryProtocol: framing, dispatch and the packet handlers
   admin, HTTP       Admin (the text protocol), HttpProtocol (jobs, /metrics, /status)
   command line      options, Server (the rooms wired together), run() and main()
@@ -34,7 +34,7 @@ import importlib.util
 import os
 import queue
 import re
-import selectors
+import select
 import signal
 import socket
 import sqlite3
@@ -56,7 +56,6 @@ GEARMAND_VERSION = "1.1.20"
 REQ = b"\0REQ"
 RES = b"\0RES"
 HEADER = struct.Struct(">4sII")
-TYPE_SIZE = struct.Struct(">II")
 
 CAN_DO = 1
 CANT_DO = 2
@@ -140,7 +139,9 @@ OPTION_NAME_MAX = 63
 TIMEOUT_DIGITS_MAX = 20
 SEND_SLICE = 256 * 1024   # bytes joined for one send() when replies pile up
 FLUSH_PATIENCE = 10.0     # seconds a graceful stop waits for peers to read their results
-TIMER_WAIT_MAX = 3600.0   # select() overflows past ~24 days; far timers are re-checked hourly
+TIMER_WAIT_MAX = 3600.0   # poll() overflows past ~24 days; far timers are re-checked hourly
+READABLE = select.EPOLLIN
+WRITABLE = select.EPOLLIN | select.EPOLLOUT
 
 HIGH, NORMAL, LOW = 0, 1, 2
 PRIORITY_NAMES = ("high", "normal", "low")
@@ -149,7 +150,7 @@ KINDS = ("foreground", "background")   # indexed by a job's `background`
 
 def packet(ptype, payload=b""):
     """One server-to-client packet."""
-    return RES + TYPE_SIZE.pack(ptype, len(payload)) + payload
+    return HEADER.pack(RES, ptype, len(payload)) + payload
 
 
 def error_packet(code, text):
@@ -514,7 +515,7 @@ class Queues:
         if len(unique) > UNIQUE_MAX and reducer is None:
             self.emit(peer, ERROR, UNIQUE_TOO_LARGE)
             return
-        function = self.find_or_add_function(name)
+        function = self.functions.get(name) or self.find_or_add_function(name)
         job = self.coalesce(function, unique, data)
         if function.spill is not None and not (background or looked_up):
             # A stored job may hold the unique: ask the store first. (A background
@@ -537,7 +538,10 @@ class Queues:
         if limit and function.total >= limit:
             self.emit(peer, ERROR, QUEUE_FULL)
             return
-        job = self.new_job(function, unique, data, priority, when, reducer, background)
+        self.job_count += 1
+        function.total += 1
+        job = self.index(Job(b"%s%d" % (self.handle_prefix, self.job_count), self.job_count,
+                             function, unique, data, priority, when, reducer, background))
         self.stats.submitted[job.kind] += 1
         if background:
             if self.journal.add(job):
@@ -547,12 +551,6 @@ class Queues:
             self.attach_client(job, peer)
         self.enqueue(job)
         self.emit(peer, JOB_CREATED, job.handle)
-
-    def new_job(self, function, unique, data, priority, when, reducer, background):
-        self.job_count += 1
-        function.total += 1
-        return self.index(Job(b"%s%d" % (self.handle_prefix, self.job_count), self.job_count,
-                              function, unique, data, priority, when, reducer, background))
 
     def stored_job(self, function, number, unique, data, priority, when):
         """A background job read from the store (counted in its function already);
@@ -639,14 +637,12 @@ class Queues:
     # -- queueing and handing out
 
     def enqueue(self, job):
-        """Make a job available to workers: now, or at its epoch time."""
-        function = job.function
-        if job.when > 0 and self.schedule(job):
-            # C wakes workers at submission too; they find nothing yet and sleep again.
-            self.wake_workers(function)
-            return
-        self.queue_up(job)
-        self.wake_workers(function)
+        """Make a job available to workers: now, or at its epoch time. (C wakes
+        workers for an epoch job at submission too; they find nothing and sleep again.)"""
+        if job.when <= 0 or not self.schedule(job):
+            self.queue_up(job)            # due now
+        if job.function.wakeable:
+            self.wake_workers(job.function)
 
     def schedule(self, job):
         """An epoch job waits for its time on a timer: False if it is due already."""
@@ -686,20 +682,13 @@ class Queues:
                                      or time.monotonic() < self.lease_until)
 
     def grab(self, peer):
-        """GRAB_JOB*: the job the worker runs next, now assigned to it; None if none."""
+        """GRAB_JOB*: the job the worker runs next, now assigned to it; None if none.
+        Its newest registration first, then high, normal, low priority, FIFO within each."""
         if peer.sleeping:
             self.set_wakeable(peer, False)
             peer.sleeping = peer.noop_sent = False
         if not self.may_dispatch():
             return None
-        job, registration = self.take_job(peer)
-        if job is not None:
-            self.assign(job, registration)
-        return job
-
-    def take_job(self, peer):
-        """The next job for a grabbing worker: its newest registration first, then
-        high, normal, low priority, FIFO within each."""
         for registration in peer.registrations:
             function = registration.function
             if function.spill is None:
@@ -707,13 +696,14 @@ class Queues:
             else:
                 job = self.pager.take(function)
                 if job is PAGING:
-                    return None, None     # its next job is on its way from the store
+                    return None           # its next job is on its way from the store
             if job is not None:
                 if self.round_robin:
                     peer.registrations.remove(registration)
                     peer.registrations.append(registration)
-                return job, registration
-        return None, None
+                self.assign(job, registration)
+                return job
+        return None
 
     def first_job(self, function):
         for jobs in function.queues:
@@ -3395,7 +3385,7 @@ class Connection(Peer):
         self.out = []                     # output waiting for the end of the loop turn
         self.out_size = 0
         self.held = None                  # output queued behind a JOB_CREATED that waits for the store
-        self.writing = False              # registered for EVENT_WRITE
+        self.writing = False              # polled for EPOLLOUT too
         self.closing = False              # close once the output is sent
         self.closed = False
         self.exceptions = False           # the `exceptions` option: WORK_EXCEPTION is passed on
@@ -3478,7 +3468,7 @@ class Timers:
 
 
 class EventLoop:
-    """One thread, one selector: accepts connections, reads what they send to their
+    """One thread, one epoll: accepts connections, reads what they send to their
     protocol, sends what is queued for them once per turn, runs the timers, and
     stops when asked. Its owner (the Server) is told when a turn ends, when the
     writer thread woke it, and when a connection closes."""
@@ -3490,9 +3480,10 @@ class EventLoop:
         self.max_output = options.max_output
         self.max_input_buffer = options.max_input_buffer
         self.gathering = 0                # bytes of large packets still arriving, all peers
+        # epoll reports file descriptors: each is looked up in one of these.
         self.connections = {}             # fd -> Connection, oldest first
-        self.listeners = []
-        self.selector = selectors.DefaultSelector()
+        self.listeners = {}               # fd -> Listener
+        self.poller = select.epoll()
         self.timers = Timers(self.internal_error)
         self.dirty = []                   # connections with output to send this turn
         self.resuming = []                # paused connections whose input may go on
@@ -3504,7 +3495,8 @@ class EventLoop:
         self.wake_reader, self.wake_writer = socket.socketpair()
         self.wake_reader.setblocking(False)
         self.wake_writer.setblocking(False)
-        self.selector.register(self.wake_reader, selectors.EVENT_READ, None)
+        self.wake_fd = self.wake_reader.fileno()
+        self.poller.register(self.wake_fd, READABLE)
 
     # -- listening and accepting
 
@@ -3512,9 +3504,8 @@ class EventLoop:
         """Serve a protocol on sockets bound by bind_listeners()."""
         for sock in sockets:
             sock.setblocking(False)
-            listener = Listener(sock, protocol, tls_context)
-            self.listeners.append(listener)
-            self.selector.register(sock, selectors.EVENT_READ, listener)
+            self.listeners[sock.fileno()] = Listener(sock, protocol, tls_context)
+            self.poller.register(sock.fileno(), READABLE)
             address = sock.getsockname()
             self.log.info(f"Listening on {address[0]}:{address[1]} ({sock.fileno()}), "
                           f"{protocol.name}{' over TLS' if tls_context else ''}")
@@ -3551,7 +3542,7 @@ class EventLoop:
             listener.protocol.opened(conn)
             self.stats.accepted += 1
             self.connections[conn.fd] = conn
-            self.selector.register(sock, selectors.EVENT_READ, conn)
+            self.poller.register(conn.fd, READABLE)
 
     def pause_accepting(self, seconds):
         if not self.accept_paused:
@@ -3562,26 +3553,27 @@ class EventLoop:
         """Accept nobody until resume_accepting(); meanwhile the kernel keeps new
         connections in the listen backlog."""
         self.accept_paused = True
-        for listener in self.listeners:
-            self.selector.unregister(listener.sock)
+        for fd in self.listeners:
+            self.poller.unregister(fd)
 
     def resume_accepting(self, _=None):
         self.accept_paused = False
         if self.stopping is None:
-            for listener in self.listeners:
-                self.selector.register(listener.sock, selectors.EVENT_READ, listener)
+            for fd in self.listeners:
+                self.poller.register(fd, READABLE)
 
     def stop_listening(self):
-        for listener in self.listeners:
+        for fd, listener in self.listeners.items():
             if not self.accept_paused:
-                self.selector.unregister(listener.sock)
+                self.poller.unregister(fd)
             listener.sock.close()
-        self.listeners = []
+        self.listeners = {}
 
     # -- the loop
 
     def serve_forever(self):
-        select = self.selector.select
+        poll = self.poller.poll
+        connections = self.connections
         timers = self.timers
         while True:
             if self.stop_requested:
@@ -3591,19 +3583,21 @@ class EventLoop:
             if self.stopping and self.ready_to_stop():
                 return
             # Measured after end_turn, which may have added a timer.
-            for key, mask in select(timers.next_timeout()):
-                target = key.data
-                if target.__class__ is Connection:
-                    if target.handshaking:
-                        self.handshake(target)
-                    elif mask & selectors.EVENT_READ:
-                        self.read(target)
-                    if mask & selectors.EVENT_WRITE and not target.closed:
-                        self.send_output(target)
-                elif target is None:
+            for fd, mask in poll(timers.next_timeout()):
+                conn = connections.get(fd)
+                if conn is not None:
+                    # A hang-up or an error comes without EPOLLIN: a read or a
+                    # send finds out which.
+                    if conn.handshaking:
+                        self.handshake(conn)
+                    elif mask != select.EPOLLOUT:
+                        self.read(conn)
+                    if mask != select.EPOLLIN and conn.writing and not conn.closed:
+                        self.send_output(conn)
+                elif fd == self.wake_fd:
                     self.on_wakeup()
-                else:
-                    self.accept(target)
+                elif fd in self.listeners:
+                    self.accept(self.listeners[fd])
 
     def end_turn(self):
         """Let the owner finish the turn (store work, requests to resume), then send
@@ -3703,10 +3697,10 @@ class EventLoop:
         try:
             conn.sock.do_handshake()
         except ssl.SSLWantReadError:
-            self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+            self.poller.modify(conn.fd, READABLE)
             return
         except ssl.SSLWantWriteError:
-            self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+            self.poller.modify(conn.fd, WRITABLE)
             return
         except (OSError, ValueError) as error:
             # A scan or a client without a certificate: worth a line, not a flood of them.
@@ -3715,7 +3709,7 @@ class EventLoop:
             self.close(conn)
             return
         conn.handshaking = False
-        self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+        self.poller.modify(conn.fd, READABLE)
 
     def read(self, conn):
         try:
@@ -3823,11 +3817,11 @@ class EventLoop:
             out[0] = memoryview(data)[sent:]
         if out and not conn.writing:
             conn.writing = True
-            self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+            self.poller.modify(conn.fd, WRITABLE)
         elif not out:
             if conn.writing:
                 conn.writing = False
-                self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
+                self.poller.modify(conn.fd, READABLE)
             if conn.closing:
                 self.close(conn)
 
@@ -3839,7 +3833,7 @@ class EventLoop:
         if self.log.debug:
             self.log.limited("connections", "DEBUG", f"Disconnected {conn.address}:{conn.port} "
                              f"({conn.fd})", burst=500, every=1.0)
-        self.selector.unregister(conn.sock)
+        self.poller.unregister(conn.fd)
         del self.connections[conn.fd]
         if conn.chunks is not None:
             self.stop_gathering(conn)
@@ -3849,11 +3843,38 @@ class EventLoop:
     def close_all(self):
         for conn in list(self.connections.values()):
             conn.sock.close()
-        for listener in self.listeners:
+        for listener in self.listeners.values():
             listener.sock.close()
+        self.poller.close()
 
 
 # --- Gearman binary protocol: framing, dispatch, packet handlers ---------------
+
+# A job for a grabbing worker, framed in one piece: header, handle, function name,
+# unique (with _UNIQ and _ALL), reducer (with _ALL), data.
+
+def job_assign(job):
+    handle, name, data = job.handle, job.function.name, job.data
+    return b"%s%s\0%s\0%s" % (
+        HEADER.pack(RES, JOB_ASSIGN, len(handle) + len(name) + len(data) + 2),
+        handle, name, data)
+
+
+def job_assign_uniq(job):
+    handle, name, unique, data = job.handle, job.function.name, job.unique, job.data
+    return b"%s%s\0%s\0%s\0%s" % (
+        HEADER.pack(RES, JOB_ASSIGN_UNIQ, len(handle) + len(name) + len(unique) + len(data) + 3),
+        handle, name, unique, data)
+
+
+def job_assign_all(job):
+    handle, name, unique, reducer, data = (job.handle, job.function.name, job.unique,
+                                           job.reducer, job.data)
+    return b"%s%s\0%s\0%s\0%s\0%s" % (
+        HEADER.pack(RES, JOB_ASSIGN_ALL,
+                    len(handle) + len(name) + len(unique) + len(reducer) + len(data) + 4),
+        handle, name, unique, reducer, data)
+
 
 class BinaryProtocol:
     """The Gearman port: binary packets, with admin text lines between them
@@ -3881,7 +3902,7 @@ class BinaryProtocol:
             ptype, payload = WORK_FAIL, payload.split(b"\0", 1)[0]
         if self.debug:
             self.debug_packet(conn, ptype, payload.split(b"\0", ARGUMENT_NULS[ptype]), "->")
-        self.loop.send(conn, RES + TYPE_SIZE.pack(ptype, len(payload)) + payload)
+        self.loop.send(conn, HEADER.pack(RES, ptype, len(payload)) + payload)
 
     def receive(self, conn, data):
         """Run every complete packet and text line in `data`; keep the rest."""
@@ -3889,38 +3910,36 @@ class BinaryProtocol:
         end = len(data)
         unpack = HEADER.unpack_from
         handlers = self.handlers
+        max_packet = self.max_packet
         debug = self.debug
         while start < end:
             if data[start] == 0:
                 if end - start < 12:
                     break
                 magic, ptype, size = unpack(data, start)
-                if ptype >= PACKET_TYPES or ptype == 0 or (magic != REQ and magic != RES):
+                if not 0 < ptype < PACKET_TYPES or magic != REQ and magic != RES:
                     self.loop.close(conn)
                     return
-                if size > self.max_packet:
+                if size > max_packet:
                     self.loop.log.limited("limits", "WARNING", f"{conn.address}:{conn.port}: "
                                           f"packet of {size} bytes is over --max-packet-size, "
                                           f"closing")
                     self.loop.close(conn)
                     return
-                if end - start - 12 < size:
+                packet_end = start + 12 + size
+                if packet_end > end:
                     if size > 65536:
                         self.loop.gather(conn, data[start:], 12 + size)
                         conn.inbuf = b""
                         return
                     break
-                payload = data[start + 12:start + 12 + size]
-                start += 12 + size
                 nuls = ARGUMENT_NULS[ptype]
-                if nuls:
-                    args = payload.split(b"\0", nuls)
-                    if len(args) <= nuls:
-                        # C would read past this packet looking for the missing NULs.
-                        self.loop.close(conn)
-                        return
-                else:
-                    args = [payload]
+                args = data[start + 12:packet_end].split(b"\0", nuls)   # nuls 0: [payload]
+                start = packet_end
+                if len(args) <= nuls:
+                    # C would read past this packet looking for the missing NULs.
+                    self.loop.close(conn)
+                    return
                 if size > ARGUMENT_MAX and not argument_sizes_fit(ptype, args):
                     self.loop.close(conn)
                     return
@@ -3975,18 +3994,18 @@ class BinaryProtocol:
         handlers[CANT_DO] = self.cant_do
         handlers[RESET_ABILITIES] = self.reset_abilities
         handlers[PRE_SLEEP] = self.pre_sleep
-        handlers[SUBMIT_JOB] = functools.partial(self.submit, NORMAL, False)
-        handlers[SUBMIT_JOB_HIGH] = functools.partial(self.submit, HIGH, False)
-        handlers[SUBMIT_JOB_LOW] = functools.partial(self.submit, LOW, False)
-        handlers[SUBMIT_JOB_BG] = functools.partial(self.submit, NORMAL, True)
-        handlers[SUBMIT_JOB_HIGH_BG] = functools.partial(self.submit, HIGH, True)
-        handlers[SUBMIT_JOB_LOW_BG] = functools.partial(self.submit, LOW, True)
-        handlers[SUBMIT_JOB_EPOCH] = self.submit_epoch
-        handlers[SUBMIT_REDUCE_JOB] = functools.partial(self.submit_reduce, False)
-        handlers[SUBMIT_REDUCE_JOB_BACKGROUND] = functools.partial(self.submit_reduce, True)
-        handlers[GRAB_JOB] = functools.partial(self.grab, JOB_ASSIGN)
-        handlers[GRAB_JOB_UNIQ] = functools.partial(self.grab, JOB_ASSIGN_UNIQ)
-        handlers[GRAB_JOB_ALL] = functools.partial(self.grab, JOB_ASSIGN_ALL)
+        handlers[SUBMIT_JOB] = self.submit_job
+        handlers[SUBMIT_JOB_HIGH] = self.submit_job_high
+        handlers[SUBMIT_JOB_LOW] = self.submit_job_low
+        handlers[SUBMIT_JOB_BG] = self.submit_job_bg
+        handlers[SUBMIT_JOB_HIGH_BG] = self.submit_job_high_bg
+        handlers[SUBMIT_JOB_LOW_BG] = self.submit_job_low_bg
+        handlers[SUBMIT_JOB_EPOCH] = self.submit_job_epoch
+        handlers[SUBMIT_REDUCE_JOB] = self.submit_reduce_job
+        handlers[SUBMIT_REDUCE_JOB_BACKGROUND] = self.submit_reduce_job_background
+        handlers[GRAB_JOB] = self.grab_job
+        handlers[GRAB_JOB_UNIQ] = self.grab_job_uniq
+        handlers[GRAB_JOB_ALL] = self.grab_job_all
         handlers[WORK_STATUS] = self.work_status
         handlers[WORK_DATA] = functools.partial(self.work_update, WORK_DATA)
         handlers[WORK_WARNING] = functools.partial(self.work_update, WORK_WARNING)
@@ -4042,22 +4061,22 @@ class BinaryProtocol:
     def pre_sleep(self, conn, args):
         self.queues.sleep(conn)
 
-    def grab(self, reply, conn, args):
+    def grab_job(self, conn, args):
+        job = self.queues.grab(conn)
+        self.loop.send(conn, NO_JOB_PACKET if job is None else job_assign(job))
+
+    def grab_job_uniq(self, conn, args):
+        job = self.queues.grab(conn)
+        self.loop.send(conn, NO_JOB_PACKET if job is None else job_assign_uniq(job))
+
+    def grab_job_all(self, conn, args):
         job = self.queues.grab(conn)
         if job is None:
             self.loop.send(conn, NO_JOB_PACKET)
-            return
-        function = job.function.name
-        if reply == JOB_ASSIGN_ALL and not job.reducer:
-            reply = JOB_ASSIGN_UNIQ
-        if reply == JOB_ASSIGN:
-            payload = b"%s\0%s\0%s" % (job.handle, function, job.data)
-        elif reply == JOB_ASSIGN_UNIQ:
-            payload = b"%s\0%s\0%s\0%s" % (job.handle, function, job.unique, job.data)
+        elif job.reducer:
+            self.loop.send(conn, job_assign_all(job))
         else:
-            payload = b"%s\0%s\0%s\0%s\0%s" % (job.handle, function, job.unique,
-                                               job.reducer, job.data)
-        self.loop.send(conn, packet(reply, payload))
+            self.loop.send(conn, job_assign_uniq(job))   # as C: ALL only for a reduce job
 
     def work_status(self, conn, args):
         job = self.queues.running_job(conn, args[0])
@@ -4101,22 +4120,48 @@ class BinaryProtocol:
 
     # -- clients
 
-    def submit(self, priority, background, conn, args, when=0, reducer=None):
-        self.queues.submit(conn, args[0], args[1], args[-1], priority, background, when, reducer)
+    # The arguments of SUBMIT_JOB*: function, unique, data.
 
-    def submit_epoch(self, conn, args):
+    def submit_job(self, conn, args):
+        self.queues.submit(conn, args[0], args[1], args[2], NORMAL, False)
+
+    def submit_job_high(self, conn, args):
+        self.queues.submit(conn, args[0], args[1], args[2], HIGH, False)
+
+    def submit_job_low(self, conn, args):
+        self.queues.submit(conn, args[0], args[1], args[2], LOW, False)
+
+    def submit_job_bg(self, conn, args):
+        self.queues.submit(conn, args[0], args[1], args[2], NORMAL, True)
+
+    def submit_job_high_bg(self, conn, args):
+        self.queues.submit(conn, args[0], args[1], args[2], HIGH, True)
+
+    def submit_job_low_bg(self, conn, args):
+        self.queues.submit(conn, args[0], args[1], args[2], LOW, True)
+
+    def submit_job_epoch(self, conn, args):
+        """Function, unique, epoch time, data."""
         when = c_integer(args[2], 64)
         if when is None:
             self.loop.close(conn)
             return
-        self.submit(NORMAL, True, conn, args, when=when)
+        self.queues.submit(conn, args[0], args[1], args[3], NORMAL, True, when=when)
 
-    def submit_reduce(self, background, conn, args):
+    def submit_reduce_job(self, conn, args):
+        self.submit_reduce(conn, args, False)
+
+    def submit_reduce_job_background(self, conn, args):
+        self.submit_reduce(conn, args, True)
+
+    def submit_reduce(self, conn, args, background):
+        """Function, unique, reducer, aggregator (ignored, as by C), data."""
         # C checks the reducer's length where it means the unique's; we keep that.
         if len(args[2]) > UNIQUE_MAX:
             self.loop.emit(conn, ERROR, UNIQUE_TOO_LARGE)
             return
-        self.submit(NORMAL, background, conn, args, reducer=args[2])
+        self.queues.submit(conn, args[0], args[1], args[4], NORMAL, background,
+                           reducer=args[2])
 
     def get_status(self, conn, args):
         handle = args[0]
