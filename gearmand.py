@@ -16,7 +16,7 @@ The file reads top to bottom in the order data flows:
   persistence       Store and the shared base of the backends, SqliteStore, the
                     writer thread, and Journal: the loop's side of the store
   logging, stats    Log, Stats
-  event loop        Connection, Timers, EventLoop (one epoll loop, one thread)
+  event loop        Connection, Timers, EventLoop (one epoll or poll(2) loop, one thread)
   binary protocol   BinaryProtocol: framing, dispatch and the packet handlers
   admin, HTTP       Admin (the text protocol), HttpProtocol (jobs, /metrics, /status)
   command line      options, Server (the rooms wired together), run() and main()
@@ -140,8 +140,9 @@ TIMEOUT_DIGITS_MAX = 20
 SEND_SLICE = 256 * 1024   # bytes joined for one send() when replies pile up
 FLUSH_PATIENCE = 10.0     # seconds a graceful stop waits for peers to read their results
 TIMER_WAIT_MAX = 3600.0   # poll() overflows past ~24 days; far timers are re-checked hourly
-READABLE = select.EPOLLIN
-WRITABLE = select.EPOLLIN | select.EPOLLOUT
+# What the loop polls for; poll(2) and epoll give these bits the same values.
+READABLE = select.POLLIN
+WRITABLE = select.POLLIN | select.POLLOUT
 
 HIGH, NORMAL, LOW = 0, 1, 2
 PRIORITY_NAMES = ("high", "normal", "low")
@@ -3467,11 +3468,27 @@ class Timers:
         return min(max(heap[0][0] - time.monotonic(), 0), TIMER_WAIT_MAX)
 
 
+class PollPoller:
+    """epoll's interface over poll(2), where there is no epoll (macOS, the BSDs)."""
+
+    def __init__(self):
+        self.poller = select.poll()
+        self.register = self.poller.register
+        self.modify = self.poller.modify
+        self.unregister = self.poller.unregister
+
+    def poll(self, timeout):
+        return self.poller.poll(None if timeout is None else timeout * 1000)   # milliseconds
+
+    def close(self):
+        pass
+
+
 class EventLoop:
-    """One thread, one epoll: accepts connections, reads what they send to their
-    protocol, sends what is queued for them once per turn, runs the timers, and
-    stops when asked. Its owner (the Server) is told when a turn ends, when the
-    writer thread woke it, and when a connection closes."""
+    """One thread, one epoll (poll(2) where there is none): accepts connections,
+    reads what they send to their protocol, sends what is queued for them once per
+    turn, runs the timers, and stops when asked. Its owner (the Server) is told when
+    a turn ends, when the writer thread woke it, and when a connection closes."""
 
     def __init__(self, owner, options, log, stats):
         self.owner = owner
@@ -3483,7 +3500,7 @@ class EventLoop:
         # epoll reports file descriptors: each is looked up in one of these.
         self.connections = {}             # fd -> Connection, oldest first
         self.listeners = {}               # fd -> Listener
-        self.poller = select.epoll()
+        self.poller = select.epoll() if hasattr(select, "epoll") else PollPoller()
         self.timers = Timers(self.internal_error)
         self.dirty = []                   # connections with output to send this turn
         self.resuming = []                # paused connections whose input may go on
@@ -3590,9 +3607,9 @@ class EventLoop:
                     # send finds out which.
                     if conn.handshaking:
                         self.handshake(conn)
-                    elif mask != select.EPOLLOUT:
+                    elif mask != select.POLLOUT:
                         self.read(conn)
-                    if mask != select.EPOLLIN and conn.writing and not conn.closed:
+                    if mask != select.POLLIN and conn.writing and not conn.closed:
                         self.send_output(conn)
                 elif fd == self.wake_fd:
                     self.on_wakeup()

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from conftest import IMPL, wait_until
+import gearproto
+from conftest import IMPL, Server, wait_until
 from gearproto import (
     CAN_DO, CAN_DO_TIMEOUT, ECHO_REQ, ECHO_RES, GRAB_JOB_UNIQ, JOB_ASSIGN_UNIQ, NOOP, PRE_SLEEP,
     RES, SUBMIT_JOB, SUBMIT_JOB_BG, SUBMIT_JOB_HIGH, SUBMIT_JOB_LOW_BG,
@@ -584,3 +585,39 @@ def test_connect_and_leave_churn_does_not_leak(make_server):
     assert rounds > 100
     assert growth < 4096, f"RSS grew by {growth} KiB over {rounds} rounds"
     assert server.admin("show jobs") == b".\n"
+
+
+# --- without epoll -----------------------------------------------------------------
+
+class PollServer(Server):
+    """gearmand.py on a Python whose select module has no epoll, as on macOS and the BSDs."""
+
+    def command(self):
+        argv = super().command()
+        code = ("import runpy, select, sys\ndel select.epoll\nsys.argv = sys.argv[1:]\n"
+                "runpy.run_path(sys.argv[0], run_name='__main__')")
+        return [argv[0], "-c", code] + argv[1:]
+
+
+@OURS_ONLY
+def test_without_epoll_the_loop_runs_on_poll(tmp_path):
+    """Jobs too large for one send go out in pieces (POLLOUT), both ways, and an idle
+    connection's close is seen."""
+    server = PollServer(tmp_path, PREFIX).start()
+    try:
+        worker, client, idle = server.connect(), server.connect(), server.connect()
+        can_do(worker, "f")
+        data = os.urandom(8 * MiB)
+        send(client, SUBMIT_JOB, "f", "", data)
+        expect(client, gearproto.JOB_CREATED, "T:1")
+        kind, body = gearproto.call(worker, GRAB_JOB_UNIQ)
+        assert kind == JOB_ASSIGN_UNIQ and body == b"T:1\0f\0\0" + data
+        send(worker, WORK_COMPLETE, "T:1", data[::-1])
+        assert recv(client, 30) == (gearproto.WORK_COMPLETE, b"T:1\0" + data[::-1])
+        idle.close()
+        # `workers`: worker, client and the admin connection itself, then ".".
+        wait_until(lambda: server.admin("workers").count(b"\n") == 4, 5,
+                   what="the idle connection's close to be seen")
+    finally:
+        server.stop()
+    assert not server.log_problems()
