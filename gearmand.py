@@ -4011,12 +4011,11 @@ class BinaryProtocol:
         handlers[CANT_DO] = self.cant_do
         handlers[RESET_ABILITIES] = self.reset_abilities
         handlers[PRE_SLEEP] = self.pre_sleep
-        handlers[SUBMIT_JOB] = self.submit_job
-        handlers[SUBMIT_JOB_HIGH] = self.submit_job_high
-        handlers[SUBMIT_JOB_LOW] = self.submit_job_low
-        handlers[SUBMIT_JOB_BG] = self.submit_job_bg
-        handlers[SUBMIT_JOB_HIGH_BG] = self.submit_job_high_bg
-        handlers[SUBMIT_JOB_LOW_BG] = self.submit_job_low_bg
+        for ptype, priority, background in (
+                (SUBMIT_JOB, NORMAL, False), (SUBMIT_JOB_HIGH, HIGH, False),
+                (SUBMIT_JOB_LOW, LOW, False), (SUBMIT_JOB_BG, NORMAL, True),
+                (SUBMIT_JOB_HIGH_BG, HIGH, True), (SUBMIT_JOB_LOW_BG, LOW, True)):
+            handlers[ptype] = self.submitter(priority, background)
         handlers[SUBMIT_JOB_EPOCH] = self.submit_job_epoch
         handlers[SUBMIT_REDUCE_JOB] = self.submit_reduce_job
         handlers[SUBMIT_REDUCE_JOB_BACKGROUND] = self.submit_reduce_job_background
@@ -4137,25 +4136,14 @@ class BinaryProtocol:
 
     # -- clients
 
-    # The arguments of SUBMIT_JOB*: function, unique, data.
+    def submitter(self, priority, background):
+        """The handler of one SUBMIT_JOB* type (arguments: function, unique, data),
+        made once, so that a packet costs one call, as a method would."""
+        submit = self.queues.submit
 
-    def submit_job(self, conn, args):
-        self.queues.submit(conn, args[0], args[1], args[2], NORMAL, False)
-
-    def submit_job_high(self, conn, args):
-        self.queues.submit(conn, args[0], args[1], args[2], HIGH, False)
-
-    def submit_job_low(self, conn, args):
-        self.queues.submit(conn, args[0], args[1], args[2], LOW, False)
-
-    def submit_job_bg(self, conn, args):
-        self.queues.submit(conn, args[0], args[1], args[2], NORMAL, True)
-
-    def submit_job_high_bg(self, conn, args):
-        self.queues.submit(conn, args[0], args[1], args[2], HIGH, True)
-
-    def submit_job_low_bg(self, conn, args):
-        self.queues.submit(conn, args[0], args[1], args[2], LOW, True)
+        def submit_job(conn, args):
+            submit(conn, args[0], args[1], args[2], priority, background)
+        return submit_job
 
     def submit_job_epoch(self, conn, args):
         """Function, unique, epoch time, data."""
