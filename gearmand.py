@@ -1672,20 +1672,36 @@ DELETE_BATCH = 2000
 # Uniques that the store's (unique, function) key cannot hold apart. C lets such
 # jobs overwrite or refuse each other; we give each a row under a generated
 # unique that C replays as an ordinary one, and that we read back as it was.
+# A client's own unique that reads like one of those is stored with a mark.
+STORE_OWN = b"gearmand.py:"
 STORE_NO_UNIQUE = b"gearmand.py:no-unique:"
 STORE_PAYLOAD_UNIQUE = b"gearmand.py:payload-unique:"
+STORE_MARKED = b"gearmand.py:="
+STORE_GENERATED = re.compile(rb"gearmand\.py:(no|payload)-unique:([0-9a-f]{12}\.[0-9]+|[0-9a-f]{32})\Z")
 
 
 def name_row(job, run_id):
     """Encode: a job without a unique of its own gets a generated one. Unique "-" joins
     jobs by payload, so such a row's unique is a hash of the payload: a stored job with
     the same payload then holds the key, as a live one would in memory."""
-    if job.row_unique is None and (job.unique == b"" or job.unique == b"-"):
-        if job.unique and job.data:
-            job.row_unique = payload_row_unique(job.data)
-        else:
-            job.row_unique = b"%s%s.%d" % (STORE_PAYLOAD_UNIQUE if job.unique else STORE_NO_UNIQUE,
-                                           run_id, job.number)
+    if job.row_unique is None:
+        if job.unique == b"" or job.unique == b"-":
+            if job.unique and job.data:
+                job.row_unique = payload_row_unique(job.data)
+            else:
+                job.row_unique = b"%s%s.%d" % (
+                    STORE_PAYLOAD_UNIQUE if job.unique else STORE_NO_UNIQUE, run_id, job.number)
+        elif job.unique.startswith(STORE_OWN):
+            job.row_unique = marked_row_unique(job.unique)
+
+
+def marked_row_unique(unique):
+    """The row's unique for a client's own unique that would read back as one of ours
+    (one byte longer); None for any other, which is stored as it is."""
+    if unique.startswith(STORE_OWN) and (unique.startswith(STORE_MARKED)
+                                         or STORE_GENERATED.match(unique)):
+        return STORE_MARKED + unique[len(STORE_OWN):]
+    return None
 
 
 def payload_row_unique(data):
@@ -1694,11 +1710,12 @@ def payload_row_unique(data):
 
 def read_row_unique(unique):
     """Decode: (the job's unique, its row's unique if that differs) of a stored key."""
-    if unique.startswith(b"gearmand.py:"):
-        if unique.startswith(STORE_NO_UNIQUE):
-            return b"", unique
-        if unique.startswith(STORE_PAYLOAD_UNIQUE):
-            return b"-", unique
+    if unique.startswith(STORE_OWN):
+        if unique.startswith(STORE_MARKED):
+            return STORE_OWN + unique[len(STORE_MARKED):], unique
+        generated = STORE_GENERATED.match(unique)
+        if generated:
+            return (b"" if generated.group(1) == b"no" else b"-"), unique
     elif len(unique) == UNIQUE_MAX and unique[-1] == 0:
         return unique[:-1], unique            # C's truncated 64-byte unique
     elif unique == b"" or unique == b"-":
@@ -2621,7 +2638,7 @@ class Pager:
             return True
         if not unique or (unique == b"-" and not data):
             return False
-        key = payload_row_unique(data) if unique == b"-" else unique
+        key = payload_row_unique(data) if unique == b"-" else marked_row_unique(unique) or unique
         self.loop.pause(peer)
         self.journal.ask("find", (function.name, key), functools.partial(
             self.found, peer, function, unique, data, priority, when, reducer))
@@ -2640,8 +2657,8 @@ class Pager:
             seq, stored_priority, stored_data, stored_when = row
             job = queues.stored_job(function, seq, unique, stored_data, stored_priority,
                                     stored_when)
-            if unique == b"-":
-                job.row_unique = payload_row_unique(data)
+            job.row_unique = (payload_row_unique(data) if unique == b"-"
+                              else marked_row_unique(unique))
             function.spill.pinned[job.handle] = job
         if not peer.closed:
             queues.submit(peer, function.name, unique, data, priority, False, when, reducer,

@@ -470,6 +470,25 @@ def test_epoch_job_runs_when_due_after_replay(make_server, tmp_path):
     assert time.time() >= due
 
 
+def test_a_clients_unique_that_reads_like_a_generated_one_comes_back_as_it_was(make_server,
+                                                                              tmp_path):
+    """We store a job without a unique under "gearmand.py:no-unique:RUN.N"; a client may
+    use such a unique itself, and after a restart its worker must see that unique."""
+    db = tmp_path / "q.db"
+    server = sqlite_server(make_server, db)
+    own = [b"gearmand.py:no-unique:0123456789ab.5", b"gearmand.py:payload-unique:" + b"c4" * 16,
+           b"gearmand.py:=marked", b"gearmand.py:other"]
+    for unique in own:
+        assert submit(server, b"f", unique, b"d")[0] == JOB_CREATED
+    assert submit(server, b"f", b"", b"none")[0] == JOB_CREATED
+    server.kill()
+    server.start()
+    # Joined by its unique after the restart, as a live job would be.
+    assert submit(server, b"f", own[0], b"again")[0] == JOB_CREATED
+    assert server.status()["f"] == (5, 0, 0)
+    assert drain(server, b"f", 5) == [(unique, b"d") for unique in own] + [(b"", b"none")]
+
+
 # --- kill -9 at random instants --------------------------------------------
 
 @pytest.mark.parametrize("round_number", range(3))

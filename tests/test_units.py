@@ -760,8 +760,14 @@ def test_name_row_gives_jobs_without_a_unique_a_row_of_their_own():
 
 
 @pytest.mark.parametrize("stored, decoded", [
-    (b"gearmand.py:no-unique:abc.7", (b"", b"gearmand.py:no-unique:abc.7")),
-    (b"gearmand.py:payload-unique:abc.8", (b"-", b"gearmand.py:payload-unique:abc.8")),
+    (b"gearmand.py:no-unique:0123456789ab.7", (b"", b"gearmand.py:no-unique:0123456789ab.7")),
+    (b"gearmand.py:payload-unique:0123456789ab.8",
+     (b"-", b"gearmand.py:payload-unique:0123456789ab.8")),
+    (b"gearmand.py:payload-unique:" + b"5f" * 16, (b"-", b"gearmand.py:payload-unique:" + b"5f" * 16)),
+    # Not in the generated forms: a client's own, as it is; marked: a client's own too.
+    (b"gearmand.py:no-unique:abc.7", (b"gearmand.py:no-unique:abc.7", None)),
+    (b"gearmand.py:=no-unique:0123456789ab.7",
+     (b"gearmand.py:no-unique:0123456789ab.7", b"gearmand.py:=no-unique:0123456789ab.7")),
     (b"x" * 63 + b"\0", (b"x" * 63, b"x" * 63 + b"\0")),     # C's truncated 64-byte unique
     (b"", (b"", b"")),                    # C's rows keep their key
     (b"-", (b"-", b"-")),
@@ -785,14 +791,21 @@ def test_row_unique_round_trip(unique, data):
     assert gearmand.read_row_unique(stored) == (job.unique, job.row_unique)
 
 
-@pytest.mark.xfail(strict=True, reason="a client's own unique that starts with "
-                   "'gearmand.py:no-unique:' or 'gearmand.py:payload-unique:' is stored "
-                   "as-is and replayed as unique '' or '-': the job loses its unique")
-def test_row_unique_round_trip_of_a_unique_in_our_namespace():
-    job = make_job(5, b"gearmand.py:no-unique:chosen-by-a-client", b"d")
+@pytest.mark.parametrize("unique, stored_as", [
+    (b"gearmand.py:no-unique:chosen-by-a-client", b"gearmand.py:no-unique:chosen-by-a-client"),
+    (b"gearmand.py:no-unique:0123456789ab.5", b"gearmand.py:=no-unique:0123456789ab.5"),
+    (b"gearmand.py:payload-unique:" + b"ab" * 16, b"gearmand.py:=payload-unique:" + b"ab" * 16),
+    (b"gearmand.py:=x", b"gearmand.py:==x"),
+    (b"gearmand.py:", b"gearmand.py:"),
+])
+def test_row_unique_round_trip_of_a_clients_unique_in_our_namespace(unique, stored_as):
+    """A client's unique that reads like a generated one is stored with a mark, so that
+    it comes back as the client's; any other is stored as it is."""
+    job = make_job(5, unique, b"d")
     gearmand.name_row(job, b"0123456789ab")
     stored = gearmand.row_key(job)[0]
-    assert gearmand.read_row_unique(stored)[0] == job.unique
+    assert stored == stored_as
+    assert gearmand.read_row_unique(stored)[0] == unique
 
 
 # --- store_class ------------------------------------------------------------------------
@@ -1512,7 +1525,7 @@ def test_journal_ask_queues_a_request_for_the_turn_and_alone_ones_on_their_own()
 def test_journal_replay(clock):
     rows = [                              # a store without an order of its own: seq 0
         (b"u1", b"f", HIGH, b"one", 0, 0),
-        (b"gearmand.py:no-unique:abc.7", b"f", LOW, b"two", 0, 0),
+        (b"gearmand.py:no-unique:0123456789ab.7", b"f", LOW, b"two", 0, 0),
         (b"u1", b"f", NORMAL, b"duplicate", 0, 0),         # an older server wrote it twice
         (b"-", b"g", 9, b"three", 0, 0),                    # C's row; a priority C never writes
         (b"later", b"g", NORMAL, b"four", int(clock.time()) + 60, 0),
@@ -1526,7 +1539,7 @@ def test_journal_replay(clock):
     jobs = list(queues.jobs.values())
     assert [(job.unique, job.row_unique, job.priority, job.data) for job in jobs] == [
         (b"u1", None, HIGH, b"one"),
-        (b"", b"gearmand.py:no-unique:abc.7", LOW, b"two"),
+        (b"", b"gearmand.py:no-unique:0123456789ab.7", LOW, b"two"),
         (b"-", b"-", NORMAL, b"three"),
         (b"later", None, NORMAL, b"four"),
     ]
@@ -1536,7 +1549,7 @@ def test_journal_replay(clock):
     assert queues.functions[b"g"].scheduled == 1 and queues.scheduled == 1
     assert queues.functions[b"f"].total == 2 and queues.functions[b"g"].total == 2
     assert queues.stats.replayed == 4
-    assert gearmand.row_key(jobs[1]) == (b"gearmand.py:no-unique:abc.7", b"f", 2)
+    assert gearmand.row_key(jobs[1]) == (b"gearmand.py:no-unique:0123456789ab.7", b"f", 2)
     assert submit(queues, Client("c"), unique=b"new").number == 5
 
 
