@@ -1677,7 +1677,8 @@ STORE_OWN = b"gearmand.py:"
 STORE_NO_UNIQUE = b"gearmand.py:no-unique:"
 STORE_PAYLOAD_UNIQUE = b"gearmand.py:payload-unique:"
 STORE_MARKED = b"gearmand.py:="
-STORE_GENERATED = re.compile(rb"gearmand\.py:(no|payload)-unique:([0-9a-f]{12}\.[0-9]+|[0-9a-f]{32})\Z")
+STORE_GENERATED = re.compile(rb"gearmand\.py:(no|payload)-unique:"
+                             rb"([0-9a-f]{12}\.[0-9]+|[0-9a-f]{32})\Z")
 
 
 def name_row(job, run_id):
@@ -3884,32 +3885,6 @@ class EventLoop:
 
 # --- Gearman binary protocol: framing, dispatch, packet handlers ---------------
 
-# A job for a grabbing worker, framed in one piece: header, handle, function name,
-# unique (with _UNIQ and _ALL), reducer (with _ALL), data.
-
-def job_assign(job):
-    handle, name, data = job.handle, job.function.name, job.data
-    return b"%s%s\0%s\0%s" % (
-        HEADER.pack(RES, JOB_ASSIGN, len(handle) + len(name) + len(data) + 2),
-        handle, name, data)
-
-
-def job_assign_uniq(job):
-    handle, name, unique, data = job.handle, job.function.name, job.unique, job.data
-    return b"%s%s\0%s\0%s\0%s" % (
-        HEADER.pack(RES, JOB_ASSIGN_UNIQ, len(handle) + len(name) + len(unique) + len(data) + 3),
-        handle, name, unique, data)
-
-
-def job_assign_all(job):
-    handle, name, unique, reducer, data = (job.handle, job.function.name, job.unique,
-                                           job.reducer, job.data)
-    return b"%s%s\0%s\0%s\0%s\0%s" % (
-        HEADER.pack(RES, JOB_ASSIGN_ALL,
-                    len(handle) + len(name) + len(unique) + len(reducer) + len(data) + 4),
-        handle, name, unique, reducer, data)
-
-
 class BinaryProtocol:
     """The Gearman port: binary packets, with admin text lines between them
     (C's server.cc). Handlers check a packet's arguments and ask the queues."""
@@ -4034,8 +4009,9 @@ class BinaryProtocol:
                 (SUBMIT_JOB_HIGH_BG, HIGH, True), (SUBMIT_JOB_LOW_BG, LOW, True)):
             handlers[ptype] = self.submitter(priority, background)
         handlers[SUBMIT_JOB_EPOCH] = self.submit_job_epoch
-        handlers[SUBMIT_REDUCE_JOB] = self.submit_reduce_job
-        handlers[SUBMIT_REDUCE_JOB_BACKGROUND] = self.submit_reduce_job_background
+        handlers[SUBMIT_REDUCE_JOB] = functools.partial(self.submit_reduce, background=False)
+        handlers[SUBMIT_REDUCE_JOB_BACKGROUND] = functools.partial(self.submit_reduce,
+                                                                   background=True)
         handlers[GRAB_JOB] = self.grab_job
         handlers[GRAB_JOB_UNIQ] = self.grab_job_uniq
         handlers[GRAB_JOB_ALL] = self.grab_job_all
@@ -4096,20 +4072,27 @@ class BinaryProtocol:
 
     def grab_job(self, conn, args):
         job = self.queues.grab(conn)
-        self.loop.send(conn, NO_JOB_PACKET if job is None else job_assign(job))
+        self.loop.send(conn, NO_JOB_PACKET if job is None else packet(
+            JOB_ASSIGN, b"\0".join((job.handle, job.function.name, job.data))))
 
     def grab_job_uniq(self, conn, args):
-        job = self.queues.grab(conn)
-        self.loop.send(conn, NO_JOB_PACKET if job is None else job_assign_uniq(job))
+        self.loop.send(conn, self.assignment_uniq(self.queues.grab(conn)))
 
     def grab_job_all(self, conn, args):
         job = self.queues.grab(conn)
-        if job is None:
-            self.loop.send(conn, NO_JOB_PACKET)
-        elif job.reducer:
-            self.loop.send(conn, job_assign_all(job))
+        if job is None or not job.reducer:    # as C: JOB_ASSIGN_ALL only for a reduce job
+            self.loop.send(conn, self.assignment_uniq(job))
         else:
-            self.loop.send(conn, job_assign_uniq(job))   # as C: ALL only for a reduce job
+            self.loop.send(conn, packet(JOB_ASSIGN_ALL, b"\0".join((
+                job.handle, job.function.name, job.unique, job.reducer, job.data))))
+
+    @staticmethod
+    def assignment_uniq(job):
+        """JOB_ASSIGN_UNIQ of a grabbed job, or NO_JOB."""
+        if job is None:
+            return NO_JOB_PACKET
+        return packet(JOB_ASSIGN_UNIQ,
+                      b"\0".join((job.handle, job.function.name, job.unique, job.data)))
 
     def work_status(self, conn, args):
         job = self.queues.running_job(conn, args[0])
@@ -4169,12 +4152,6 @@ class BinaryProtocol:
             self.loop.close(conn)
             return
         self.queues.submit(conn, args[0], args[1], args[3], NORMAL, True, when=when)
-
-    def submit_reduce_job(self, conn, args):
-        self.submit_reduce(conn, args, False)
-
-    def submit_reduce_job_background(self, conn, args):
-        self.submit_reduce(conn, args, True)
 
     def submit_reduce(self, conn, args, background):
         """Function, unique, reducer, aggregator (ignored, as by C), data."""
